@@ -1,0 +1,79 @@
+"""The `jaxbig` command: train | eval | predict.
+
+Thin on purpose: parse arguments, call a library function, turn bad input into one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from jaxbig.config import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='jaxbig', description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest='command', required=True)
+  t = sub.add_parser('train', help='train an experiment (resumes if --workdir has a checkpoint)')
+  t.add_argument('config', help='experiment file, e.g. experiments/cnn_digits.py[:arg]')
+  t.add_argument('overrides', nargs='*', help='key=value overrides, e.g. opt.lr=3e-3')
+  t.add_argument('--workdir', help='output folder (default: runs/<experiment>-<timestamp>)')
+  e = sub.add_parser('eval', help="evaluate a workdir's newest checkpoint on val and test")
+  e.add_argument('workdir')
+  r = sub.add_parser('predict', help='write predictions of a trained model for INPUT.npy')
+  r.add_argument('workdir')
+  r.add_argument('input', help='.npy of inputs, (N, ...) or one example')
+  r.add_argument('--out', help='output .npy (default: INPUT stem + .pred.npy); never overwritten')
+  return p
+
+
+def _default_workdir(config_spec: str) -> str:
+  name = os.path.splitext(os.path.basename(config_spec.partition(':')[0]))[0]
+  return os.path.join('runs', f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _run(args) -> int:
+  if args.command == 'train':
+    from jaxbig import config as config_lib, train
+    config = config_lib.load(args.config, args.overrides)
+    workdir = args.workdir or _default_workdir(args.config)
+    summary = train.train_and_evaluate(config, workdir)
+    print(json.dumps({'workdir': workdir, **summary}, indent=2))
+  elif args.command == 'eval':
+    from jaxbig import inference
+    print(json.dumps(inference.evaluate(args.workdir), indent=2))
+  elif args.command == 'predict':
+    import numpy as np
+    from jaxbig import inference
+    if not os.path.isfile(args.input):
+      raise ConfigError(f'input file not found: {args.input}')
+    out = args.out or os.path.splitext(args.input)[0] + '.pred.npy'
+    if os.path.exists(out):
+      raise ConfigError(f'{out} exists; choose another --out (outputs are never overwritten)')
+    try:
+      inputs = np.load(args.input, allow_pickle=False)
+    except Exception as e:
+      raise ConfigError(f'{args.input}: not a readable .npy file ({e})') from None
+    preds = inference.predict(args.workdir, inputs)
+    np.save(out, preds)
+    shown = ', '.join(str(v) for v in np.asarray(preds).ravel()[:10])
+    print(f'{len(preds)} predictions -> {out}: {shown}{" ..." if len(preds) > 10 else ""}')
+  return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return _run(args)
+  except ConfigError as e:
+    if os.environ.get('JAXBIG_DEBUG'):
+      raise
+    print(f'jaxbig: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,200 @@
+"""Data: sources -> deterministic train/val/test splits -> normalisation -> grain iterators.
+
+The training iterator is a grain pipeline over shuffled index batches (`shuffle` is reseeded
+every epoch), so its position is a small JSON state saved with each checkpoint. Evaluation
+walks a split in fixed-size batches; the last batch is padded and carries `mask` 0 on padding,
+so one compiled eval step serves every batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from jaxbig.config import ConfigError
+from jaxbig.data import sources
+
+SPLITS = ('train', 'val', 'test')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataMeta:
+  """What models, losses and `predict` need to know about the data; saved with checkpoints."""
+  input_shape: tuple[int, ...]
+  num_outputs: int
+  task: str
+  num_classes: int
+  sizes: dict
+  x_mean: np.ndarray | float = 0.0
+  x_std: np.ndarray | float = 1.0
+  y_mean: float = 0.0
+  y_std: float = 1.0
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    for k in ('x_mean', 'x_std'):
+      d[k] = np.asarray(d[k]).tolist()
+    d['input_shape'] = list(self.input_shape)
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> 'DataMeta':
+    d = dict(d)
+    d['input_shape'] = tuple(d['input_shape'])
+    for k in ('x_mean', 'x_std'):
+      d[k] = np.asarray(d[k], np.float32)
+    return cls(**d)
+
+  def normalize(self, x: np.ndarray) -> np.ndarray:
+    """Applies the training split's input normalisation (also used by `predict`)."""
+    return ((x - self.x_mean) / self.x_std).astype(np.float32)
+
+
+def _split_indices(n: int, val_fraction: float, test_fraction: float, seed: int,
+                   has_test: bool) -> dict[str, np.ndarray]:
+  """A fixed permutation cut into test, val and train (the rest)."""
+  perm = np.random.default_rng(seed).permutation(n)
+  n_test = 0 if has_test else int(round(n * test_fraction))
+  n_val = int(round(n * val_fraction))
+  return {'test': perm[:n_test], 'val': perm[n_test:n_test + n_val],
+          'train': perm[n_test + n_val:]}
+
+
+def _stats(x: np.ndarray, mode: str) -> tuple:
+  if mode == 'none':
+    return 0.0, 1.0
+  if mode == 'global':
+    return float(x.mean()), float(x.std() + 1e-6)
+  if mode == 'feature':
+    return x.mean(0), x.std(0) + 1e-6
+  raise ConfigError(f"data.normalize: unknown mode '{mode}'; choose from none, global, feature")
+
+
+class _Gather(grain.transforms.Map):
+  """Index batch -> example batch."""
+
+  def __init__(self, x: np.ndarray, y: np.ndarray):
+    self.x, self.y = x, y
+
+  def map(self, idx):
+    return {'x': self.x[idx], 'y': self.y[idx]}
+
+
+class _Augment(grain.transforms.RandomMap):
+  """Random shifts (zero padding) and horizontal flips of an image batch."""
+
+  def __init__(self, shift: int, flip: bool):
+    self.shift, self.flip = shift, flip
+
+  def random_map(self, batch, rng: np.random.Generator):
+    x = batch['x']
+    if self.shift:
+      s = self.shift
+      padded = np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)))
+      offsets = rng.integers(0, 2 * s + 1, size=(len(x), 2))
+      h, w = x.shape[1:3]
+      x = np.stack([p[i:i + h, j:j + w] for p, (i, j) in zip(padded, offsets)])
+    if self.flip:
+      flips = rng.random(len(x)) < 0.5
+      x = np.where(flips[:, None, None, None], x[:, :, ::-1], x)
+    return {'x': x, 'y': batch['y']}
+
+
+class Data:
+  """A data set in memory, split, normalised, with a checkpointable training iterator."""
+
+  def __init__(self, cfg, seed: int):
+    arrays = sources.load(cfg)
+    _check_fractions(cfg)
+    idx = _split_indices(len(arrays.x), cfg.val_fraction, cfg.test_fraction, cfg.split_seed,
+                         arrays.x_test is not None)
+    self.splits = {k: (arrays.x[v], arrays.y[v]) for k, v in idx.items()}
+    if arrays.x_test is not None:
+      self.splits['test'] = (arrays.x_test, arrays.y_test)
+    x_train, y_train = self.splits['train']
+    if len(x_train) == 0:
+      raise ConfigError('data.val_fraction/data.test_fraction leave no training examples')
+    if cfg.batch_size > len(x_train):
+      raise ConfigError(f'data.batch_size ({cfg.batch_size}) is larger than the training split '
+                        f'({len(x_train)} examples)')
+    if (cfg.augment_shift or cfg.augment_flip) and x_train.ndim != 4:
+      raise ConfigError(f'data.augment_shift/augment_flip need images (N, H, W, C), '
+                        f'got examples of shape {x_train.shape[1:]}')
+    x_mean, x_std = _stats(x_train, cfg.normalize)
+    y_mean, y_std = 0.0, 1.0
+    if arrays.task == 'regression' and cfg.normalize_targets:
+      y_mean, y_std = float(y_train.mean()), float(y_train.std() + 1e-6)
+    num_outputs = arrays.num_classes if arrays.task == 'classification' else (
+        1 if y_train.ndim == 1 else y_train.shape[1])
+    self.meta = DataMeta(
+        input_shape=tuple(x_train.shape[1:]), num_outputs=num_outputs, task=arrays.task,
+        num_classes=arrays.num_classes, sizes={k: len(v[0]) for k, v in self.splits.items()},
+        x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
+    self.cfg, self.seed = cfg, seed
+    self._prepared = {k: self._prepare(*v) for k, v in self.splits.items()}
+
+  def _prepare(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = self.meta
+    if m.task == 'regression':
+      y = ((y - m.y_mean) / m.y_std).astype(np.float32)
+      y = y[:, None] if y.ndim == 1 else y
+    return m.normalize(x), y
+
+  def train_iter(self) -> grain.DatasetIterator:
+    """An endless, seeded, checkpointable iterator of training batches {'x', 'y'}."""
+    x, y = self._prepared['train']
+    ds = (grain.MapDataset.range(len(x)).shuffle(seed=self.seed).repeat()
+          .batch(self.cfg.batch_size, drop_remainder=True).map(_Gather(x, y)))
+    if self.cfg.augment_shift or self.cfg.augment_flip:
+      ds = ds.random_map(_Augment(self.cfg.augment_shift, self.cfg.augment_flip),
+                         seed=self.seed + 1)
+    # Batches are cheap numpy gathers; threads would only add nondeterministic timing.
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+  def eval_batches(self, split: str) -> Iterator[dict]:
+    """The split in order, in batches of `eval_batch_size`, padded, with a 0/1 `mask`."""
+    x, y = self._prepared[split]
+    bs = self.cfg.eval_batch_size
+    for start in range(0, len(x), bs):
+      xb, yb = x[start:start + bs], y[start:start + bs]
+      pad = bs - len(xb)
+      mask = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
+      if pad:
+        xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+        yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
+      yield {'x': xb, 'y': yb, 'mask': mask}
+
+  def baseline_mse(self, split: str) -> float:
+    """MSE (original units) of predicting the training mean: the bar a regressor must clear."""
+    y_train, y = self.splits['train'][1], self.splits[split][1]
+    return float(np.mean((y - y_train.mean(0)) ** 2))
+
+  def baseline_linear_mse(self, split: str) -> float:
+    """MSE (original units) of a least-squares linear fit on the training split."""
+    (x_train, y_train), (x, y) = self.splits['train'], self.splits[split]
+    design = lambda a: np.concatenate([a.reshape(len(a), -1), np.ones((len(a), 1))], 1)
+    coef, *_ = np.linalg.lstsq(design(x_train).astype(np.float64), y_train, rcond=None)
+    return float(np.mean((design(x) @ coef - y) ** 2))
+
+
+def _check_fractions(cfg) -> None:
+  for name in ('val_fraction', 'test_fraction'):
+    v = cfg[name]
+    if not 0.0 <= v < 1.0:
+      raise ConfigError(f'data.{name} must be in [0, 1), got {v}')
+  if cfg.val_fraction + cfg.test_fraction >= 1.0:
+    raise ConfigError('data.val_fraction + data.test_fraction must be < 1')
+
+
+def save_iter_state(it: grain.DatasetIterator) -> dict:
+  """The iterator's position as JSON-ready data."""
+  return json.loads(json.dumps(it.get_state()))
+
+
+def build(cfg, seed: int) -> Data:
+  """Loads and splits the data named by the `data` section of a config."""
+  return Data(cfg, seed)

@@ -1,0 +1,73 @@
+"""Using a trained workdir: evaluate its newest checkpoint, or predict on new inputs.
+
+The seeds' inference flow: load (config.json + checkpoint), forward, interpret (class ids
+for classifiers, values in the targets' original units for regressors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from jaxbig import checkpoint, config as config_lib, data as data_lib, sharding, train
+from jaxbig.config import ConfigError
+
+
+def load(workdir: str) -> tuple[train.Setup, train.TrainState, int, data_lib.DataMeta]:
+  """Rebuilds a run from its workdir and restores the newest checkpoint."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConfigError(f'{workdir}: not a jaxbig workdir (no config.json)')
+  with open(path) as f:
+    config = config_lib.from_dict(json.load(f))
+  s = train.setup(config)
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  step = None
+  if os.path.isdir(ckpt_dir):
+    ckpts = checkpoint.Checkpoints(ckpt_dir, create_dirs=False)
+    step = ckpts.latest_step()
+  if step is None:
+    raise ConfigError(f'{workdir}: has no checkpoint to load')
+  state, _, meta = ckpts.restore(step, train.abstract_state(s))
+  ckpts.close()
+  return s, state, step, data_lib.DataMeta.from_json(meta)
+
+
+def evaluate(workdir: str) -> dict:
+  """Validation and test metrics of the newest checkpoint."""
+  s, state, step, _ = load(workdir)
+  _, eval_fn, _ = train.compile_steps(s, state)
+  return {'step': step, 'val': train.evaluate(s, eval_fn, state, 'val'),
+          'test': train.evaluate(s, eval_fn, state, 'test')}
+
+
+def predict(workdir: str, inputs: np.ndarray) -> np.ndarray:
+  """Class ids (classifiers) or predictions in original units (regressors) for raw inputs."""
+  s, state, _, meta = load(workdir)
+  x = np.asarray(inputs, np.float32)
+  if x.shape == meta.input_shape:  # A single example.
+    x = x[None]
+  if len(meta.input_shape) == 3 and x.shape[1:] == meta.input_shape[:2]:
+    x = x[..., None]  # Grey images given as (N, H, W).
+  if x.shape[1:] != meta.input_shape:
+    raise ConfigError(f'input has examples of shape {x.shape[1:]}, the model takes '
+                      f'{meta.input_shape}')
+  x = meta.normalize(x)
+  apply = jax.jit(lambda st, xb: train._forward(s.model, st.params, st.batch_stats, xb,
+                                                train=False)[0])
+  # Fixed-size chunks, padded, so that any number of inputs costs one compile.
+  bs = s.config.data.eval_batch_size
+  out = []
+  for start in range(0, len(x), bs):
+    xb = x[start:start + bs]
+    n = len(xb)
+    xb = np.concatenate([xb, np.zeros((bs - n, *xb.shape[1:]), np.float32)])
+    out.append(np.asarray(apply(state, jax.device_put(xb, sharding.batch_sharding(s.mesh))))[:n])
+  y = np.concatenate(out)
+  if meta.task == 'classification':
+    return y.argmax(-1).astype(np.int32)
+  y = y * meta.y_std + meta.y_mean
+  return y[:, 0] if y.shape[1] == 1 else y

@@ -1,0 +1,76 @@
+"""Where metrics go: `metrics.jsonl`, TensorBoard (tensorboardX) and a progress line.
+
+Only process 0 writes. On a terminal the progress line is a bar with ETA redrawn in place;
+otherwise (CI, log files) it prints a plain line at each log step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+
+class Writer:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    """Logs `scalars` (names like 'train/loss') at `step`."""
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({'step': step, **clean}) + '\n')
+    self._jsonl.flush()
+    for k, v in clean.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+class Progress:
+  """A bar with ETA on a TTY; plain periodic lines elsewhere."""
+
+  def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True):
+    self.total, self.start = total, start
+    self.stream = stream or sys.stderr
+    self.tty = self.stream.isatty()
+    self.enabled = enabled and jax.process_index() == 0
+    self.t0 = time.perf_counter()
+
+  def update(self, step: int, text: str = '', force: bool = False) -> None:
+    """Shows progress at `step` (plain mode prints only when `force`: at log steps)."""
+    if not self.enabled or not (self.tty or force):
+      return
+    done = step - self.start
+    elapsed = time.perf_counter() - self.t0
+    eta = elapsed / done * (self.total - step) if done > 0 else float('nan')
+    eta_s = f'{eta:5.0f}s' if math.isfinite(eta) else '    ?'
+    if self.tty:
+      width = 24
+      filled = int(width * step / max(self.total, 1))
+      bar = '#' * filled + '.' * (width - filled)
+      self.stream.write(f'\r[{bar}] {step}/{self.total} eta {eta_s} {text}\x1b[K')
+    else:
+      self.stream.write(f'step {step}/{self.total} eta {eta_s.strip()} {text}\n')
+    self.stream.flush()
+
+  def close(self) -> None:
+    if self.enabled and self.tty:
+      self.stream.write('\n')
+      self.stream.flush()

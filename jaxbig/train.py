@@ -1,0 +1,359 @@
+"""Training: the state, the jitted train and eval steps, and the loop (`train_and_evaluate`).
+
+The state is created already laid out on the mesh: `jax.eval_shape(init)` gives the logical
+axis names of every leaf, the rules turn them into shardings, and `jit(init, out_shardings)`
+builds it in place. `train_step` is a pure function, jitted once with the state donated.
+Shapes: B batch, K outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import struct
+
+from jaxbig import checkpoint, config as config_lib, data as data_lib, losses, models, optim
+from jaxbig import metrics as metrics_lib, sharding
+from jaxbig.config import ConfigError
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; all of it is checkpointed."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any  # BatchNorm running statistics; {} for models without them.
+  opt_state: Any
+  rng: jax.Array
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run is built from, all validated before anything is compiled or written."""
+  config: Any
+  data: data_lib.Data
+  mesh: jax.sharding.Mesh
+  model: nn.Module
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  loss_fn: Callable
+  abstract_boxed: Any  # TrainState of ShapeDtypeStructs with logical-axis boxes.
+  shardings: Any  # TrainState of NamedShardings.
+
+
+def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple) -> TrainState:
+  params_rng, dropout_rng, rng = jax.random.split(rng, 3)
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  variables = model.init({'params': params_rng, 'dropout': dropout_rng}, x, train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=rng)
+
+
+def class_weights(train_cfg, labels: np.ndarray, num_classes: int) -> jnp.ndarray | None:
+  """Per-class loss weights: declared, 'balanced' from label frequencies, or None."""
+  if train_cfg.balance_classes:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return jnp.asarray(len(labels) / (num_classes * np.maximum(counts, 1)), jnp.float32)
+  if train_cfg.class_weights:
+    if len(train_cfg.class_weights) != num_classes:
+      raise ConfigError(f'train.class_weights has {len(train_cfg.class_weights)} entries but the '
+                        f'data has {num_classes} classes')
+    return jnp.asarray(train_cfg.class_weights, jnp.float32)
+  return None
+
+
+def setup(config, devices=None) -> Setup:
+  """Builds data, mesh, model, optimizer and the abstract state; raises ConfigError on bad input."""
+  data = data_lib.build(config.data, config.seed)
+  meta = data.meta
+  if config.train.loss == 'xent' and meta.task != 'classification':
+    raise ConfigError(f'train.loss=xent needs class labels; data.name={config.data.name} '
+                      'has real-valued targets (use train.loss=mse)')
+  if config.train.loss == 'mse' and meta.task != 'regression':
+    raise ConfigError(f'train.loss=mse needs real-valued targets; data.name={config.data.name} '
+                      'has class labels (use train.loss=xent)')
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
+                       'data.batch_size / train.accum_steps')
+  sharding.check_batch(config.data.eval_batch_size, mesh, 'data.eval_batch_size')
+  try:
+    model = models.build(config.model, meta)
+    tx, schedule = optim.build(config.opt, config.train.steps)
+  except ValueError as e:  # The builders name the field; make it a one-line config error.
+    raise ConfigError(str(e)) from None
+  weights = None
+  if meta.task == 'classification':
+    weights = class_weights(config.train, data.splits['train'][1], meta.num_classes)
+  loss_fn = losses.build(config.train, weights)
+  init = functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape)
+  try:
+    abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
+  except (TypeError, ValueError) as e:
+    # The model cannot take this data's shape (e.g. a CNN on flat features): say so in a line.
+    raise ConfigError(f'model.name={config.model.name} cannot take inputs of shape '
+                      f'{meta.input_shape} from data.name={config.data.name}: '
+                      f'{str(e).splitlines()[0]}') from None
+  shardings = sharding.logical_shardings(abstract_boxed, mesh)
+  return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings)
+
+
+def init_state(s: Setup) -> TrainState:
+  """A fresh state, each leaf created directly with its sharding."""
+  init = functools.partial(_init, model=s.model, tx=s.tx, input_shape=s.data.meta.input_shape)
+  init_unboxed = lambda rng: nn.meta.unbox(init(rng))
+  rng = jax.random.key_data(jax.random.key(s.config.seed))
+  return jax.jit(init_unboxed, out_shardings=s.shardings)(rng)
+
+
+def abstract_state(s: Setup) -> TrainState:
+  """The unboxed state's shapes and dtypes with their shardings (a restore target)."""
+  return checkpoint.abstract_like(nn.meta.unbox(s.abstract_boxed), s.shardings)
+
+
+def _forward(model, params, batch_stats, x, *, train: bool, rng=None):
+  """Model outputs and (in training) the updated BatchNorm statistics."""
+  variables = {'params': params}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  rngs = {'dropout': rng} if rng is not None else None
+  if train and batch_stats:
+    out, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=['batch_stats'])
+    return out, updates['batch_stats']
+  return model.apply(variables, x, train=train, rngs=rngs), batch_stats
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn: Callable,
+               accum_steps: int) -> tuple[TrainState, dict]:
+  """One optimizer update; with `accum_steps` > 1 the batch is split into micro-batches."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+  def loss_and_sums(params, batch_stats, micro, micro_rng):
+    micro = {**micro, 'mask': jnp.ones(micro['x'].shape[0], jnp.float32)}
+    out, batch_stats = _forward(model, params, batch_stats, micro['x'], train=True,
+                                rng=micro_rng)
+    loss_sum, sums = loss_fn(out, micro)
+    return loss_sum / micro['x'].shape[0], (sums, batch_stats)
+
+  grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
+  if accum_steps == 1:
+    (_, (sums, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+  else:
+    # Micro-batch i takes every accum_steps-th example: each device keeps its own rows.
+    micro_batches = jax.tree.map(
+        lambda a: a.reshape(-1, accum_steps, *a.shape[1:]).swapaxes(0, 1), batch)
+
+    def body(carry, inputs):
+      grads_acc, batch_stats, sums_acc = carry
+      micro, i = inputs
+      (_, (sums, batch_stats)), grads = grad_fn(state.params, batch_stats, micro,
+                                                jax.random.fold_in(rng, i))
+      add = lambda a, b: jax.tree.map(jnp.add, a, b)
+      return (add(grads_acc, grads), batch_stats, add(sums_acc, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    sums0 = jax.eval_shape(lambda: grad_fn(state.params, state.batch_stats,
+                                           jax.tree.map(lambda a: a[0], micro_batches),
+                                           rng)[0][1][0])
+    sums0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums0)
+    (grads, batch_stats, sums), _ = jax.lax.scan(
+        body, (zeros, state.batch_stats, sums0), (micro_batches, jnp.arange(accum_steps)))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state)
+  return new_state, {**sums, 'grad_norm': optax.global_norm(grads)}
+
+
+def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Callable) -> dict:
+  """Metric sums of one (padded, masked) evaluation batch."""
+  out, _ = _forward(model, state.params, state.batch_stats, batch['x'], train=False)
+  return loss_fn(out, batch)[1]
+
+
+def compile_steps(s: Setup, state: TrainState) -> tuple[Callable, Callable, float]:
+  """AOT-compiles the train and eval steps once; returns them and the compile seconds."""
+  batch_sh = sharding.batch_sharding(s.mesh)
+  repl = sharding.replicated(s.mesh)
+  t0 = time.perf_counter()
+  train_fn = jax.jit(
+      functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
+                        accum_steps=s.config.train.accum_steps),
+      in_shardings=(s.shardings, batch_sh), out_shardings=(s.shardings, repl), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=s.model, loss_fn=s.loss_fn),
+                    in_shardings=(s.shardings, batch_sh), out_shardings=repl)
+  train_batch = _abstract_batch(s, s.config.data.batch_size, with_mask=False)
+  eval_batch = _abstract_batch(s, s.config.data.eval_batch_size, with_mask=True)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  train_c = train_fn.lower(abstract, train_batch).compile()
+  eval_c = eval_fn.lower(abstract, eval_batch).compile()
+  return train_c, eval_c, time.perf_counter() - t0
+
+
+def _abstract_batch(s: Setup, size: int, with_mask: bool) -> dict:
+  x, y = s.data._prepared['train']
+  batch = {'x': jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype),
+           'y': jax.ShapeDtypeStruct((size, *y.shape[1:]), y.dtype)}
+  if with_mask:
+    batch['mask'] = jax.ShapeDtypeStruct((size,), jnp.float32)
+  return batch
+
+
+def evaluate(s: Setup, eval_fn: Callable, state: TrainState, split: str) -> dict[str, float]:
+  """Metrics of `split` (one host transfer at the end)."""
+  if s.data.meta.sizes.get(split, 0) == 0:
+    return {}
+  batch_sh = sharding.batch_sharding(s.mesh)
+  sums = [eval_fn(state, jax.device_put(b, batch_sh)) for b in s.data.eval_batches(split)]
+  totals = {k: float(sum(np.asarray(x[k]) for x in jax.device_get(sums))) for k in sums[0]}
+  out = losses.finalize(totals, s.data.meta.task, s.data.meta.y_std)
+  if s.data.meta.task == 'regression':
+    out['mse_vs_mean'] = out['mse'] / s.data.baseline_mse(split)
+    out['mse_vs_linear'] = out['mse'] / s.data.baseline_linear_mse(split)
+  return out
+
+
+# Fields of config.json that may change when a run is resumed (e.g. to train longer).
+RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.ckpt_every',
+                     'train.keep_checkpoints')
+
+
+def prepare_workdir(workdir: str, config) -> None:
+  """Creates the workdir and its config.json; a resumed run must keep the same config."""
+  path = os.path.join(workdir, 'config.json')
+  resolved = config_lib.to_dict(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    changed = [k for k in config_lib.diff(saved, resolved) if k not in RESUMABLE_CHANGES]
+    if changed:
+      raise ConfigError(f"--workdir {workdir} holds a run with a different config "
+                        f"({', '.join(changed)}); use a new --workdir")
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(path, resolved)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes via a temporary file and a rename, so a crash never leaves half a file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+  """Drops lines logged after `step`: a resumed run logs those steps again."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip() and json.loads(l)['step'] <= step]
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(lines)
+  os.replace(path + '.tmp', path)
+
+
+def _train_scalars(pending: list[dict], task: str) -> dict[str, float]:
+  """Means over a log interval of the per-step metric sums fetched from the device."""
+  fetched = jax.device_get(pending)
+  totals = {k: float(sum(np.asarray(m[k]) for m in fetched)) for k in fetched[0]}
+  out = {f'train/{k}': v for k, v in losses.finalize(totals, task).items()
+         if k in ('loss', 'accuracy')}
+  out['grad_norm'] = totals['grad_norm'] / len(fetched)
+  return out
+
+
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
+                       devices=None) -> dict:
+  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, writes the summary.
+
+  `stop_after` ends the loop early at that step without the final save (an interruption, for
+  tests); the returned summary is then None.
+  """
+  t_start = time.perf_counter()
+  s = setup(config, devices)  # Validates everything before the workdir is touched.
+  prepare_workdir(workdir, config)
+  cfg = config.train
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
+  state = init_state(s)
+  train_iter = s.data.train_iter()
+  start = ckpts.latest_step()
+  if start is not None:
+    state, iter_state, _ = ckpts.restore(start, abstract_state(s))
+    train_iter.set_state(iter_state)
+    _truncate_metrics(workdir, start)
+  start = start or 0
+  train_fn, eval_fn, compile_s = compile_steps(s, state)
+  writer = metrics_lib.Writer(workdir)
+  progress = metrics_lib.Progress(cfg.steps, start)
+  meta_json = s.data.meta.to_json()
+  batch_sh = sharding.batch_sharding(s.mesh)
+  pending, scalars, eval_s = [], {}, 0.0
+  t_loop = t_log = time.perf_counter()
+  last = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+  for step in range(start + 1, last + 1):
+    batch = jax.device_put(next(train_iter), batch_sh)
+    state, step_metrics = train_fn(state, batch)
+    pending.append(step_metrics)
+    if step % cfg.log_every == 0 or step == cfg.steps:
+      scalars = _train_scalars(pending, s.data.meta.task)
+      now = time.perf_counter()
+      scalars['steps_per_s'] = len(pending) / (now - t_log)
+      scalars['lr'] = float(s.schedule(step - 1))
+      writer.write(step, scalars)
+      progress.update(step, f"loss {scalars['train/loss']:.4f}", force=True)
+      pending, t_log = [], now
+    else:
+      progress.update(step)
+    if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+      t_eval = time.perf_counter()
+      writer.write(step, {f'eval/{k}': v for k, v in evaluate(s, eval_fn, state, 'val').items()})
+      eval_s += time.perf_counter() - t_eval
+      t_log += time.perf_counter() - t_eval
+    if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != cfg.steps:
+      ckpts.save(step, state, data_lib.save_iter_state(train_iter), meta_json)
+  progress.close()
+  if stop_after is not None and last < cfg.steps:
+    ckpts.close()
+    writer.close()
+    return None
+  train_s = time.perf_counter() - t_loop - eval_s
+  if ckpts.latest_step() != cfg.steps:
+    ckpts.save(cfg.steps, state, data_lib.save_iter_state(train_iter), meta_json)
+  val = evaluate(s, eval_fn, state, 'val')
+  test = evaluate(s, eval_fn, state, 'test')
+  writer.write(cfg.steps, {**{f'eval/{k}': v for k, v in val.items()},
+                           **{f'test/{k}': v for k, v in test.items()}})
+  ckpts.close()
+  writer.close()
+  devices = s.mesh.devices.flatten()
+  summary = {
+      'step': cfg.steps,
+      'train_loss': scalars.get('train/loss'),
+      'train_accuracy': scalars.get('train/accuracy'),
+      'eval': test,
+      'val': val,
+      'wall_s': time.perf_counter() - t_start,
+      'compile_s': compile_s,
+      'steps_per_s': (cfg.steps - start) / train_s if cfg.steps > start else None,
+      'resumed_from': start or None,
+      'num_params': int(sum(x.size for x in jax.tree.leaves(state.params))),
+      'device_kind': devices[0].device_kind,
+      'num_devices': len(devices),
+  }
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, 'summary.json'), summary)
+  return summary

@@ -140,4 +140,4 @@ def build(cfg: ml_collections.ConfigDict,
     chain += [_preconditioner(cfg),
               optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
               optax.scale_by_learning_rate(lr)]
-  return optax.chain(*chain), optax.constant_schedule(cfg.lr)
+  return optax.chain(*chain), lr

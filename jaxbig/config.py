@@ -12,6 +12,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -30,10 +31,15 @@ def load_module_config(spec: str) -> ml_collections.ConfigDict:
   name = os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(f'jaxbig_experiment_{name}', path)
   module = importlib.util.module_from_spec(module_spec)
+  # A variant imports its base by module name (`import cnn_digits`) from the same folder.
+  folder = os.path.dirname(os.path.abspath(path))
+  sys.path.insert(0, folder)
   try:
     module_spec.loader.exec_module(module)
   except Exception as e:  # The user's file: report where, not our traceback.
     raise ConfigError(f'{path}: cannot be imported: {type(e).__name__}: {e}') from e
+  finally:
+    sys.path.remove(folder)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path}: has no get_config() function')
   try:

@@ -174,7 +174,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
-  return new_state, {**sums, 'grad_norm': optax.global_norm(grads)}
+  return new_state, {**sums, 'grad_norm': optax.tree.norm(grads)}
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Callable) -> dict:

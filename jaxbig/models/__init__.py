@@ -17,49 +17,49 @@ from jaxbig.models.resnet import ResNet18, ResNet34, ResNet50, ResNetTiny
 
 
 class DataMeta(Protocol):
-    """What a model factory needs to know about the data."""
+  """The fields of `jaxbig.data.DataMeta` that a model factory reads."""
 
-    input_shape: tuple  # Per example, e.g. (8, 8, 1) or (10,).
-    num_outputs: int
+  input_shape: tuple  # Per example, e.g. (8, 8, 1) or (10,).
+  num_outputs: int
 
 
 Factory = Callable[[ml_collections.ConfigDict, DataMeta, Any], nn.Module]
 
 
 def _needs_image(cfg: ml_collections.ConfigDict, meta: DataMeta) -> None:
-    """Raises unless the data gives per-example images (H, W, C)."""
-    if len(meta.input_shape) != 3:
-        raise ValueError(
-            f"model.name: '{cfg.name}' needs image inputs (H, W, C); the data gives "
-            f"{tuple(meta.input_shape)}")
+  """Raises unless the data gives per-example images (H, W, C)."""
+  if len(meta.input_shape) != 3:
+    raise ValueError(
+        f"model.name: '{cfg.name}' needs image inputs (H, W, C); the data gives "
+        f"{tuple(meta.input_shape)}")
 
 
 def _cnn(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
-    """Builds the CNN."""
-    _needs_image(cfg, meta)
-    # tuple(): CLI overrides may hand in lists; module attributes should be hashable.
-    return CNN(
-        num_outputs=meta.num_outputs, features=tuple(cfg.features), hidden=cfg.hidden,
-        dropout=cfg.dropout, init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
+  """Builds the CNN."""
+  _needs_image(cfg, meta)
+  # tuple(): CLI overrides may hand in lists; module attributes should be hashable.
+  return CNN(
+      num_outputs=meta.num_outputs, features=tuple(cfg.features), hidden=cfg.hidden,
+      dropout=cfg.dropout, init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
 
 
 def _mlp(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
-    """Builds the MLP."""
-    return MLP(
-        num_outputs=meta.num_outputs, widths=tuple(cfg.widths), activation=cfg.activation,
-        dropout=cfg.dropout, init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
+  """Builds the MLP."""
+  return MLP(
+      num_outputs=meta.num_outputs, widths=tuple(cfg.widths), activation=cfg.activation,
+      dropout=cfg.dropout, init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
 
 
 def _resnet(size: Callable[..., nn.Module]) -> Factory:
-    """Returns a factory for one ResNet size partial."""
+  """Returns a factory for one ResNet size partial."""
 
-    def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
-        _needs_image(cfg, meta)
-        return size(
-            num_outputs=meta.num_outputs, width=cfg.width, small_input=cfg.small_input,
-            init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
+  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+    _needs_image(cfg, meta)
+    return size(
+        num_outputs=meta.num_outputs, width=cfg.width, small_input=cfg.small_input,
+        init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
 
-    return factory
+  return factory
 
 
 _FACTORIES: dict[str, Factory] = {
@@ -75,18 +75,18 @@ _WITH_BATCH_STATS = frozenset({'resnet18', 'resnet34', 'resnet50', 'resnet_tiny'
 
 
 def _check_name(name: str) -> None:
-    """Raises a ValueError that lists the known models unless `name` is one."""
-    if name not in _FACTORIES:
-        raise ValueError(f"model.name: unknown model '{name}'; choose from {', '.join(MODELS)}")
+  """Raises a ValueError that lists the known models unless `name` is one."""
+  if name not in _FACTORIES:
+    raise ValueError(f"model.name: unknown model '{name}'; choose from {', '.join(MODELS)}")
 
 
 def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float32) -> nn.Module:
-    """Returns the module named by `cfg.name`, computing in `dtype` with float32 params."""
-    _check_name(cfg.name)
-    return _FACTORIES[cfg.name](cfg, meta, dtype)
+  """Returns the module named by `cfg.name`, computing in `dtype` with float32 params."""
+  _check_name(cfg.name)
+  return _FACTORIES[cfg.name](cfg, meta, dtype)
 
 
 def has_batch_stats(name: str) -> bool:
-    """Whether the model keeps a 'batch_stats' collection (apply it with mutable=...)."""
-    _check_name(name)
-    return name in _WITH_BATCH_STATS
+  """Whether the model keeps a 'batch_stats' collection (apply it with mutable=...)."""
+  _check_name(name)
+  return name in _WITH_BATCH_STATS

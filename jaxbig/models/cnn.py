@@ -14,41 +14,41 @@ from jaxbig.models import init as inits
 
 
 class CNN(nn.Module):
-    """conv 3x3 -> ReLU -> max-pool 2x2, per entry of `features`; dense -> ReLU -> dense."""
+  """conv 3x3 -> ReLU -> max-pool 2x2, per entry of `features`; dense -> ReLU -> dense."""
 
-    num_outputs: int
-    features: tuple[int, ...] = (64, 128)
-    hidden: int = 1024
-    dropout: float = 0.0
-    # Not `init`: that would shadow nn.Module.init.
-    init_name: str = 'he'
-    init_std: float = 0.02
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+  num_outputs: int
+  features: tuple[int, ...] = (64, 128)
+  hidden: int = 1024
+  dropout: float = 0.0
+  # Not `init`: that would shadow nn.Module.init.
+  init_name: str = 'he'
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
-        """Returns float32 logits_BxK."""
-        kernel_init = inits.initializer(self.init_name, self.init_std)
-        zeros = nn.initializers.zeros_init()
-        x = x_BxHxWxC.astype(self.dtype)
-        for i, width in enumerate(self.features):
-            x = nn.Conv(
-                width, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype,
-                kernel_init=inits.logical(kernel_init, inits.CONV_KERNEL),
-                bias_init=inits.logical(zeros, inits.CONV_BIAS), name=f'conv{i}')(x)
-            x = nn.relu(x)
-            # SAME pads odd sizes (7 -> 4) instead of dropping the last row and column.
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-        x_BxF = x.reshape(x.shape[0], -1)
-        x_BxN = nn.Dense(
-            self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=inits.logical(kernel_init, inits.DENSE_KERNEL),
-            bias_init=inits.logical(zeros, inits.DENSE_BIAS), name='hidden')(x_BxF)
-        x_BxN = nn.relu(x_BxN)
-        x_BxN = nn.Dropout(self.dropout, deterministic=not train)(x_BxN)
-        logits_BxK = nn.Dense(
-            self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=inits.logical(kernel_init, inits.OUT_KERNEL),
-            bias_init=inits.logical(zeros, inits.OUT_BIAS), name='out')(x_BxN)
-        return logits_BxK.astype(jnp.float32)
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
+    """Returns float32 logits_BxK."""
+    kernel_init = inits.initializer(self.init_name, self.init_std)
+    zeros = nn.initializers.zeros_init()
+    x = x_BxHxWxC.astype(self.dtype)
+    for i, width in enumerate(self.features):
+      x = nn.Conv(
+          width, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=inits.logical(kernel_init, inits.CONV_KERNEL),
+          bias_init=inits.logical(zeros, inits.CONV_BIAS), name=f'conv{i}')(x)
+      x = nn.relu(x)
+      # SAME pads odd sizes (7 -> 4) instead of dropping the last row and column.
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+    x_BxF = x.reshape(x.shape[0], -1)
+    x_BxN = nn.Dense(
+        self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=inits.logical(kernel_init, inits.DENSE_KERNEL),
+        bias_init=inits.logical(zeros, inits.DENSE_BIAS), name='hidden')(x_BxF)
+    x_BxN = nn.relu(x_BxN)
+    x_BxN = nn.Dropout(self.dropout, deterministic=not train)(x_BxN)
+    logits_BxK = nn.Dense(
+        self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=inits.logical(kernel_init, inits.OUT_KERNEL),
+        bias_init=inits.logical(zeros, inits.OUT_BIAS), name='out')(x_BxN)
+    return logits_BxK.astype(jnp.float32)

@@ -3,12 +3,13 @@
 Every parameter is created through `logical(init, names)`, so `model.init` returns
 `nn.Partitioned` boxes whose names a sharding rule maps to mesh axes. The names:
 
-    'embed'      input features of a hidden dense layer
-    'mlp'        hidden units (output of a hidden dense layer, input of the output layer)
-    'classes'    outputs of the final dense layer
-    'conv_in'    input channels of a conv kernel
-    'conv_out'   output channels of a conv kernel, its bias, and BatchNorm scale/bias
-    None         spatial axes of a conv kernel (never sharded)
+  'embed'      input features of a hidden dense layer
+  'mlp'        hidden units (output of a hidden dense layer, input of the output layer;
+               for a ResNet head, its pooled channels)
+  'classes'    outputs of the final dense layer
+  'conv_in'    input channels of a conv kernel
+  'conv_out'   output channels of a conv kernel, its bias, and BatchNorm scale/bias
+  None         spatial axes of a conv kernel (never sharded)
 
 So: hidden dense kernel ('embed', 'mlp'), bias ('mlp',); output kernel ('mlp', 'classes'),
 bias ('classes',); conv kernel (None, None, 'conv_in', 'conv_out'), bias ('conv_out',);
@@ -40,13 +41,13 @@ NORM = ('conv_out',)
 
 
 def initializer(name: str, std: float = 0.02) -> jax.nn.initializers.Initializer:
-    """Returns the kernel initialiser called `name`; `std` is used only by 'normal'."""
-    if name not in _INITIALIZERS:
-        raise ValueError(
-            f"model.init: unknown initializer '{name}'; choose from {', '.join(INITIALIZERS)}")
-    return _INITIALIZERS[name](std)
+  """Returns the kernel initialiser called `name`; `std` is used only by 'normal'."""
+  if name not in _INITIALIZERS:
+    raise ValueError(
+        f"model.init: unknown initializer '{name}'; choose from {', '.join(INITIALIZERS)}")
+  return _INITIALIZERS[name](std)
 
 
 def logical(init: jax.nn.initializers.Initializer, names: tuple) -> Callable[..., Any]:
-    """Wraps `init` so the parameter it creates carries the logical axis `names`."""
-    return nn.with_logical_partitioning(init, names)
+  """Wraps `init` so the parameter it creates carries the logical axis `names`."""
+  return nn.with_logical_partitioning(init, names)

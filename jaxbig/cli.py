@@ -65,7 +65,13 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args, extra = parser.parse_known_args(argv)
+  # Overrides may also follow --workdir (argparse stops the positional list at an option).
+  if extra and args.command == 'train' and not any(e.startswith('-') for e in extra):
+    args.overrides += extra
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   try:
     return _run(args)
   except ConfigError as e:

@@ -175,6 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the fields every experiment shares; the sections' builders check their own."""
   for section in ('seed', 'data', 'model', 'opt', 'train', 'mesh'):
     _require(section in config, f"config: missing section '{section}'")
+  _require(config.seed >= 0, f'seed must be >= 0, got {config.seed}')
   t = config.train
   _require(t.steps > 0, f'train.steps must be > 0, got {t.steps}')
   _require(t.log_every > 0, f'train.log_every must be > 0, got {t.log_every}')
@@ -188,6 +189,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.data
   _require(d.batch_size > 0, f'data.batch_size must be > 0, got {d.batch_size}')
   _require(d.eval_batch_size > 0, f'data.eval_batch_size must be > 0, got {d.eval_batch_size}')
+  _require(d.split_seed >= 0, f'data.split_seed must be >= 0, got {d.split_seed}')
+  _require(d.augment_shift >= 0, f'data.augment_shift must be >= 0, got {d.augment_shift}')
   _require(d.batch_size % t.accum_steps == 0,
            f'data.batch_size ({d.batch_size}) must be divisible by train.accum_steps '
            f'({t.accum_steps})')

@@ -48,9 +48,10 @@ def predict(workdir: str, inputs: np.ndarray) -> np.ndarray:
   """Class ids (classifiers) or predictions in original units (regressors) for raw inputs."""
   s, state, _, meta = load(workdir)
   x = np.asarray(inputs, np.float32)
-  if x.shape == meta.input_shape:  # A single example.
-    x = x[None]
-  if len(meta.input_shape) == 3 and x.shape[1:] == meta.input_shape[:2]:
+  grey = len(meta.input_shape) == 3 and meta.input_shape[-1] == 1
+  if x.shape == meta.input_shape or (grey and x.shape == meta.input_shape[:2]):
+    x = x[None]  # A single example.
+  if grey and x.shape[1:] == meta.input_shape[:2]:
     x = x[..., None]  # Grey images given as (N, H, W).
   if x.shape[1:] != meta.input_shape:
     raise ConfigError(f'input has examples of shape {x.shape[1:]}, the model takes '

@@ -41,11 +41,11 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(f'mesh: {num_devices} devices cannot be split into data x fsdp x tensor '
+      raise ConfigError(f'mesh.data/fsdp/tensor: {num_devices} devices cannot be split into data x fsdp x tensor '
                         f'with the fixed sizes {sizes}')
     sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f'mesh: data x fsdp x tensor = {math.prod(sizes)} but there are '
+    raise ConfigError(f'mesh.data x mesh.fsdp x mesh.tensor = {math.prod(sizes)} but there are '
                       f'{num_devices} devices')
   return tuple(sizes)
 

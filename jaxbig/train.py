@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -101,10 +102,12 @@ def setup(config, devices=None) -> Setup:
   try:
     abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
   except (TypeError, ValueError) as e:
+    first = str(e).splitlines()[0]
+    if re.match(r'(model|data|opt|train)\.', first):  # Already names its field.
+      raise ConfigError(first) from None
     # The model cannot take this data's shape (e.g. a CNN on flat features): say so in a line.
     raise ConfigError(f'model.name={config.model.name} cannot take inputs of shape '
-                      f'{meta.input_shape} from data.name={config.data.name}: '
-                      f'{str(e).splitlines()[0]}') from None
+                      f'{meta.input_shape} from data.name={config.data.name}: {first}') from None
   shardings = sharding.logical_shardings(abstract_boxed, mesh)
   return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings)
 

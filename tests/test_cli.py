@@ -168,11 +168,7 @@ def test_predict_writes_class_ids(trained, test_split, capsys, tmp_path):
   np.testing.assert_array_equal(np.load(tmp_path / 'x4.pred.npy'), preds)
 
 
-@pytest.mark.parametrize('channel', [
-    True,
-    # Known bug: inference.predict takes one (H, W, 1) example but not one (H, W) image.
-    pytest.param(False, marks=pytest.mark.xfail(raises=AssertionError, strict=True)),
-], ids=['8x8x1', '8x8'])
+@pytest.mark.parametrize('channel', [True, False], ids=['8x8x1', '8x8'])
 def test_predict_accepts_a_single_image(trained, test_split, capsys, tmp_path, channel):
   workdir, _, _ = trained
   x = test_split[0][:50]
@@ -267,14 +263,16 @@ _BAD_TRAIN = {
     'warmup_too_long': (SMOKE, ['opt.warmup_steps=21'], 'opt.warmup_steps'),
     'fractions': (SMOKE, ['data.val_fraction=0.5', 'data.test_fraction=0.5'], 'data.'),
 }
-# Known bugs: these crash with a traceback instead of exit code 2 (see the test's report).
-_BAD_TRAIN_XFAIL = {
-    'zero_width': (SMOKE, ['model.hidden=0'], 'model.hidden', ZeroDivisionError),
-    'negative_split_seed': (SMOKE, ['data.split_seed=-1'], 'data.split_seed', ValueError),
-}
-_ROWS = [pytest.param(*row, id=name) for name, row in _BAD_TRAIN.items()] + [
-    pytest.param(*row[:3], id=name, marks=pytest.mark.xfail(raises=row[3], strict=True))
-    for name, row in _BAD_TRAIN_XFAIL.items()]
+_BAD_TRAIN.update({
+    'zero_width': (SMOKE, ['model.hidden=0'], 'model.hidden'),
+    'negative_width': (SMOKE, ['model.features=-4,8'], 'model.features'),
+    'dropout_above_one': (SMOKE, ['model.dropout=1.5'], 'model.dropout'),
+    'unknown_init': (SMOKE, ['model.init=foo'], 'model.init'),
+    'negative_split_seed': (SMOKE, ['data.split_seed=-1'], 'data.split_seed'),
+    'negative_seed': (SMOKE, ['seed=-1'], 'seed'),
+    'negative_shift': (SMOKE, ['data.augment_shift=-1'], 'data.augment_shift'),
+})
+_ROWS = [pytest.param(*row, id=name) for name, row in _BAD_TRAIN.items()]
 
 
 @pytest.mark.parametrize('experiment, overrides, named', _ROWS)
@@ -289,10 +287,6 @@ def test_train_rejects_bad_input_before_writing(experiment, overrides, named, np
   assert not workdir.exists()
 
 
-# Known bug: argparse stops collecting the `overrides` positional at `--workdir`, so an
-# override after it is an "unrecognized argument" (SystemExit, usage on stderr) instead of
-# being applied. `parse_intermixed_args` would accept it.
-@pytest.mark.xfail(raises=SystemExit, strict=True)
 def test_overrides_may_follow_the_workdir(capsys, tmp_path):
   workdir = tmp_path / 'wd'
   code, _, err = _main(capsys, 'train', SMOKE, '--workdir', workdir, 'opt.lr=0')

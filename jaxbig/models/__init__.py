@@ -83,7 +83,19 @@ def _check_name(name: str) -> None:
 def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float32) -> nn.Module:
   """Returns the module named by `cfg.name`, computing in `dtype` with float32 params."""
   _check_name(cfg.name)
+  _check_sizes(cfg)
   return _FACTORIES[cfg.name](cfg, meta, dtype)
+
+
+def _check_sizes(cfg: ml_collections.ConfigDict) -> None:
+  """Widths must be positive and dropout a probability, whichever model declares them."""
+  for field in ('features', 'widths', 'hidden', 'width'):
+    if field in cfg:
+      values = cfg[field] if isinstance(cfg[field], (tuple, list)) else (cfg[field],)
+      if not values or any(v <= 0 for v in values):
+        raise ValueError(f'model.{field} must be positive, got {cfg[field]}')
+  if 'dropout' in cfg and not 0.0 <= cfg.dropout < 1.0:
+    raise ValueError(f'model.dropout must be in [0, 1), got {cfg.dropout}')
 
 
 def has_batch_stats(name: str) -> bool:

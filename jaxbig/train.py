@@ -269,6 +269,15 @@ def _truncate_metrics(workdir: str, step: int) -> None:
   os.replace(path + '.tmp', path)
 
 
+def _last_logged(workdir: str) -> dict[str, float]:
+  """The newest train/* values in metrics.jsonl."""
+  out = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      out.update({k: v for k, v in json.loads(line).items() if k.startswith('train/')})
+  return out
+
+
 def _train_scalars(pending: list[dict], task: str) -> dict[str, float]:
   """Means over a log interval of the per-step metric sums fetched from the device."""
   fetched = jax.device_get(pending)
@@ -342,6 +351,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
                            **{f'test/{k}': v for k, v in test.items()}})
   ckpts.close()
   writer.close()
+  if not scalars:  # Nothing left to train: report the last logged training metrics.
+    scalars = _last_logged(workdir)
   devices = s.mesh.devices.flatten()
   summary = {
       'step': cfg.steps,

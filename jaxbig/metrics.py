@@ -52,11 +52,13 @@ class Progress:
     self.tty = self.stream.isatty()
     self.enabled = enabled and jax.process_index() == 0
     self.t0 = time.perf_counter()
+    self.text = ''  # The newest metrics text, kept on the bar between log steps.
 
   def update(self, step: int, text: str = '', force: bool = False) -> None:
     """Shows progress at `step` (plain mode prints only when `force`: at log steps)."""
     if not self.enabled or not (self.tty or force):
       return
+    self.text = text or self.text
     done = step - self.start
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / done * (self.total - step) if done > 0 else float('nan')
@@ -65,7 +67,7 @@ class Progress:
       width = 24
       filled = int(width * step / max(self.total, 1))
       bar = '#' * filled + '.' * (width - filled)
-      self.stream.write(f'\r[{bar}] {step}/{self.total} eta {eta_s} {text}\x1b[K')
+      self.stream.write(f'\r[{bar}] {step}/{self.total} eta {eta_s} {self.text}\x1b[K')
     else:
       self.stream.write(f'step {step}/{self.total} eta {eta_s.strip()} {text}\n')
     self.stream.flush()

@@ -39,7 +39,7 @@ def load(workdir: str) -> tuple[train.Setup, train.TrainState, int, data_lib.Dat
 def evaluate(workdir: str) -> dict:
   """Validation and test metrics of the newest checkpoint."""
   s, state, step, _ = load(workdir)
-  _, eval_fn, _ = train.compile_steps(s, state)
+  eval_fn = train.compile_eval(s, state)  # No train step needed.
   return {'step': step, 'val': train.evaluate(s, eval_fn, state, 'val'),
           'test': train.evaluate(s, eval_fn, state, 'test')}
 

@@ -186,32 +186,32 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Call
   return loss_fn(out, batch)[1]
 
 
+def _abstract(state: TrainState) -> TrainState:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+
+def compile_eval(s: Setup, state: TrainState) -> Callable:
+  """AOT-compiles the eval step for the padded eval batch."""
+  batch_sh = sharding.batch_sharding(s.mesh)
+  eval_fn = jax.jit(functools.partial(eval_step, model=s.model, loss_fn=s.loss_fn),
+                    in_shardings=(s.shardings, batch_sh), out_shardings=sharding.replicated(s.mesh))
+  batch = s.data.batch_spec(s.config.data.eval_batch_size, with_mask=True)
+  return eval_fn.lower(_abstract(state), batch).compile()
+
+
 def compile_steps(s: Setup, state: TrainState) -> tuple[Callable, Callable, float]:
   """AOT-compiles the train and eval steps once; returns them and the compile seconds."""
   batch_sh = sharding.batch_sharding(s.mesh)
-  repl = sharding.replicated(s.mesh)
   t0 = time.perf_counter()
   train_fn = jax.jit(
       functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
                         accum_steps=s.config.train.accum_steps),
-      in_shardings=(s.shardings, batch_sh), out_shardings=(s.shardings, repl), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=s.model, loss_fn=s.loss_fn),
-                    in_shardings=(s.shardings, batch_sh), out_shardings=repl)
-  train_batch = _abstract_batch(s, s.config.data.batch_size, with_mask=False)
-  eval_batch = _abstract_batch(s, s.config.data.eval_batch_size, with_mask=True)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  train_c = train_fn.lower(abstract, train_batch).compile()
-  eval_c = eval_fn.lower(abstract, eval_batch).compile()
+      in_shardings=(s.shardings, batch_sh),
+      out_shardings=(s.shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+  batch = s.data.batch_spec(s.config.data.batch_size, with_mask=False)
+  train_c = train_fn.lower(_abstract(state), batch).compile()
+  eval_c = compile_eval(s, state)
   return train_c, eval_c, time.perf_counter() - t0
-
-
-def _abstract_batch(s: Setup, size: int, with_mask: bool) -> dict:
-  x, y = s.data._prepared['train']
-  batch = {'x': jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype),
-           'y': jax.ShapeDtypeStruct((size, *y.shape[1:]), y.dtype)}
-  if with_mask:
-    batch['mask'] = jax.ShapeDtypeStruct((size,), jnp.float32)
-  return batch
 
 
 def evaluate(s: Setup, eval_fn: Callable, state: TrainState, split: str) -> dict[str, float]:

@@ -13,6 +13,7 @@ import json
 from typing import Iterator
 
 import grain
+import jax
 import numpy as np
 
 from jaxbig.config import ConfigError
@@ -154,6 +155,15 @@ class Data:
                          seed=self.seed + 1)
     # Batches are cheap numpy gathers; threads would only add nondeterministic timing.
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+  def batch_spec(self, size: int, with_mask: bool) -> dict:
+    """Shapes and dtypes of a batch of `size` examples (what the steps are compiled for)."""
+    x, y = self._prepared['train']
+    spec = {'x': jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype),
+            'y': jax.ShapeDtypeStruct((size, *y.shape[1:]), y.dtype)}
+    if with_mask:
+      spec['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
+    return spec
 
   def eval_batches(self, split: str) -> Iterator[dict]:
     """The split in order, in batches of `eval_batch_size`, padded, with a 0/1 `mask`."""

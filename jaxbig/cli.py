@@ -1,4 +1,4 @@
-"""The `jaxbig` command: train | eval | predict.
+"""The `jaxbig` command: train | eval | predict | generate.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 """
@@ -27,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('workdir')
   r.add_argument('input', help='.npy of inputs, (N, ...) or one example')
   r.add_argument('--out', help='output .npy (default: INPUT stem + .pred.npy); never overwritten')
+  g = sub.add_parser('generate', help='sample text from a trained language model')
+  g.add_argument('workdir')
+  g.add_argument('--prompt', default='\n', help='text to continue (default: a newline)')
+  g.add_argument('--tokens', type=int, default=200, help='bytes to generate (default 200)')
+  g.add_argument('--temperature', type=float, default=0.8,
+                 help='softmax temperature; 0 picks the likeliest byte (default 0.8)')
+  g.add_argument('--top-k', type=int, default=0, help='sample among the k likeliest (0: all)')
+  g.add_argument('--seed', type=int, default=0, help='sampling seed (default 0)')
   return p
 
 
@@ -61,6 +69,10 @@ def _run(args) -> int:
     np.save(out, preds)
     shown = ', '.join(str(v) for v in np.asarray(preds).ravel()[:10])
     print(f'{len(preds)} predictions -> {out}: {shown}{" ..." if len(preds) > 10 else ""}')
+  elif args.command == 'generate':
+    from jaxbig import generate
+    print(generate.generate(args.workdir, args.prompt, args.tokens, temperature=args.temperature,
+                            top_k=args.top_k, seed=args.seed))
   return 0
 
 

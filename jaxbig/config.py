@@ -171,6 +171,10 @@ def _require(cond: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+# xent: classes or next tokens; mse: regression; elbo: VAE; recon: autoencoder.
+LOSSES = ('xent', 'mse', 'elbo', 'recon')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the fields every experiment shares; the sections' builders check their own."""
   for section in ('seed', 'data', 'model', 'opt', 'train', 'mesh'):
@@ -183,14 +187,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(t.ckpt_every >= 0, f'train.ckpt_every must be >= 0, got {t.ckpt_every}')
   _require(t.keep_checkpoints > 0, f'train.keep_checkpoints must be > 0, got {t.keep_checkpoints}')
   _require(t.accum_steps > 0, f'train.accum_steps must be > 0, got {t.accum_steps}')
-  _require(t.loss in ('xent', 'mse'), f"train.loss: unknown loss '{t.loss}'; choose from xent, mse")
+  _require(t.loss in LOSSES, f"train.loss: unknown loss '{t.loss}'; choose from {', '.join(LOSSES)}")
   _require(0.0 <= t.label_smoothing < 1.0,
            f'train.label_smoothing must be in [0, 1), got {t.label_smoothing}')
   d = config.data
   _require(d.batch_size > 0, f'data.batch_size must be > 0, got {d.batch_size}')
   _require(d.eval_batch_size > 0, f'data.eval_batch_size must be > 0, got {d.eval_batch_size}')
   _require(d.split_seed >= 0, f'data.split_seed must be >= 0, got {d.split_seed}')
-  _require(d.augment_shift >= 0, f'data.augment_shift must be >= 0, got {d.augment_shift}')
+  if 'augment_shift' in d:  # Image data only.
+    _require(d.augment_shift >= 0, f'data.augment_shift must be >= 0, got {d.augment_shift}')
   _require(d.batch_size % t.accum_steps == 0,
            f'data.batch_size ({d.batch_size}) must be divisible by train.accum_steps '
            f'({t.accum_steps})')

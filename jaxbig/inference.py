@@ -47,6 +47,12 @@ def evaluate(workdir: str) -> dict:
 def predict(workdir: str, inputs: np.ndarray) -> np.ndarray:
   """Class ids (classifiers) or predictions in original units (regressors) for raw inputs."""
   s, state, _, meta = load(workdir)
+  if meta.task not in ('classification', 'regression') or s.config.train.loss not in ('xent',
+                                                                                       'mse'):
+    hint = 'use jaxbig generate' if meta.task == 'lm' else 'it reconstructs its inputs'
+    raise ConfigError(f'{workdir}: predict supports classifiers and regressors; this run trained '
+                      f'model.name={s.config.model.name} with train.loss={s.config.train.loss} '
+                      f'({hint})')
   x = np.asarray(inputs, np.float32)
   grey = len(meta.input_shape) == 3 and meta.input_shape[-1] == 1
   if x.shape == meta.input_shape or (grey and x.shape == meta.input_shape[:2]):

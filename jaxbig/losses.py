@@ -1,33 +1,48 @@
 """Losses that return sums and counts, so metrics add up exactly across batches and devices.
 
-Shapes: B batch, K outputs (classes, or regression targets).
+Shapes: B batch, K outputs (classes, or regression targets), L positions of a sequence
+(language models predict a class, the next byte, at every position), Z latent features.
+`mask_B` marks real examples (0 on the padding of the last evaluation batch).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxbig.config import ConfigError
+from jaxbig.models import vae
+
 Metrics = dict[str, jnp.ndarray]
+
+
+def _per_position(mask_B: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
+  """The example mask broadcast over the extra (position) axes of `like`."""
+  return jnp.broadcast_to(mask_B.reshape(mask_B.shape + (1,) * (like.ndim - 1)), like.shape)
 
 
 def cross_entropy(logits_BxK: jnp.ndarray, labels_B: jnp.ndarray, mask_B: jnp.ndarray, *,
                   label_smoothing: float = 0.0,
                   class_weights_K: jnp.ndarray | None = None) -> tuple[jnp.ndarray, Metrics]:
-  """Softmax cross-entropy in float32; returns (weighted loss sum, metric sums)."""
+  """Softmax cross-entropy in float32; returns (weighted loss sum, metric sums).
+
+  Also takes logits_BxLxK with labels_BxL (a language model): every position counts.
+  """
   logits_BxK = logits_BxK.astype(jnp.float32)
   num_classes = logits_BxK.shape[-1]
   targets_BxK = jax.nn.one_hot(labels_B, num_classes, dtype=jnp.float32)
   if label_smoothing:
     targets_BxK = optax.smooth_labels(targets_BxK, label_smoothing)
   per_example_B = optax.softmax_cross_entropy(logits_BxK, targets_BxK)
-  weights_B = mask_B if class_weights_K is None else mask_B * class_weights_K[labels_B]
+  mask = _per_position(mask_B, per_example_B)
+  weights_B = mask if class_weights_K is None else mask * class_weights_K[labels_B]
   loss_sum = jnp.sum(per_example_B * weights_B)
-  correct = jnp.sum((jnp.argmax(logits_BxK, -1) == labels_B) * mask_B)
-  return loss_sum, {'loss': loss_sum, 'correct': correct, 'count': jnp.sum(mask_B)}
+  correct = jnp.sum((jnp.argmax(logits_BxK, -1) == labels_B) * mask)
+  return loss_sum, {'loss': loss_sum, 'correct': correct, 'count': jnp.sum(mask)}
 
 
 def mean_squared_error(preds_BxK: jnp.ndarray, targets_BxK: jnp.ndarray,
@@ -36,6 +51,49 @@ def mean_squared_error(preds_BxK: jnp.ndarray, targets_BxK: jnp.ndarray,
   err_B = jnp.mean((preds_BxK.astype(jnp.float32) - targets_BxK) ** 2, axis=-1)
   loss_sum = jnp.sum(err_B * mask_B)
   return loss_sum, {'loss': loss_sum, 'count': jnp.sum(mask_B)}
+
+
+def negative_elbo(outputs: dict, x_BxHxWxC: jnp.ndarray, mask_B: jnp.ndarray, *,
+                  with_kl: bool = True) -> tuple[jnp.ndarray, Metrics]:
+  """Bernoulli reconstruction NLL (+ KL to the N(0, I) prior: the negative ELBO), in nats."""
+  nll_B = vae.bernoulli_nll(outputs['recon_logits'], x_BxHxWxC)
+  sums = {'recon_nll': jnp.sum(nll_B * mask_B),
+          'recon_sq_err': jnp.sum(vae.recon_sq_err(outputs['recon_logits'], x_BxHxWxC) * mask_B),
+          'count': jnp.sum(mask_B)}
+  loss_B = nll_B
+  if with_kl:
+    kl_B = vae.kl_divergence(outputs['mean'], outputs['logvar'])
+    sums['kl'] = jnp.sum(kl_B * mask_B)
+    loss_B = nll_B + kl_B
+  loss_sum = jnp.sum(loss_B * mask_B)
+  return loss_sum, {'loss': loss_sum, **sums}
+
+
+# Which data task and which models each loss needs (the model list: None = any).
+_NEEDS = {
+    'xent': (('classification', 'lm'), None),
+    'mse': (('regression',), None),
+    'elbo': (('classification', 'regression'), ('vae',)),
+    'recon': (('classification', 'regression'), ('autoencoder', 'vae')),
+}
+
+
+def check(train_cfg, task: str, data_name: str, model_name: str) -> None:
+  """Raises a one-line ConfigError unless `train.loss` fits the data and the model."""
+  tasks, model_names = _NEEDS[train_cfg.loss]
+  if task not in tasks:
+    hint = {'lm': 'text data needs train.loss=xent',
+            'regression': 'real-valued targets need train.loss=mse',
+            'classification': 'class labels need train.loss=xent'}[task]
+    raise ConfigError(f'train.loss={train_cfg.loss} does not fit data.name={data_name} ({hint})')
+  if model_names and model_name not in model_names:
+    raise ConfigError(f"train.loss={train_cfg.loss} needs model.name in "
+                      f"{', '.join(model_names)}, got {model_name}")
+  if model_name in ('vae', 'autoencoder') and train_cfg.loss not in ('elbo', 'recon'):
+    raise ConfigError(f'model.name={model_name} reconstructs its input: use train.loss=elbo '
+                      'or recon')
+  if task == 'lm' and (train_cfg.class_weights or train_cfg.balance_classes):
+    raise ConfigError('train.class_weights, train.balance_classes: not for language models')
 
 
 def build(train_cfg, class_weights: jnp.ndarray | None) -> Callable:
@@ -47,18 +105,34 @@ def build(train_cfg, class_weights: jnp.ndarray | None) -> Callable:
       return cross_entropy(outputs, batch['y'], batch['mask'], label_smoothing=smoothing,
                            class_weights_K=class_weights)
     return loss_fn
+  if train_cfg.loss in ('elbo', 'recon'):
+    with_kl = train_cfg.loss == 'elbo'
+
+    def loss_fn(outputs, batch):
+      return negative_elbo(outputs, batch['x'], batch['mask'], with_kl=with_kl)
+    return loss_fn
 
   def loss_fn(outputs, batch):
     return mean_squared_error(outputs, batch['y'], batch['mask'])
   return loss_fn
 
 
+_RENAMES = {'correct': 'accuracy', 'recon_sq_err': 'recon_mse'}
+
+
 def finalize(sums: dict[str, float], task: str, y_std: float = 1.0) -> dict[str, float]:
-  """Host-side means from summed metrics: loss, accuracy (classification), mse (regression)."""
+  """Host-side means from summed metrics.
+
+  Every sum becomes a mean per counted example (per position for language models): loss,
+  accuracy, and for reconstructions recon_nll, recon_mse (per pixel), kl and elbo (a VAE). Regression
+  adds mse in the targets' original units, language models bits_per_byte.
+  """
   n = max(sums['count'], 1.0)
-  out = {'loss': sums['loss'] / n}
-  if task == 'classification':
-    out['accuracy'] = sums['correct'] / n
-  else:
+  out = {_RENAMES.get(k, k): v / n for k, v in sums.items() if k not in ('count', 'grad_norm')}
+  if 'kl' in sums:
+    out['elbo'] = -(sums['recon_nll'] + sums['kl']) / n
+  if task == 'regression':
     out['mse'] = out['loss'] * y_std ** 2  # In the targets' original units.
+  if task == 'lm':
+    out['bits_per_byte'] = out['loss'] / math.log(2)
   return out

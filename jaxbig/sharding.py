@@ -27,6 +27,10 @@ RULES = (
     ('classes', None),
     ('conv_in', 'fsdp'),
     ('conv_out', 'tensor'),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('layers', None),
 )
 
 

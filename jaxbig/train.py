@@ -52,10 +52,12 @@ class Setup:
   shardings: Any  # TrainState of NamedShardings.
 
 
-def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple) -> TrainState:
+def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple,
+          tokens: bool) -> TrainState:
   params_rng, dropout_rng, rng = jax.random.split(rng, 3)
-  x = jnp.zeros((1, *input_shape), jnp.float32)
-  variables = model.init({'params': params_rng, 'dropout': dropout_rng}, x, train=False)
+  x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
+  variables = model.init({'params': params_rng, 'dropout': dropout_rng, 'sample': dropout_rng},
+                         x, train=False)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
@@ -79,12 +81,7 @@ def setup(config, devices=None) -> Setup:
   """Builds data, mesh, model, optimizer and the abstract state; raises ConfigError on bad input."""
   data = data_lib.build(config.data, config.seed)
   meta = data.meta
-  if config.train.loss == 'xent' and meta.task != 'classification':
-    raise ConfigError(f'train.loss=xent needs class labels; data.name={config.data.name} '
-                      'has real-valued targets (use train.loss=mse)')
-  if config.train.loss == 'mse' and meta.task != 'regression':
-    raise ConfigError(f'train.loss=mse needs real-valued targets; data.name={config.data.name} '
-                      'has class labels (use train.loss=xent)')
+  losses.check(config.train, meta.task, config.data.name, config.model.name)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
                        'data.batch_size / train.accum_steps')
@@ -95,10 +92,11 @@ def setup(config, devices=None) -> Setup:
   except ValueError as e:  # The builders name the field; make it a one-line config error.
     raise ConfigError(str(e)) from None
   weights = None
-  if meta.task == 'classification':
+  if meta.task == 'classification' and config.train.loss == 'xent':
     weights = class_weights(config.train, data.splits['train'][1], meta.num_classes)
   loss_fn = losses.build(config.train, weights)
-  init = functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape)
+  init = functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape,
+                           tokens=meta.vocab_size > 0)
   try:
     abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
   except (TypeError, ValueError) as e:
@@ -114,7 +112,8 @@ def setup(config, devices=None) -> Setup:
 
 def init_state(s: Setup) -> TrainState:
   """A fresh state, each leaf created directly with its sharding."""
-  init = functools.partial(_init, model=s.model, tx=s.tx, input_shape=s.data.meta.input_shape)
+  init = functools.partial(_init, model=s.model, tx=s.tx, input_shape=s.data.meta.input_shape,
+                           tokens=s.data.meta.vocab_size > 0)
   init_unboxed = lambda rng: nn.meta.unbox(init(rng))
   rng = jax.random.key_data(jax.random.key(s.config.seed))
   return jax.jit(init_unboxed, out_shardings=s.shardings)(rng)
@@ -126,11 +125,18 @@ def abstract_state(s: Setup) -> TrainState:
 
 
 def _forward(model, params, batch_stats, x, *, train: bool, rng=None):
-  """Model outputs and (in training) the updated BatchNorm statistics."""
+  """Model outputs and (in training) the updated BatchNorm statistics.
+
+  `rng` drives dropout and a VAE's latent samples; without it (evaluation) samples come
+  from a fixed key, so evaluation is deterministic.
+  """
   variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
-  rngs = {'dropout': rng} if rng is not None else None
+  if rng is None:
+    rngs = {'sample': jax.random.key(0)}
+  else:
+    rngs = {'dropout': rng, 'sample': jax.random.fold_in(rng, 1)}
   if train and batch_stats:
     out, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=['batch_stats'])
     return out, updates['batch_stats']
@@ -147,7 +153,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
     out, batch_stats = _forward(model, params, batch_stats, micro['x'], train=True,
                                 rng=micro_rng)
     loss_sum, sums = loss_fn(out, micro)
-    return loss_sum / micro['x'].shape[0], (sums, batch_stats)
+    # Mean per counted example, or per position for a language model.
+    return loss_sum / sums['count'], (sums, batch_stats)
 
   grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
   if accum_steps == 1:
@@ -222,6 +229,8 @@ def evaluate(s: Setup, eval_fn: Callable, state: TrainState, split: str) -> dict
   sums = [eval_fn(state, jax.device_put(b, batch_sh)) for b in s.data.eval_batches(split)]
   totals = {k: float(sum(np.asarray(x[k]) for x in jax.device_get(sums))) for k in sums[0]}
   out = losses.finalize(totals, s.data.meta.task, s.data.meta.y_std)
+  if s.data.meta.task == 'lm':
+    out['unigram_bits_per_byte'] = s.data.unigram_bits_per_byte(split)
   if s.data.meta.task == 'regression':
     out['mse_vs_mean'] = out['mse'] / s.data.baseline_mse(split)
     out['mse_vs_linear'] = out['mse'] / s.data.baseline_linear_mse(split)
@@ -283,7 +292,7 @@ def _train_scalars(pending: list[dict], task: str) -> dict[str, float]:
   fetched = jax.device_get(pending)
   totals = {k: float(sum(np.asarray(m[k]) for m in fetched)) for k in fetched[0]}
   out = {f'train/{k}': v for k, v in losses.finalize(totals, task).items()
-         if k in ('loss', 'accuracy')}
+         if k in ('loss', 'accuracy', 'bits_per_byte', 'elbo')}
   out['grad_norm'] = totals['grad_norm'] / len(fetched)
   return out
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxbig.config import ConfigError
-from jaxbig.data import sources
+from jaxbig.data import sources, text
 
 SPLITS = ('train', 'val', 'test')
 
@@ -34,6 +34,7 @@ class DataMeta:
   x_std: np.ndarray | float = 1.0
   y_mean: float = 0.0
   y_std: float = 1.0
+  vocab_size: int = 0  # Token inputs (int32) when > 0; float inputs otherwise.
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -72,7 +73,10 @@ def _stats(x: np.ndarray, mode: str) -> tuple:
     return float(x.mean()), float(x.std() + 1e-6)
   if mode == 'feature':
     return x.mean(0), x.std(0) + 1e-6
-  raise ConfigError(f"data.normalize: unknown mode '{mode}'; choose from none, global, feature")
+  if mode == 'minmax':  # Into [0, 1], e.g. pixels as Bernoulli probabilities for a VAE.
+    return float(x.min()), float(x.max() - x.min() + 1e-6)
+  raise ConfigError(f"data.normalize: unknown mode '{mode}'; "
+                    'choose from none, global, feature, minmax')
 
 
 class _Gather(grain.transforms.Map):
@@ -205,6 +209,11 @@ def save_iter_state(it: grain.DatasetIterator) -> dict:
   return json.loads(json.dumps(it.get_state()))
 
 
-def build(cfg, seed: int) -> Data:
+TEXT_SOURCES = ('stdlib', 'text')
+
+
+def build(cfg, seed: int) -> 'Data | text.TextData':
   """Loads and splits the data named by the `data` section of a config."""
+  if cfg.name in TEXT_SOURCES:
+    return text.TextData(cfg, seed)
   return Data(cfg, seed)

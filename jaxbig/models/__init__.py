@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
+from jaxbig.models import rnn, transformer, vae
 from jaxbig.models.cnn import CNN
 from jaxbig.models.mlp import MLP
 from jaxbig.models.resnet import ResNet18, ResNet34, ResNet50, ResNetTiny
@@ -19,8 +20,10 @@ from jaxbig.models.resnet import ResNet18, ResNet34, ResNet50, ResNetTiny
 class DataMeta(Protocol):
   """The fields of `jaxbig.data.DataMeta` that a model factory reads."""
 
-  input_shape: tuple  # Per example, e.g. (8, 8, 1) or (10,).
+  input_shape: tuple  # Per example, e.g. (8, 8, 1), (10,) or (seq_len,) tokens.
   num_outputs: int
+  task: str  # 'lm' makes sequence models language models; otherwise they classify.
+  vocab_size: int  # > 0: inputs are int tokens.
 
 
 Factory = Callable[[ml_collections.ConfigDict, DataMeta, Any], nn.Module]
@@ -62,6 +65,56 @@ def _resnet(size: Callable[..., nn.Module]) -> Factory:
   return factory
 
 
+def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+  """A decoder LM on text, an encoder classifier on anything else."""
+  common = dict(
+      width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+      max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout, attention=cfg.attention,
+      remat=cfg.remat, scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype)
+  if cfg.width % cfg.heads:
+    raise ValueError(f'model.width ({cfg.width}) must be divisible by model.heads ({cfg.heads})')
+  if cfg.pos not in ('rope', 'learned'):
+    raise ValueError(f"model.pos: unknown '{cfg.pos}'; choose from rope, learned")
+  if cfg.attention not in ('xla', 'cudnn', 'auto'):
+    raise ValueError(f"model.attention: unknown '{cfg.attention}'; choose from xla, cudnn, auto")
+  if meta.task == 'lm':
+    return transformer.TransformerLM(vocab_size=meta.vocab_size,
+                                     tie_embeddings=cfg.tie_embeddings, **common)
+  return transformer.TransformerClassifier(num_outputs=meta.num_outputs,
+                                           vocab_size=meta.vocab_size, **common)
+
+
+def _rnn(cell: str) -> Factory:
+  """Returns a factory for an LSTM or GRU: an LM on text, a classifier otherwise."""
+
+  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+    common = dict(cell=cell, hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout,
+                  init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
+    if meta.task == 'lm':
+      if cfg.bidirectional:
+        raise ValueError('model.bidirectional: a language model must not see the future')
+      return rnn.RNNLM(vocab_size=meta.vocab_size, embed_dim=cfg.embed_dim,
+                       tie_embeddings=cfg.tie_embeddings, **common)
+    if cfg.pool not in ('last', 'mean'):
+      raise ValueError(f"model.pool: unknown '{cfg.pool}'; choose from last, mean")
+    return rnn.RNNClassifier(num_outputs=meta.num_outputs, vocab_size=meta.vocab_size,
+                             bidirectional=cfg.bidirectional, pool=cfg.pool, **common)
+
+  return factory
+
+
+def _autoencoder(variational: bool) -> Factory:
+  """Returns a factory for the autoencoder or the VAE."""
+
+  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+    _needs_image(cfg, meta)
+    cls = vae.VAE if variational else vae.AutoEncoder
+    return cls(input_shape=tuple(meta.input_shape), widths=tuple(cfg.widths), latent=cfg.latent,
+               init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
+
+  return factory
+
+
 _FACTORIES: dict[str, Factory] = {
     'cnn': _cnn,
     'mlp': _mlp,
@@ -69,7 +122,14 @@ _FACTORIES: dict[str, Factory] = {
     'resnet34': _resnet(ResNet34),
     'resnet50': _resnet(ResNet50),
     'resnet_tiny': _resnet(ResNetTiny),
+    'transformer': _transformer,
+    'lstm': _rnn('lstm'),
+    'gru': _rnn('gru'),
+    'autoencoder': _autoencoder(variational=False),
+    'vae': _autoencoder(variational=True),
 }
+# Models that generate text: `jaxbig generate` runs them with decode=True.
+LANGUAGE_MODELS = frozenset({'transformer', 'lstm', 'gru'})
 MODELS = tuple(_FACTORIES)
 _WITH_BATCH_STATS = frozenset({'resnet18', 'resnet34', 'resnet50', 'resnet_tiny'})
 
@@ -84,12 +144,18 @@ def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float
   """Returns the module named by `cfg.name`, computing in `dtype` with float32 params."""
   _check_name(cfg.name)
   _check_sizes(cfg)
-  return _FACTORIES[cfg.name](cfg, meta, dtype)
+  try:
+    return _FACTORIES[cfg.name](cfg, meta, dtype)
+  except AttributeError as e:  # ConfigDict: a field this model needs is not declared.
+    field = str(e).strip('"\'')
+    raise ValueError(f"model.{field}: model.name={cfg.name} needs this field; the experiment's "
+                     'model section does not declare it') from None
 
 
 def _check_sizes(cfg: ml_collections.ConfigDict) -> None:
   """Widths must be positive and dropout a probability, whichever model declares them."""
-  for field in ('features', 'widths', 'hidden', 'width'):
+  for field in ('features', 'widths', 'hidden', 'width', 'depth', 'heads', 'max_len', 'latent',
+                'mlp_ratio'):
     if field in cfg:
       values = cfg[field] if isinstance(cfg[field], (tuple, list)) else (cfg[field],)
       if not values or any(v <= 0 for v in values):

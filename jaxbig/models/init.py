@@ -11,6 +11,16 @@ Every parameter is created through `logical(init, names)`, so `model.init` retur
   'conv_out'   output channels of a conv kernel, its bias, and BatchNorm scale/bias
   None         spatial axes of a conv kernel (never sharded)
 
+Sequence models add:
+
+  'vocab'      the byte/token vocabulary (embedding rows, LM logits)
+  'heads'      attention heads
+  'kv'         features per attention head (never sharded)
+  'layers'     the stacked-layer axis that `nn.scan` over layers adds (never sharded)
+
+and use 'embed' for the model width (residual stream, RNN inputs), 'mlp' for hidden units
+(feed-forward inner width, RNN gates).
+
 So: hidden dense kernel ('embed', 'mlp'), bias ('mlp',); output kernel ('mlp', 'classes'),
 bias ('classes',); conv kernel (None, None, 'conv_in', 'conv_out'), bias ('conv_out',);
 BatchNorm scale and bias ('conv_out',). BatchNorm running statistics ('batch_stats') are
@@ -38,6 +48,13 @@ OUT_BIAS = ('classes',)
 CONV_KERNEL = (None, None, 'conv_in', 'conv_out')
 CONV_BIAS = ('conv_out',)
 NORM = ('conv_out',)
+EMBED_TABLE = ('vocab', 'embed')
+LOGITS_KERNEL = ('embed', 'vocab')
+QKV_KERNEL = ('embed', 'heads', 'kv')  # DenseGeneral: width -> (heads, head features).
+ATTN_OUT_KERNEL = ('heads', 'kv', 'embed')
+MLP_IN_KERNEL = ('embed', 'mlp')
+MLP_OUT_KERNEL = ('mlp', 'embed')
+EMBED_NORM = ('embed',)  # Norm scale/bias over the model width.
 
 
 def initializer(name: str, std: float = 0.02) -> jax.nn.initializers.Initializer:

@@ -1,0 +1,85 @@
+"""A byte-level GPT (decoder-only Transformer) on the Python standard library's source code.
+
+Command:   jaxbig train experiments/gpt_stdlib.py [key=value ...]
+           jaxbig generate WORKDIR --prompt "def " --tokens 200
+Smoke:     jaxbig train experiments/gpt_stdlib.py:smoke   (a few steps, for tests)
+Hardware:  any CPU; sized for 2 cores and 10 minutes.
+Wall time: TBD
+Expected:  TBD
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Parameter init, dropout and the training windows all derive from this.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'stdlib'  # stdlib (this Python's standard library) | text (data.path).
+  c.data.path = ''  # A UTF-8 text file or a folder of them when name=text.
+  c.data.pattern = ''  # File-name pattern in folders ('' : *.py for stdlib, * for text).
+  c.data.split_seed = 0  # Unused by text (files are split by a hash of their path).
+  c.data.val_fraction = 0.05  # Share of files held out for validation.
+  c.data.test_fraction = 0.05  # Share of files held out for the final test.
+  c.data.seq_len = 128  # Bytes per training window (the model sees up to this much context).
+  c.data.batch_size = 32  # Windows per step.
+  c.data.eval_batch_size = 64  # Windows per evaluation batch.
+  c.data.eval_windows = 512  # Windows per evaluation, spread evenly over the split.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'transformer'  # transformer | lstm | gru (an LM on text data).
+  c.model.width = 192  # Residual stream width.
+  c.model.depth = 3  # Transformer blocks.
+  c.model.heads = 6  # Attention heads (width / heads features each).
+  c.model.mlp_ratio = 4  # Feed-forward width as a multiple of width.
+  c.model.max_len = 256  # Longest sequence (positions, and the KV cache for generation).
+  c.model.pos = 'rope'  # rope (rotary) | learned (a table of max_len positions).
+  c.model.dropout = 0.0  # Residual dropout.
+  c.model.attention = 'auto'  # xla | cudnn (NVIDIA GPUs, bf16/fp16) | auto (let JAX pick).
+  c.model.remat = False  # Recompute block activations in the backward pass (saves memory).
+  c.model.scan_layers = False  # One compiled block scanned over depth (faster compiles).
+  c.model.tie_embeddings = True  # Logits from the byte embedding table.
+  c.model.init_std = 0.02  # Standard deviation of the normal weight initialiser.
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.name = 'adamw'  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw | lion.
+  c.opt.lr = 3e-3  # Peak learning rate.
+  c.opt.momentum = 0.9  # Momentum (momentum, nesterov) or decay (rmsprop).
+  c.opt.b1 = 0.9  # Adam/Lion first-moment decay.
+  c.opt.b2 = 0.95  # Adam/Lion second-moment decay.
+  c.opt.eps = 1e-8  # Adam epsilon.
+  c.opt.weight_decay = 0.1  # Decoupled weight decay (kernels and embeddings, not norms).
+  c.opt.l1 = 0.0  # L1 penalty added to the gradient (kernels only).
+  c.opt.l2 = 0.0  # L2 penalty added to the gradient (kernels only).
+  c.opt.clip_norm = 1.0  # Global gradient-norm clipping (0: off).
+  c.opt.schedule = 'cosine'  # constant | cosine | linear, after the warmup.
+  c.opt.warmup_steps = 100  # Linear warmup from 0 to lr.
+  c.opt.end_lr_factor = 0.1  # Final learning rate as a fraction of lr.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1500  # Optimizer updates.
+  c.train.accum_steps = 1  # Micro-batches per update (gradient accumulation).
+  c.train.loss = 'xent'  # Next-byte cross-entropy.
+  c.train.label_smoothing = 0.0  # Cross-entropy label smoothing.
+  c.train.class_weights = (0.0,) * 0  # Not for language models; keep empty.
+  c.train.balance_classes = False  # Not for language models.
+  c.train.log_every = 50  # Steps between metric lines (metrics.jsonl, TensorBoard).
+  c.train.eval_every = 500  # Steps between validation evaluations (0: only at the end).
+  c.train.ckpt_every = 500  # Steps between checkpoints (0: only at the end).
+  c.train.keep_checkpoints = 2  # Newest checkpoints kept.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # Data-parallel devices (-1: all that remain).
+  c.mesh.fsdp = 1  # Devices sharding parameters and batch (fully sharded data parallel).
+  c.mesh.tensor = 1  # Devices sharding heads and hidden units (tensor parallel).
+
+  if arg == 'smoke':  # Seconds, for tests and a first look.
+    c.model.width, c.model.depth, c.model.heads, c.model.max_len = 32, 2, 4, 64
+    c.data.seq_len, c.data.batch_size, c.data.eval_batch_size = 32, 8, 16
+    c.data.eval_windows = 32
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every = 20, 5, 10, 10
+    c.opt.warmup_steps = 2
+  elif arg:
+    raise ValueError(f"unknown variant '{arg}'; the only one is 'smoke'")
+  return c

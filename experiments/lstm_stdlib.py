@@ -1,0 +1,43 @@
+"""A byte-level LSTM language model on the Python standard library's source code.
+
+Same data and metric as gpt_stdlib.py; `model.name=gru` swaps the cell.
+
+Command:   jaxbig train experiments/lstm_stdlib.py [key=value ...]
+           jaxbig generate WORKDIR --prompt "def " --tokens 200
+Smoke:     jaxbig train experiments/lstm_stdlib.py:smoke   (a few steps, for tests)
+Hardware:  any CPU; sized for 2 cores and 10 minutes.
+Wall time: TBD
+Expected:  TBD
+"""
+
+import ml_collections
+
+import gpt_stdlib
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  c = gpt_stdlib.get_config()
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'lstm'  # lstm | gru.
+  c.model.hidden = 256  # Units per layer.
+  c.model.depth = 1  # Stacked layers.
+  c.model.embed_dim = 64  # Byte embedding width (0: hidden).
+  c.model.dropout = 0.0  # Dropout between layers and before the logits.
+  c.model.bidirectional = False  # Must stay False for a language model.
+  c.model.pool = 'last'  # Classifiers only: last | mean over time.
+  c.model.tie_embeddings = False  # Logits from the embedding table (needs embed_dim = hidden).
+  c.model.init = 'lecun'  # Kernel initialiser: normal | glorot | he | lecun.
+  c.model.init_std = 0.02  # Standard deviation when init=normal.
+  c.opt.lr = 3e-3
+  c.opt.weight_decay = 0.0
+  c.train.steps = 1500
+
+  if arg == 'smoke':
+    c.model.hidden, c.model.embed_dim = 32, 16
+    c.data.seq_len, c.data.batch_size, c.data.eval_batch_size = 32, 8, 16
+    c.data.eval_windows = 32
+    c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every = 20, 5, 10, 10
+    c.opt.warmup_steps = 2
+  elif arg:
+    raise ValueError(f"unknown variant '{arg}'; the only one is 'smoke'")
+  return c

@@ -1,0 +1,192 @@
+"""Text as UTF-8 bytes (vocabulary 256, no tokenizer): files -> split by path -> byte windows.
+
+Sources: `data.name=stdlib` reads the `.py` files of the running interpreter's standard
+library (real text on every machine; site-packages excluded), `data.name=text` reads
+`data.path`, a file or a folder searched recursively for `data.pattern`.
+
+Each file goes to test, val or train by a hash of its path relative to the root, so a file's
+split never depends on which other files exist; a single file is cut into consecutive byte
+ranges instead. Files of a split are concatenated in path order.
+
+Training draws `data.batch_size` windows of `seq_len + 1` bytes at uniformly random offsets
+from a grain pipeline (seeded, its position checkpointed like every jaxbig iterator); `x` is
+the first `seq_len` bytes, `y` the next-byte targets. Evaluation reads up to
+`data.eval_windows` non-overlapping windows spread evenly over the split.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import sysconfig
+import zlib
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from jaxbig.config import ConfigError
+
+VOCAB_SIZE = 256  # Bytes.
+
+
+def stdlib_root() -> str:
+  """The folder of the running interpreter's standard library."""
+  return sysconfig.get_paths()['stdlib']
+
+
+def _list_files(root: str, pattern: str) -> list[str]:
+  """Relative paths of files under `root` matching `pattern`, sorted, site-packages excluded."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames
+                         if d not in ('site-packages', 'dist-packages', '__pycache__'))
+    for name in filenames:
+      if fnmatch.fnmatch(name, pattern):
+        out.append(os.path.relpath(os.path.join(dirpath, name), root))
+  return sorted(out)
+
+
+def _hash_unit(relpath: str) -> float:
+  """A fixed number in [0, 1) for a path, the same on every machine."""
+  return zlib.crc32(relpath.replace(os.sep, '/').encode()) / 2**32
+
+
+def _is_utf8(data: bytes) -> bool:
+  try:
+    data.decode('utf-8')
+    return True
+  except UnicodeDecodeError:
+    return False
+
+
+def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict]:
+  """Bytes of the train/val/test splits as uint8 arrays, and facts about the files read."""
+  if cfg.name == 'stdlib':
+    root, pattern = stdlib_root(), cfg.pattern or '*.py'
+  else:
+    if not cfg.path:
+      raise ConfigError('data.path: required when data.name=text (a text file or a folder)')
+    if not os.path.exists(cfg.path):
+      raise ConfigError(f'data.path: not found: {cfg.path}')
+    root, pattern = cfg.path, cfg.pattern or '*'
+  fractions = {'test': cfg.test_fraction, 'val': cfg.val_fraction}
+  if os.path.isfile(root):
+    data = open(root, 'rb').read()
+    if not data:
+      raise ConfigError(f'data.path: {root} is empty')
+    if not _is_utf8(data):
+      raise ConfigError(f'data.path: {root} is not UTF-8 text')
+    n = len(data)
+    n_train = int(n * (1 - fractions['val'] - fractions['test']))
+    n_val = int(n * fractions['val'])
+    cuts = {'train': data[:n_train], 'val': data[n_train:n_train + n_val],
+            'test': data[n_train + n_val:]}
+    splits = {k: np.frombuffer(v, np.uint8) for k, v in cuts.items()}
+    return splits, {'files': {'train': 1, 'val': 1, 'test': 1}, 'skipped': 0}
+  paths = _list_files(root, pattern)
+  parts = {'train': [], 'val': [], 'test': []}
+  skipped = 0
+  for rel in paths:
+    data = open(os.path.join(root, rel), 'rb').read()
+    if not data:
+      continue
+    if not _is_utf8(data):  # Binary or other encodings: not text for a byte model.
+      skipped += 1
+      continue
+    u = _hash_unit(rel)
+    split = ('test' if u < fractions['test'] else
+             'val' if u < fractions['test'] + fractions['val'] else 'train')
+    parts[split].append(data)
+  if not any(parts.values()):
+    raise ConfigError(f"data.path: no non-empty UTF-8 files matching '{pattern}' under {root}")
+  total = sum(map(len, parts.values()))
+  if not parts['train']:
+    raise ConfigError(f'data.val_fraction/data.test_fraction: no file of {root} is left for '
+                      f'training ({total} files)')
+  for split, fraction in fractions.items():
+    if fraction > 0 and not parts[split]:
+      raise ConfigError(f'data.{split}_fraction: no file of {root} fell into the {split} split '
+                        f'({total} files); use more files or another fraction')
+  splits = {k: np.frombuffer(b''.join(v), np.uint8) for k, v in parts.items()}
+  return splits, {'files': {k: len(v) for k, v in parts.items()}, 'skipped': skipped}
+
+
+class _Windows(grain.transforms.RandomMap):
+  """A batch of indices -> a batch of random windows of the byte stream."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int):
+    self.tokens, self.seq_len = tokens, seq_len
+
+  def random_map(self, idx, rng: np.random.Generator):
+    starts = rng.integers(0, len(self.tokens) - self.seq_len, size=len(idx))
+    windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
+    return {'x': windows[:, :-1], 'y': windows[:, 1:]}
+
+
+class TextData:
+  """Byte-level language-modelling data with the interface of `jaxbig.data.Data`."""
+
+  def __init__(self, cfg, seed: int):
+    from jaxbig.data import DataMeta  # Circular otherwise.
+    if cfg.seq_len <= 0:
+      raise ConfigError(f'data.seq_len must be > 0, got {cfg.seq_len}')
+    if cfg.eval_windows <= 0:
+      raise ConfigError(f'data.eval_windows must be > 0, got {cfg.eval_windows}')
+    for name in ('val_fraction', 'test_fraction'):
+      if not 0.0 <= cfg[name] < 1.0:
+        raise ConfigError(f'data.{name} must be in [0, 1), got {cfg[name]}')
+    if cfg.val_fraction + cfg.test_fraction >= 1.0:
+      raise ConfigError('data.val_fraction + data.test_fraction must be < 1')
+    self.splits, self.files = load_splits(cfg)
+    for split, tokens in self.splits.items():
+      if len(tokens) and len(tokens) <= cfg.seq_len:
+        raise ConfigError(f'data.seq_len ({cfg.seq_len}) must be shorter than the {split} '
+                          f'split ({len(tokens)} bytes)')
+    if len(self.splits['train']) == 0:
+      raise ConfigError('data.val_fraction/data.test_fraction leave no training text')
+    self.meta = DataMeta(
+        input_shape=(cfg.seq_len,), num_outputs=VOCAB_SIZE, task='lm', num_classes=VOCAB_SIZE,
+        sizes={k: len(v) for k, v in self.splits.items()}, vocab_size=VOCAB_SIZE)
+    self.cfg, self.seed = cfg, seed
+
+  def train_iter(self) -> grain.DatasetIterator:
+    """An endless, seeded, checkpointable iterator of {'x', 'y'} int32 (batch, seq_len)."""
+    tokens = self.splits['train']
+    per_epoch = max(len(tokens) // self.cfg.seq_len // self.cfg.batch_size, 1)
+    ds = (grain.MapDataset.range(per_epoch * self.cfg.batch_size).repeat()
+          .batch(self.cfg.batch_size, drop_remainder=True)
+          .random_map(_Windows(tokens, self.cfg.seq_len), seed=self.seed))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+  def batch_spec(self, size: int, with_mask: bool) -> dict:
+    """Shapes and dtypes of a batch of `size` windows."""
+    shape = (size, self.cfg.seq_len)
+    spec = {'x': jax.ShapeDtypeStruct(shape, np.int32), 'y': jax.ShapeDtypeStruct(shape, np.int32)}
+    if with_mask:
+      spec['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
+    return spec
+
+  def eval_windows(self, split: str) -> np.ndarray:
+    """Up to `eval_windows` non-overlapping (seq_len + 1)-byte windows, evenly spread."""
+    tokens, length = self.splits[split], self.cfg.seq_len
+    count = (len(tokens) - 1) // length
+    picks = np.unique(np.linspace(0, count - 1, min(count, self.cfg.eval_windows)).astype(int))
+    return np.stack([tokens[i * length:i * length + length + 1] for i in picks]).astype(np.int32)
+
+  def eval_batches(self, split: str) -> Iterator[dict]:
+    """The split's evaluation windows in padded batches with a 0/1 `mask` per window."""
+    windows, bs = self.eval_windows(split), self.cfg.eval_batch_size
+    for start in range(0, len(windows), bs):
+      w = windows[start:start + bs]
+      pad = bs - len(w)
+      mask = np.concatenate([np.ones(len(w), np.float32), np.zeros(pad, np.float32)])
+      w = np.concatenate([w, np.zeros((pad, w.shape[1]), np.int32)])
+      yield {'x': w[:, :-1], 'y': w[:, 1:], 'mask': mask}
+
+  def unigram_bits_per_byte(self, split: str) -> float:
+    """Bits per byte of the training split's byte frequencies on `split`: the bar to clear."""
+    counts = np.bincount(self.splits['train'], minlength=VOCAB_SIZE) + 1.0
+    log_p = np.log2(counts / counts.sum())
+    return float(-log_p[self.eval_windows(split)[:, 1:]].mean())

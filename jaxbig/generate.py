@@ -1,0 +1,100 @@
+"""Sampling text from a trained byte language model.
+
+The model runs in decode mode (`decode=True`): its 'cache' collection holds what the next
+step needs (the Transformer's keys and values, the RNN's carries), so the prompt is read
+once and every new byte costs one single-position step. The whole loop is one jitted
+`lax.scan`. Shapes: B batch (1 here), P prompt length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxbig import models
+from jaxbig.config import ConfigError
+
+
+def encode_prompt(prompt: str, vocab_size: int) -> np.ndarray:
+  """The prompt's UTF-8 bytes as int32 tokens; a one-line error for prompts the model can't read."""
+  if not prompt:
+    raise ConfigError('--prompt: must not be empty (the model needs at least one byte)')
+  try:
+    data = prompt.encode('utf-8')
+  except UnicodeEncodeError as e:
+    raise ConfigError(f'--prompt: not valid UTF-8 text ({e.reason} at character {e.start})') \
+        from None
+  tokens = np.frombuffer(data, np.uint8).astype(np.int32)
+  if tokens.max() >= vocab_size:
+    raise ConfigError(f'--prompt: byte {tokens.max()} is outside the model vocabulary '
+                      f'(0..{vocab_size - 1})')
+  return tokens
+
+
+def pick(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
+  """Next tokens: argmax at temperature 0, else a sample from the (top-k) softened softmax."""
+  if temperature == 0:
+    return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
+  logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+  if top_k:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+  return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
+
+
+def sample(model: nn.Module, params, prompt_P: np.ndarray, num_tokens: int, *,
+           temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> np.ndarray:
+  """`num_tokens` new tokens after the prompt, decoded with the model's cache."""
+  decoder = model.clone(decode=True)
+  cache_len = getattr(model, 'max_len', 1)
+  cache = decoder.init(jax.random.key(0), jnp.zeros((1, cache_len), jnp.int32),
+                       train=False)['cache']
+
+  def step(params, cache, tokens_BxT):
+    logits_BxTxV, new = decoder.apply({'params': params, 'cache': cache}, tokens_BxT,
+                                      train=False, mutable=['cache'])
+    return new['cache'], logits_BxTxV[:, -1]
+
+  @jax.jit
+  def run(params, cache, prompt_BxP, rng):
+    cache, logits_BxV = step(params, cache, prompt_BxP)
+
+    def body(carry, key):
+      cache, logits_BxV = carry
+      token_B = pick(logits_BxV, key, temperature, top_k)
+      cache, logits_BxV = step(params, cache, token_B[:, None])
+      return (cache, logits_BxV), token_B[0]
+
+    _, tokens = jax.lax.scan(body, (cache, logits_BxV), jax.random.split(rng, num_tokens))
+    return tokens
+
+  tokens = run(params, cache, jnp.asarray(prompt_P)[None], jax.random.key(seed))
+  return np.asarray(tokens)
+
+
+def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0) -> str:
+  """The prompt followed by `num_tokens` sampled bytes, as text (bad UTF-8 replaced)."""
+  from jaxbig import inference
+  if num_tokens <= 0:
+    raise ConfigError(f'--tokens must be > 0, got {num_tokens}')
+  if temperature < 0:
+    raise ConfigError(f'--temperature must be >= 0, got {temperature}')
+  s, state, _, meta = inference.load(workdir)
+  cfg = s.config
+  if meta.task != 'lm' or cfg.model.name not in models.LANGUAGE_MODELS:
+    raise ConfigError(f'{workdir}: generate needs a language model; this run trained '
+                      f'model.name={cfg.model.name} on data.name={cfg.data.name}')
+  if not 0 <= top_k <= meta.vocab_size:
+    raise ConfigError(f'--top-k must be in 0..{meta.vocab_size}, got {top_k}')
+  prompt_P = encode_prompt(prompt, meta.vocab_size)
+  max_len = getattr(s.model, 'max_len', None)
+  if max_len is not None and len(prompt_P) + num_tokens > max_len:
+    raise ConfigError(f'--tokens: the prompt ({len(prompt_P)} bytes) + --tokens ({num_tokens}) '
+                      f'exceeds model.max_len ({max_len})')
+  new = sample(s.model, state.params, prompt_P, num_tokens, temperature=temperature,
+               top_k=top_k, seed=seed)
+  return (prompt_P.astype(np.uint8).tobytes() + new.astype(np.uint8).tobytes()).decode(
+      'utf-8', errors='replace')

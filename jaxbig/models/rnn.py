@@ -1,0 +1,357 @@
+"""Stacked LSTM and GRU: byte language models and sequence classifiers.
+
+Each layer projects its inputs for all time steps at once, outside the time loop (one
+matmul, B x L x G x N), so `jax.lax.scan` over time only does the recurrent matmul
+h @ W_h and the gate math. `step` runs one time step of the same math on its own.
+
+Cells (gate order along the G axis as in PyTorch, so weights map over one to one):
+
+  LSTM  [i, f, g, o]:  z = x W_x + b + h W_h;  c' = sig(f) c + sig(i) tanh(g);
+                       h' = sig(o) tanh(c').  Forget-gate bias starts at 1.0.
+  GRU   [r, z, n]:     the PyTorch / cuDNN form (Cho et al. 2014, v3 of the paper), with the
+                       reset gate applied after the recurrent matmul:
+                       r = sig(x W_xr + b_r + h W_hr);  u = sig(x W_xz + b_z + h W_hz);
+                       n = tanh(x W_xn + b_n + r (h W_hn + b_hn));  h' = (1 - u) n + u h.
+                       PyTorch's recurrent biases b_hr, b_hz are folded into b_r, b_z; only
+                       b_hn (`recurrent_bias`) is separate.
+
+Parameters of one layer, stored per gate so that tensor parallelism splits the hidden units
+of every gate alike and the gate math needs no communication:
+
+  input_kernel      (E, G, N)  (INPUT_KERNEL)       'embed' as for any layer input
+  recurrent_kernel  (N, G, N)  (RECURRENT_KERNEL)   input side None: h is gathered each step
+  input_bias        (G, N)     (GATE_BIAS)
+  recurrent_bias    (N,)       ('mlp',), GRU only
+
+Initialisation: `init_name`/`init_std` (see `init.initializer`; default 'lecun') for the
+input kernels and the output layer, with fans of the flat (E, G*N) matrix; recurrent kernels
+orthogonal per gate (as flax's LSTMCell); embedding normal with std 1/sqrt(E) (flax's
+nn.Embed default); biases zero, except the LSTM forget gate.
+
+Precision: matmuls in `dtype`; the recurrent matmul accumulates in float32 and the gate math
+and carries are float32; layer outputs are in `dtype`, logits float32.
+
+Sequences have no padding mask: every example is read to its full length L.
+
+Shape letters: B batch, L sequence length, T decode chunk length, E layer input features,
+N hidden units, G gates (4 LSTM, 3 GRU), V vocabulary, K outputs, F float input features,
+H height, W width, C channels.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jaxbig.models import init as inits
+
+CELLS = ('lstm', 'gru')
+POOLS = ('last', 'mean')
+_GATES = {'lstm': 4, 'gru': 3}
+# What a layer carries from step to step: LSTM cell state c and output h; GRU only h.
+CARRY_KEYS = {'lstm': ('c', 'h'), 'gru': ('h',)}
+
+INPUT_KERNEL = ('embed', None, 'mlp')
+RECURRENT_KERNEL = (None, None, 'mlp')
+GATE_BIAS = (None, 'mlp')
+RECURRENT_BIAS = ('mlp',)
+LM_LOGITS_KERNEL = inits.LOGITS_KERNEL
+
+
+def _check_cell(cell: str) -> None:
+  if cell not in CELLS:
+    raise ValueError(f"model.cell: unknown cell '{cell}'; choose from {', '.join(CELLS)}")
+
+
+def zero_carry(cell: str, batch: int, hidden: int) -> dict[str, jax.Array]:
+  """The initial carry of one layer: float32 zeros_BxN under each of CARRY_KEYS[cell]."""
+  _check_cell(cell)
+  return {k: jnp.zeros((batch, hidden), jnp.float32) for k in CARRY_KEYS[cell]}
+
+
+def project(params: dict, x_BxLxE: jax.Array, dtype: Any) -> jax.Array:
+  """The input part of every gate for all time steps: zx_BxLxGxN = x W_x + b."""
+  w_ExGxN = params['input_kernel'].astype(dtype)
+  zx_BxLxGxN = jnp.einsum('ble,egn->blgn', x_BxLxE.astype(dtype), w_ExGxN)
+  return zx_BxLxGxN + params['input_bias'].astype(dtype)
+
+
+def recur(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array,
+          dtype: Any) -> tuple[dict, jax.Array]:
+  """One time step given the projected input: returns (new carry, float32 h_BxN)."""
+  _check_cell(cell)
+  w_NxGxN = params['recurrent_kernel'].astype(dtype)
+  h_BxN = carry['h']
+  zh_BxGxN = jnp.einsum('bn,ngm->bgm', h_BxN.astype(dtype), w_NxGxN,
+                        preferred_element_type=jnp.float32)
+  zx_BxGxN = zx_BxGxN.astype(jnp.float32)
+  if cell == 'lstm':
+    z_BxGxN = zx_BxGxN + zh_BxGxN
+    i, f, g, o = (z_BxGxN[:, k] for k in range(4))
+    c_BxN = nn.sigmoid(f) * carry['c'] + nn.sigmoid(i) * jnp.tanh(g)
+    h_BxN = nn.sigmoid(o) * jnp.tanh(c_BxN)
+    return {'c': c_BxN, 'h': h_BxN}, h_BxN
+  r = nn.sigmoid(zx_BxGxN[:, 0] + zh_BxGxN[:, 0])
+  u = nn.sigmoid(zx_BxGxN[:, 1] + zh_BxGxN[:, 1])
+  hn_BxN = zh_BxGxN[:, 2] + params['recurrent_bias'].astype(jnp.float32)
+  n = jnp.tanh(zx_BxGxN[:, 2] + r * hn_BxN)
+  h_BxN = (1.0 - u) * n + u * h_BxN
+  return {'h': h_BxN}, h_BxN
+
+
+def step(cell: str, params: dict, carry: dict, x_BxE: jax.Array,
+         dtype: Any = jnp.float32) -> tuple[dict, jax.Array]:
+  """One time step of a layer with its `params` (unboxed): returns (new carry, h_BxN)."""
+  zx_BxGxN = project(params, x_BxE[:, None], dtype)[:, 0]
+  return recur(cell, params, carry, zx_BxGxN, dtype)
+
+
+def _gate_kernel_init(base: jax.nn.initializers.Initializer) -> jax.nn.initializers.Initializer:
+  """`base` applied to the flat (in, G*N) matrix, so fans are those of one dense layer."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return base(key, (shape[0], shape[1] * shape[2]), dtype).reshape(shape)
+
+  return init
+
+
+def _orthogonal_per_gate(key, shape, dtype=jnp.float32):
+  """An independent orthogonal N x N matrix for every gate of a (N, G, N) kernel."""
+  n, gates, m = shape
+  orth = lambda k: jax.nn.initializers.orthogonal()(k, (n, m), dtype)
+  # One batched QR rather than one per gate: far less for XLA to compile.
+  return jnp.swapaxes(jax.vmap(orth)(jax.random.split(key, gates)), 0, 1)
+
+
+def _gate_bias_init(cell: str):
+  """Zeros, except 1.0 for the LSTM forget gate (so early training remembers)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    bias = jnp.zeros(shape, dtype)
+    return bias.at[1].set(1.0) if cell == 'lstm' else bias
+
+  return init
+
+
+class RNNLayer(nn.Module):
+  """One recurrent layer (LSTM or GRU) scanned over time.
+
+  Attributes:
+    cell: 'lstm' or 'gru'.
+    hidden: hidden units N.
+    reverse: read the sequence from the end; output t then summarises x_t .. x_L.
+    decode: keep the carry in the 'cache' collection (see RNNLM).
+  """
+
+  cell: str
+  hidden: int
+  reverse: bool = False
+  decode: bool = False
+  init_name: str = 'lecun'
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxE: jax.Array,
+               carry: dict | None = None) -> tuple[dict, jax.Array]:
+    """Returns (final float32 carry, y_BxLxN in `dtype`); `carry` defaults to zeros."""
+    _check_cell(self.cell)
+    batch, _, features = x_BxLxE.shape
+    gates, n = _GATES[self.cell], self.hidden
+    kernel_init = _gate_kernel_init(inits.initializer(self.init_name, self.init_std))
+    params = {
+        'input_kernel': self.param(
+            'input_kernel', inits.logical(kernel_init, INPUT_KERNEL), (features, gates, n),
+            self.param_dtype),
+        'recurrent_kernel': self.param(
+            'recurrent_kernel', inits.logical(_orthogonal_per_gate, RECURRENT_KERNEL),
+            (n, gates, n), self.param_dtype),
+        'input_bias': self.param(
+            'input_bias', inits.logical(_gate_bias_init(self.cell), GATE_BIAS), (gates, n),
+            self.param_dtype),
+    }
+    if self.cell == 'gru':
+      params['recurrent_bias'] = self.param(
+          'recurrent_bias', inits.logical(nn.initializers.zeros_init(), RECURRENT_BIAS), (n,),
+          self.param_dtype)
+
+    cache = None
+    if self.decode:
+      if carry is not None or self.reverse:
+        raise ValueError('RNNLayer: decode keeps its own carry and reads forwards only')
+      cache = {k: self.variable('cache', k, jnp.zeros, (batch, n), jnp.float32)
+               for k in CARRY_KEYS[self.cell]}
+      carry = {k: v.value for k, v in cache.items()}
+      if carry['h'].shape[0] != batch:
+        raise ValueError(f"RNNLayer: the cache holds batch {carry['h'].shape[0]}, the input "
+                         f'has {batch}; init the cache with the decoding batch size')
+    elif carry is None:
+      carry = zero_carry(self.cell, batch, n)
+
+    zx_LxBxGxN = jnp.swapaxes(project(params, x_BxLxE, self.dtype), 0, 1)
+    body = lambda c, zx_BxGxN: recur(self.cell, params, c, zx_BxGxN, self.dtype)
+    carry, h_LxBxN = jax.lax.scan(body, carry, zx_LxBxGxN, reverse=self.reverse)
+    # init builds an empty cache: the carry after the dummy init input must not leak into it.
+    if cache is not None and not self.is_initializing():
+      for k, v in cache.items():
+        v.value = carry[k]
+    return carry, jnp.swapaxes(h_LxBxN, 0, 1).astype(self.dtype)
+
+
+def _embed(vocab_size: int, features: int, dtype: Any, param_dtype: Any) -> nn.Embed:
+  """Token embedding with std 1/sqrt(features) (flax's nn.Embed default) and EMBED_TABLE names."""
+  table_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', out_axis=0)
+  return nn.Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype,
+                  embedding_init=inits.logical(table_init, inits.EMBED_TABLE), name='embed')
+
+
+class RNNLM(nn.Module):
+  """Byte/token language model: embed -> `depth` recurrent layers -> dense to the vocabulary.
+
+  Dropout (rate `dropout`, train only) acts on the output of every layer, so between layers
+  and before the logits (the non-recurrent connections, Zaremba et al. 2014).
+
+  Decoding (`decode=True`): the carry of layer i lives in the 'cache' collection as
+  cache['layer_i'] = {'c': float32_BxN, 'h': float32_BxN} (LSTM) or {'h': ...} (GRU).
+  `init` with tokens_BxL of the decoding batch size B creates zero carries (whatever the
+  tokens); `apply(..., mutable=['cache'])` on a chunk_BxT continues from the cached carries
+  and stores the carries after the chunk's last token. Generate by feeding the prompt as one
+  chunk, then one token at a time.
+
+  Attributes:
+    vocab_size: V (256 for bytes).
+    cell: 'lstm' or 'gru'.
+    hidden: hidden units N of every layer.
+    depth: number of stacked layers.
+    embed_dim: embedding width; 0 means `hidden`.
+    tie_embeddings: logits from the embedding table (needs embed_dim == hidden), else from
+      a separate (N, V) kernel 'logits' (LOGITS_KERNEL). Neither has a bias.
+  """
+
+  vocab_size: int
+  cell: str = 'lstm'
+  hidden: int = 512
+  depth: int = 1
+  embed_dim: int = 0
+  dropout: float = 0.0
+  # Not `init`: that would shadow nn.Module.init.
+  init_name: str = 'lecun'
+  init_std: float = 0.02
+  tie_embeddings: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> jax.Array:
+    """Returns float32 logits_BxLxV; logits t predict token t + 1."""
+    _check_cell(self.cell)
+    embed_dim = self.embed_dim or self.hidden
+    if self.tie_embeddings and embed_dim != self.hidden:
+      raise ValueError(f'model.tie_embeddings needs embed_dim == hidden, got {embed_dim} and '
+                       f'{self.hidden}')
+    embed = _embed(self.vocab_size, embed_dim, self.dtype, self.param_dtype)
+    x = embed(tokens_BxL)
+    for i in range(self.depth):
+      _, x = RNNLayer(
+          self.cell, self.hidden, decode=self.decode, init_name=self.init_name,
+          init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
+          name=f'layer_{i}')(x)
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.tie_embeddings:
+      logits_BxLxV = embed.attend(x)
+    else:
+      logits_BxLxV = nn.Dense(
+          self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          kernel_init=inits.logical(inits.initializer(self.init_name, self.init_std),
+                                    LM_LOGITS_KERNEL), name='logits')(x)
+    return logits_BxLxV.astype(jnp.float32)
+
+
+class RNNClassifier(nn.Module):
+  """Sequence classifier: `depth` recurrent layers, pooled over time, dense to K outputs.
+
+  Inputs: int tokens_BxL when vocab_size > 0 (embedded); else float x_BxLxF, used as they
+  are, or images x_BxHxWxC read row by row as a sequence of H steps of W*C features.
+
+  Bidirectional: every layer i also runs a second layer 'layer_i_reverse' over the reversed
+  sequence; its outputs, aligned to positions, are concatenated to the forward ones
+  (2N features), which are the input of the next layer and of the pooling.
+
+  Pooling: 'last' takes the final state of each direction (forward at position L, reverse at
+  position 1); 'mean' averages all outputs over time. Dropout (train only) acts on every
+  layer's output, so between layers and before the head.
+
+  Attributes:
+    num_outputs: K.
+    vocab_size: V for token inputs; 0 for float inputs.
+    cell: 'lstm' or 'gru'.
+    hidden: hidden units N per direction.
+    depth: number of stacked layers.
+    bidirectional: add the reverse direction.
+    pool: 'last' or 'mean'.
+    embed_dim: embedding width for token inputs; 0 means `hidden`.
+  """
+
+  num_outputs: int
+  vocab_size: int = 0
+  cell: str = 'lstm'
+  hidden: int = 128
+  depth: int = 1
+  bidirectional: bool = False
+  pool: str = 'last'
+  embed_dim: int = 0
+  dropout: float = 0.0
+  init_name: str = 'lecun'
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def _inputs(self, x: jax.Array) -> jax.Array:
+    """x_BxLxE in `dtype` from tokens, float sequences or images."""
+    if self.vocab_size:
+      if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f'RNNClassifier: vocab_size={self.vocab_size} needs int tokens (B, L), '
+                         f'got {x.dtype} {x.shape}')
+      return _embed(self.vocab_size, self.embed_dim or self.hidden, self.dtype,
+                    self.param_dtype)(x)
+    if x.ndim == 4:
+      x = x.reshape(x.shape[0], x.shape[1], -1)
+    if x.ndim != 3:
+      raise ValueError('RNNClassifier: float inputs must be sequences (B, L, F) or images '
+                       f'(B, H, W, C), got {x.shape}; for tokens set vocab_size')
+    return x.astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Returns float32 logits_BxK for tokens_BxL, x_BxLxF or x_BxHxWxC."""
+    _check_cell(self.cell)
+    if self.pool not in POOLS:
+      raise ValueError(f"model.pool: unknown pool '{self.pool}'; choose from {', '.join(POOLS)}")
+    layer = lambda reverse, name: RNNLayer(
+        self.cell, self.hidden, reverse=reverse, init_name=self.init_name,
+        init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    x = self._inputs(x)
+    for i in range(self.depth):
+      _, fwd_BxLxN = layer(False, f'layer_{i}')(x)
+      if self.bidirectional:
+        _, back_BxLxN = layer(True, f'layer_{i}_reverse')(x)
+        fwd_BxLxN = jnp.concatenate([fwd_BxLxN, back_BxLxN], axis=-1)
+      x = fwd_BxLxN
+      x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.pool == 'mean':
+      pooled = x.astype(jnp.float32).mean(axis=1)
+    elif self.bidirectional:
+      pooled = jnp.concatenate([x[:, -1, :self.hidden], x[:, 0, self.hidden:]], axis=-1)
+    else:
+      pooled = x[:, -1]
+    logits_BxK = nn.Dense(
+        self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=inits.logical(inits.initializer(self.init_name, self.init_std),
+                                  inits.OUT_KERNEL),
+        bias_init=inits.logical(nn.initializers.zeros_init(), inits.OUT_BIAS),
+        name='out')(pooled)
+    return logits_BxK.astype(jnp.float32)

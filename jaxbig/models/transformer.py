@@ -1,0 +1,374 @@
+"""Pre-norm transformers: a decoder-only byte LM (with a KV cache) and an encoder classifier.
+
+Both models share one `Block` (RMSNorm -> self-attention -> residual, RMSNorm -> GELU MLP ->
+residual). Attention runs through `jax.nn.dot_product_attention`, whose XLA path computes
+the attention logits and softmax in float32 even for bfloat16 inputs; norms run in float32
+and model outputs are float32.
+
+Shape letters: B batch, L sequence length (tokens in this call; in decode mode, the new
+tokens of one chunk), S cache length (= max_len), E width (residual stream), H heads,
+D features per head, M MLP hidden units, V vocabulary, F input features per position,
+K outputs (classes).
+
+Decode mode (`TransformerLM(decode=True)`) keeps a 'cache' collection:
+
+  cache_index                     int32 scalar, the position of the next token
+  block{i}/attn/cached_key        (B, S, H, D) in the compute dtype; cached_value likewise
+  blocks/attn/cached_key          (depth, B, S, H, D) instead, with scan_layers=True
+
+Parameters carry the logical names of `jaxbig.models.init`; the learned position table
+uses (None, 'embed') (positions never sharded) and the classifier's projection of float
+inputs (None, 'embed') with bias ('embed',): the feature count F is data-dependent and
+often not divisible by a mesh axis.
+"""
+
+import math
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+from jaxbig.models import init as inits
+
+POS_TABLE = (None, 'embed')
+INPUT_KERNEL = (None, 'embed')
+INPUT_BIAS = ('embed',)
+POSITIONS = ('rope', 'learned')
+_IMPLEMENTATIONS = {'xla': 'xla', 'cudnn': 'cudnn', 'auto': None}
+ATTENTIONS = tuple(_IMPLEMENTATIONS)
+ROPE_BASE = 10_000.0
+
+
+def reference_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array,
+                        mask: jax.Array | None = None) -> jax.Array:
+  """Plain softmax attention in float32; `mask` (True = attend) broadcasts to (B, H, L, S)."""
+  q, k, v = (t.astype(jnp.float32) for t in (q_BxLxHxD, k_BxSxHxD, v_BxSxHxD))
+  logits_BxHxLxS = jnp.einsum('blhd,bshd->bhls', q, k) / math.sqrt(q.shape[-1])
+  if mask is not None:
+    logits_BxHxLxS = jnp.where(mask, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1)
+  return jnp.einsum('bhls,bshd->blhd', probs_BxHxLxS, v).astype(q_BxLxHxD.dtype)
+
+
+def causal_mask(q_positions_L: jax.Array, num_keys: int) -> jax.Array:
+  """Boolean mask_1x1xLxS: key position <= query position."""
+  mask_LxS = jnp.arange(num_keys)[None, :] <= q_positions_L[:, None]
+  return mask_LxS[None, None]
+
+
+def rope(x_BxLxHxD: jax.Array, positions_L: jax.Array) -> jax.Array:
+  """Rotates feature pairs (i, i + D/2) by position-dependent angles, in float32."""
+  half = x_BxLxHxD.shape[-1] // 2
+  inv_freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_LxD2 = positions_L.astype(jnp.float32)[:, None] * inv_freq[None, :]
+  cos, sin = jnp.cos(angles_LxD2)[:, None, :], jnp.sin(angles_LxD2)[:, None, :]
+  x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxHxD.dtype)
+
+
+def _rms_norm(x: jax.Array, *, dtype: Any, param_dtype: Any, name: str) -> jax.Array:
+  """RMSNorm in float32, cast back to the compute dtype (call inside a compact method)."""
+  norm = nn.RMSNorm(
+      dtype=jnp.float32, param_dtype=param_dtype,
+      scale_init=inits.logical(nn.initializers.ones_init(), inits.EMBED_NORM), name=name)
+  return norm(x.astype(jnp.float32)).astype(dtype)
+
+
+def _check_attributes(m: nn.Module) -> None:
+  """Raises a ValueError for attribute values the shared blocks cannot build."""
+  if m.pos not in POSITIONS:
+    raise ValueError(f"model.pos: unknown '{m.pos}'; choose from {', '.join(POSITIONS)}")
+  if m.attention not in _IMPLEMENTATIONS:
+    raise ValueError(
+        f"model.attention: unknown '{m.attention}'; choose from {', '.join(ATTENTIONS)}")
+  if m.width % m.heads:
+    raise ValueError(f'model.width ({m.width}) must be divisible by model.heads ({m.heads})')
+  if m.pos == 'rope' and (m.width // m.heads) % 2:
+    raise ValueError(f'model.pos=rope needs an even head size, got {m.width // m.heads}')
+
+
+def _check_length(length: int, max_len: int) -> None:
+  if length > max_len:
+    raise ValueError(f'data.seq_len ({length}) exceeds model.max_len ({max_len})')
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; in decode mode, over a KV cache of max_len positions."""
+
+  heads: int
+  max_len: int
+  pos: str = 'rope'
+  causal: bool = True
+  attention: str = 'xla'
+  decode: bool = False
+  init_std: float = 0.02
+  out_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array) -> jax.Array:
+    """Returns out_BxLxE; `positions_L` are the absolute positions of the L inputs."""
+    width = x_BxLxE.shape[-1]
+    head_dim = width // self.heads
+    qkv = dict(
+        features=(self.heads, head_dim), use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=inits.logical(nn.initializers.normal(self.init_std), inits.QKV_KERNEL))
+    q_BxLxHxD = nn.DenseGeneral(**qkv, name='query')(x_BxLxE)
+    k_BxLxHxD = nn.DenseGeneral(**qkv, name='key')(x_BxLxE)
+    v_BxLxHxD = nn.DenseGeneral(**qkv, name='value')(x_BxLxE)
+    if self.pos == 'rope':
+      q_BxLxHxD = rope(q_BxLxHxD, positions_L)
+      k_BxLxHxD = rope(k_BxLxHxD, positions_L)
+
+    # Decode mode creates the cache on `init` (and then attends like the plain path); later
+    # calls write this chunk into it and attend over all cached positions.
+    use_cache = self.decode and self.has_variable('cache', 'cached_key')
+    if self.decode:
+      shape = (x_BxLxE.shape[0], self.max_len, self.heads, head_dim)
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, shape, k_BxLxHxD.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, shape, v_BxLxHxD.dtype)
+    if use_cache:
+      start = (0, positions_L[0], 0, 0)
+      cached_key.value = lax.dynamic_update_slice(cached_key.value, k_BxLxHxD, start)
+      cached_value.value = lax.dynamic_update_slice(cached_value.value, v_BxLxHxD, start)
+      # Keys past the chunk are zeros and masked; XLA takes any mask (cuDNN may not).
+      out_BxLxHxD = jax.nn.dot_product_attention(
+          q_BxLxHxD, cached_key.value, cached_value.value,
+          mask=causal_mask(positions_L, self.max_len), implementation='xla')
+    else:
+      out_BxLxHxD = jax.nn.dot_product_attention(
+          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=self.causal,
+          implementation=_IMPLEMENTATIONS[self.attention])
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=inits.logical(nn.initializers.normal(self.out_std), inits.ATTN_OUT_KERNEL),
+        name='out')(out_BxLxHxD)
+
+
+class Block(nn.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x)); returns (x, None) so nn.scan can carry x."""
+
+  heads: int
+  mlp_dim: int
+  max_len: int
+  pos: str = 'rope'
+  causal: bool = True
+  attention: str = 'xla'
+  dropout: float = 0.0
+  deterministic: bool = True
+  decode: bool = False
+  init_std: float = 0.02
+  out_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array) -> tuple[jax.Array, None]:
+    width = x_BxLxE.shape[-1]
+    norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    h_BxLxE = _rms_norm(x_BxLxE, **norm, name='attn_norm')
+    h_BxLxE = Attention(
+        heads=self.heads, max_len=self.max_len, pos=self.pos, causal=self.causal,
+        attention=self.attention, decode=self.decode, init_std=self.init_std,
+        out_std=self.out_std, dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
+            h_BxLxE, positions_L)
+    x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
+    h_BxLxE = _rms_norm(x_BxLxE, **norm, name='mlp_norm')
+    h_BxLxM = nn.Dense(
+        self.mlp_dim, **dense, name='mlp_in',
+        kernel_init=inits.logical(nn.initializers.normal(self.init_std), inits.MLP_IN_KERNEL))(
+            h_BxLxE)
+    h_BxLxE = nn.Dense(
+        width, **dense, name='mlp_out',
+        kernel_init=inits.logical(nn.initializers.normal(self.out_std), inits.MLP_OUT_KERNEL))(
+            nn.gelu(h_BxLxM))
+    x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
+    return x_BxLxE, None
+
+
+def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal: bool,
+            decode: bool, train: bool) -> jax.Array:
+  """Runs `m.depth` blocks configured from `m`'s attributes (call inside a compact method)."""
+  block_cls = Block
+  if m.remat:
+    # CSE prevention is unnecessary (and costly) inside a scan.
+    block_cls = nn.remat(Block, prevent_cse=not m.scan_layers)
+  block = dict(
+      heads=m.heads, mlp_dim=int(round(m.width * m.mlp_ratio)), max_len=m.max_len, pos=m.pos,
+      causal=causal, attention=m.attention, dropout=m.dropout, deterministic=not train,
+      decode=decode, init_std=m.init_std,
+      # GPT-2: residual-output projections scaled by 1/sqrt(number of residual additions).
+      out_std=m.init_std / math.sqrt(2 * m.depth), dtype=m.dtype, param_dtype=m.param_dtype)
+  if m.scan_layers:
+    stack = nn.scan(
+        block_cls, variable_axes={'params': 0, 'cache': 0},
+        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,),
+        length=m.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BxLxE, _ = stack(**block, name='blocks')(x_BxLxE, positions_L)
+    return x_BxLxE
+  for i in range(m.depth):
+    x_BxLxE, _ = block_cls(**block, name=f'block{i}')(x_BxLxE, positions_L)
+  return x_BxLxE
+
+
+def _add_positions(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array) -> jax.Array:
+  """Adds learned position embeddings when `m.pos == 'learned'` (RoPE acts in attention)."""
+  if m.pos != 'learned':
+    return x_BxLxE
+  table = nn.Embed(
+      m.max_len, m.width, dtype=m.dtype, param_dtype=m.param_dtype, name='pos_embed',
+      embedding_init=inits.logical(nn.initializers.normal(m.init_std), POS_TABLE))
+  return x_BxLxE + table(positions_L)[None]
+
+
+def _dot_general_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+  """lax.dot_general with float32 output."""
+  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                         preferred_element_type=jnp.float32, **kwargs)
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only LM: token (+ learned position) embedding, causal blocks, norm, logits."""
+
+  vocab_size: int = 256
+  width: int = 512
+  depth: int = 8
+  heads: int = 8
+  mlp_ratio: int | float = 4
+  max_len: int = 1024
+  pos: str = 'rope'
+  dropout: float = 0.0
+  attention: str = 'xla'  # 'xla', 'cudnn' or 'auto' (cuDNN where it applies).
+  remat: bool = False  # Recompute each block's activations in the backward pass.
+  scan_layers: bool = False  # nn.scan over blocks; params gain a leading 'layers' axis.
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  decode: bool = False  # Use and advance the KV cache; see the module docstring.
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> jax.Array:
+    """Returns float32 logits_BxLxV for int tokens_BxL (in decode mode, the next chunk).
+
+    In decode mode the positions are cache_index + arange(L) and cache_index advances by L;
+    a chunk that would run past max_len yields NaN logits (the index is traced, so this
+    cannot raise).
+    """
+    _check_attributes(self)
+    length = tokens_BxL.shape[1]
+    _check_length(length, self.max_len)
+    positions_L = jnp.arange(length, dtype=jnp.int32)
+    in_range = True
+    if self.decode:
+      # On `init` the index is created at 0 and left there.
+      use_cache = self.has_variable('cache', 'cache_index')
+      index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+      if use_cache:
+        start = index.value
+        positions_L = start + positions_L
+        index.value = start + length
+        in_range = start + length <= self.max_len
+
+    embed = nn.Embed(
+        self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        embedding_init=inits.logical(nn.initializers.normal(self.init_std), inits.EMBED_TABLE),
+        name='embed')
+    x_BxLxE = _add_positions(self, embed(tokens_BxL), positions_L)
+    x_BxLxE = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxE)
+    x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train)
+    x_BxLxE = _rms_norm(x_BxLxE, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name='final_norm')
+    # Compute-dtype inputs, float32 accumulation and output: bf16-rounded logits would cost
+    # the loss about two significant digits.
+    if self.tie_embeddings:
+      table_VxE = embed.embedding.astype(self.dtype)
+      logits_BxLxV = jnp.einsum('ble,ve->blv', x_BxLxE, table_VxE,
+                                preferred_element_type=jnp.float32)
+    else:
+      logits_BxLxV = nn.Dense(
+          self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          dot_general=_dot_general_f32, name='logits',
+          kernel_init=inits.logical(nn.initializers.normal(self.init_std),
+                                    inits.LOGITS_KERNEL))(x_BxLxE)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    if self.decode:
+      logits_BxLxV = jnp.where(in_range, logits_BxLxV, jnp.nan)
+    return logits_BxLxV
+
+
+class TransformerClassifier(nn.Module):
+  """Encoder (non-causal blocks) over tokens or float rows; mean-pool, norm, dense head.
+
+  With vocab_size > 0 the input is int tokens_BxL; with vocab_size == 0 it is float x_BxLxF,
+  or images x_BxHxWxC read as a sequence of H rows of W*C features.
+  """
+
+  num_outputs: int
+  vocab_size: int = 0
+  width: int = 256
+  depth: int = 4
+  heads: int = 4
+  mlp_ratio: int | float = 4
+  max_len: int = 256
+  pos: str = 'learned'
+  dropout: float = 0.0
+  attention: str = 'xla'
+  remat: bool = False
+  scan_layers: bool = False
+  init_std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Returns float32 logits_BxK."""
+    _check_attributes(self)
+    if self.vocab_size:
+      if x.ndim != 2:
+        raise ValueError(f'TransformerClassifier with vocab_size > 0 takes int tokens (B, L), '
+                         f'got shape {x.shape}')
+      x_BxLxE = nn.Embed(
+          self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+          embedding_init=inits.logical(nn.initializers.normal(self.init_std),
+                                       inits.EMBED_TABLE), name='embed')(x)
+    else:
+      if x.ndim == 4:
+        x = x.reshape(*x.shape[:2], -1)
+      if x.ndim != 3:
+        raise ValueError(f'TransformerClassifier with vocab_size 0 takes float (B, L, F) or '
+                         f'(B, H, W, C) inputs, got shape {x.shape}')
+      # std init_std / sqrt(F): unit-variance features get embeddings of std init_std, as
+      # tokens do.
+      x_BxLxE = nn.Dense(
+          self.width, dtype=self.dtype, param_dtype=self.param_dtype, name='embed_in',
+          kernel_init=inits.logical(
+              nn.initializers.normal(self.init_std / math.sqrt(x.shape[-1])), INPUT_KERNEL),
+          bias_init=inits.logical(nn.initializers.zeros_init(), INPUT_BIAS))(
+              x.astype(self.dtype))
+    length = x_BxLxE.shape[1]
+    _check_length(length, self.max_len)
+    positions_L = jnp.arange(length, dtype=jnp.int32)
+    x_BxLxE = _add_positions(self, x_BxLxE, positions_L)
+    x_BxLxE = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxE)
+    x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=False, decode=False, train=train)
+    x_BxE = x_BxLxE.astype(jnp.float32).mean(axis=1)
+    x_BxE = _rms_norm(x_BxE, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name='final_norm')
+    logits_BxK = nn.Dense(
+        self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype, name='out',
+        kernel_init=inits.logical(nn.initializers.normal(self.init_std), inits.OUT_KERNEL),
+        bias_init=inits.logical(nn.initializers.zeros_init(), inits.OUT_BIAS))(x_BxE)
+    return logits_BxK.astype(jnp.float32)
+
+
+# Named sizes; the tiny ones are for tests and CPU smoke runs.
+TransformerLMTiny = partial(TransformerLM, width=32, depth=2, heads=4, max_len=64)
+TransformerClassifierTiny = partial(TransformerClassifier, width=32, depth=2, heads=4, max_len=64)

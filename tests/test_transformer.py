@@ -1,0 +1,305 @@
+"""Tests for jaxbig.models.transformer: causality, KV-cache decoding, attention paths, remat
+and scan, logical names, bfloat16, the classifier, and length checks.
+
+Shape letters: B batch, L sequence length, V vocabulary, H heads, D features per head,
+K outputs.
+"""
+
+import functools
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import optax
+from jax import lax
+import pytest
+
+from jaxbig import sharding
+from jaxbig.models import init as inits
+from jaxbig.models.transformer import (
+    POS_TABLE, TransformerClassifier, TransformerLM, causal_mask, reference_attention)
+
+B, L, V, MAX_LEN, DEPTH = 2, 12, 256, 16, 2
+PROMPT = 5
+# A larger init than the default 0.02 makes every dependency visible well above float noise.
+TINY = dict(width=32, depth=DEPTH, heads=4, max_len=MAX_LEN, init_std=0.1)
+
+# XLA's CPU backend spends far longer optimising these tiny graphs than running them.
+_jit = partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
+
+def _lm(**kw) -> TransformerLM:
+  return TransformerLM(vocab_size=V, **{**TINY, **kw})
+
+
+def _tokens(seed: int = 0, shape: tuple = (B, L)) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).integers(0, V, shape), jnp.int32)
+
+
+def _init(model: nn.Module, x: jax.Array) -> dict:
+  """Unboxed variables of `model` initialised on `x`."""
+  return nn.unbox(_jit(lambda x: model.init({'params': jax.random.key(0)}, x, train=False))(x))
+
+
+@functools.cache
+def _learned_params() -> dict:
+  """Params of the unscanned LM with learned positions (compiled once for the whole file)."""
+  return _init(_lm(pos='learned'), _tokens())['params']
+
+
+def _lm_params(pos: str, scan_layers: bool = False) -> dict:
+  """Params for `_lm(pos=pos, scan_layers=scan_layers)`, all from one initialisation."""
+  params = dict(_learned_params())
+  if pos == 'rope':
+    del params['pos_embed']
+  return _stack(params) if scan_layers else params
+
+
+def _stack(params: dict) -> dict:
+  """The scan_layers layout of unscanned params: block{i} stacked into 'blocks'."""
+  params = dict(params)
+  blocks = [params.pop(f'block{i}') for i in range(DEPTH)]
+  return {**params, 'blocks': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def _apply(model: nn.Module):
+  return _jit(lambda params, x: model.apply({'params': params}, x, train=False))
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+@pytest.mark.parametrize('pos', ['rope', 'learned'])
+def test_lm_is_causal(pos, scan_layers):
+  tokens = _tokens(0)
+  t = 5
+  edited = tokens.at[:, t + 1:].set(_tokens(1)[:, t + 1:])
+  apply = _apply(_lm(pos=pos, scan_layers=scan_layers))
+  params = _lm_params(pos, scan_layers)
+  logits, logits_edited = apply(params, tokens), apply(params, edited)
+  np.testing.assert_allclose(logits_edited[:, :t + 1], logits[:, :t + 1], atol=1e-6)
+  # Every later position sees the edit (through its own token or through attention).
+  later = np.abs(logits_edited - logits)[:, t + 1:].max(axis=-1)
+  assert later.min() > 1e-3, later
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+@pytest.mark.parametrize('pos', ['rope', 'learned'])
+def test_cached_decoding_matches_full_forward(pos, scan_layers):
+  model = _lm(pos=pos, scan_layers=scan_layers)
+  decoder = model.clone(decode=True)
+  tokens = _tokens(2)
+  params = _lm_params(pos, scan_layers)
+  empty = _abstract_init(decoder, jnp.zeros((B, MAX_LEN), jnp.int32))['cache']
+
+  @_jit
+  def run(params, tokens):
+    full = model.apply({'params': params}, tokens, train=False)
+    step = lambda cache, x: decoder.apply(
+        {'params': params, 'cache': cache}, x, train=False, mutable=['cache'])
+    # The cache as `init` makes it, without compiling the parameter initialisers.
+    _, fresh = decoder.apply(
+        {'params': params}, jnp.zeros((B, MAX_LEN), jnp.int32), train=False, mutable=['cache'])
+    prompt, variables = step(fresh['cache'], tokens[:, :PROMPT])
+
+    def one_token(i, carry):
+      logits, cache = carry
+      out, variables = step(cache, lax.dynamic_slice_in_dim(tokens, i, 1, axis=1))
+      return lax.dynamic_update_slice_in_dim(logits, out, i, axis=1), variables['cache']
+
+    logits = jnp.zeros_like(full).at[:, :PROMPT].set(prompt)
+    logits, cache = lax.fori_loop(PROMPT, L, one_token, (logits, variables['cache']))
+    alone, _ = step(fresh['cache'], tokens[:, L - 1:])
+    overflow, _ = step(cache, tokens[:, :PROMPT])
+    return full, logits, fresh['cache'], cache, alone, overflow
+
+  full, logits, fresh, cache, alone, overflow = run(params, tokens)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), fresh) == jax.tree.map(
+      lambda x: (x.shape, x.dtype), empty)
+  assert int(fresh['cache_index']) == 0 and not any(x.any() for x in jax.tree.leaves(fresh))
+  assert int(cache['cache_index']) == L
+  np.testing.assert_allclose(logits, full, atol=1e-5)
+  # The cache matters: the last token alone, from an empty cache, predicts differently.
+  assert np.abs(alone[:, 0] - full[:, L - 1]).max() > 1e-3
+  # Running past max_len cannot raise under jit; it poisons the logits instead.
+  assert np.isnan(overflow).all()
+
+
+def test_attention_paths_match_reference():
+  @_jit
+  def run(q, k, v):
+    mask = causal_mask(jnp.arange(L), L)
+    # Queries at positions 4.. over all keys: the decode path's mask.
+    offset = causal_mask(4 + jnp.arange(L - 4), L)
+    return dict(
+        xla=jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla'),
+        auto=jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=None),
+        reference=reference_attention(q, k, v, mask),
+        unmasked=reference_attention(q, k, v),
+        xla_offset=jax.nn.dot_product_attention(
+            q[:, 4:], k, v, mask=offset, implementation='xla'),
+        reference_offset=reference_attention(q[:, 4:], k, v, offset))
+
+  out = run(*np.random.default_rng(0).standard_normal((3, B, L, 4, 8)).astype(np.float32))
+  np.testing.assert_allclose(out['xla'], out['reference'], atol=1e-5)
+  np.testing.assert_allclose(out['auto'], out['xla'], atol=1e-6)
+  np.testing.assert_allclose(out['xla_offset'], out['reference_offset'], atol=1e-5)
+  # The mask is doing something.
+  assert np.abs(out['xla'] - out['unmasked']).max() > 1e-2
+
+
+def test_auto_attention_equals_xla_on_cpu():
+  tokens = _tokens(3)
+  params = _lm_params('rope')
+  np.testing.assert_allclose(
+      _apply(_lm(attention='auto'))(params, tokens), _apply(_lm())(params, tokens), atol=1e-6)
+
+
+def _grad_fn(model: nn.Module, jit: bool = True):
+  """value_and_grad of the next-token loss of `model`, as fn(params, tokens)."""
+  def loss_fn(params, tokens):
+    logits = model.apply({'params': params}, tokens[:, :-1], train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  grad_fn = jax.value_and_grad(loss_fn)
+  return _jit(grad_fn) if jit else grad_fn
+
+
+def _transforms(model: nn.Module, params: dict, tokens: jax.Array) -> tuple[bool, bool]:
+  """Whether the gradient's jaxpr holds a rematerialisation ('remat2' in jax 0.10), a scan."""
+  jaxpr = str(jax.make_jaxpr(_grad_fn(model, jit=False))(params, tokens))
+  return 'remat' in jaxpr or 'checkpoint' in jaxpr, 'scan[' in jaxpr
+
+
+def test_remat_and_scan_match_plain_model():
+  tokens = _tokens(4, (B, L + 1))
+  params = _lm_params('rope')
+  stacked = _lm_params('rope', scan_layers=True)
+  assert stacked['blocks']['mlp_in']['kernel'].shape == (DEPTH, 32, 128)
+  assert _transforms(_lm(), params, tokens) == (False, False)
+  loss, grads = _grad_fn(_lm())(params, tokens)
+
+  assert _transforms(_lm(remat=True), params, tokens) == (True, False)
+  remat_loss, remat_grads = _grad_fn(_lm(remat=True))(params, tokens)
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), remat_grads, grads)
+
+  assert _transforms(_lm(scan_layers=True), stacked, tokens) == (False, True)
+  grad = _grad_fn(_lm(scan_layers=True))
+  scan_loss, scan_grads = grad(stacked, tokens)
+  np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
+  jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), scan_grads, _stack(grads))
+  # The layout mapping matters: the same layers in the other order give another loss.
+  swapped = {**stacked, 'blocks': jax.tree.map(lambda x: x[::-1], stacked['blocks'])}
+  assert abs(float(grad(swapped, tokens)[0]) - float(loss)) > 1e-4
+
+  # Both at once: a rematerialised scan body, same loss and gradients.
+  model = _lm(scan_layers=True, remat=True)
+  assert _transforms(model, stacked, tokens) == (True, True)
+  both_loss, both_grads = _grad_fn(model)(stacked, tokens)
+  np.testing.assert_allclose(both_loss, loss, rtol=1e-6)
+  jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), both_grads, _stack(grads))
+
+
+def _abstract_init(model: nn.Module, x: jax.Array) -> dict:
+  """Shapes, dtypes and boxes of `model.init` on `x`, without running it."""
+  return jax.eval_shape(lambda x: model.init({'params': jax.random.key(0)}, x, train=False), x)
+
+
+def _boxes(model: nn.Module, x: jax.Array) -> dict:
+  abstract = _abstract_init(model, x)
+  flat = jax.tree_util.tree_flatten_with_path(
+      abstract['params'], is_leaf=lambda l: isinstance(l, nn.Partitioned))[0]
+  return {jax.tree_util.keystr(path): box for path, box in flat}
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+@pytest.mark.parametrize('kind', ['lm_tied', 'lm_untied_learned', 'classifier'])
+def test_every_param_has_logical_names(kind, scan_layers):
+  if kind == 'classifier':
+    model, x = TransformerClassifier(3, **TINY, scan_layers=scan_layers), jnp.zeros((B, 8, 8, 1))
+  else:
+    untied = kind == 'lm_untied_learned'
+    model = _lm(scan_layers=scan_layers, tie_embeddings=not untied,
+                pos='learned' if untied else 'rope')
+    x = _tokens()
+  boxes = _boxes(model, x)
+  known = {name for name, _ in sharding.RULES} | {None}
+  for path, box in boxes.items():
+    assert isinstance(box, nn.Partitioned), f'{path}: unboxed parameter {box}'
+    assert len(box.names) == box.value.ndim, (path, box.names, box.value.shape)
+    assert set(box.names) <= known, (path, box.names)
+    in_blocks = "['blocks']" in path
+    assert in_blocks == scan_layers or not path.startswith("['block")
+    assert (box.names[0] == 'layers') == in_blocks, (path, box.names)
+    if in_blocks:
+      assert box.value.shape[0] == DEPTH
+  assert any(p.startswith("['block0']") for p in boxes) != scan_layers
+  if kind == 'lm_tied':
+    assert not any('logits' in p for p in boxes)
+  if kind == 'lm_untied_learned':
+    assert boxes["['logits']['kernel']"].names == inits.LOGITS_KERNEL
+    assert boxes["['pos_embed']['embedding']"].names == POS_TABLE
+  if kind == 'classifier':
+    assert boxes["['out']['kernel']"].names == inits.OUT_KERNEL
+
+
+def test_bf16_compute_keeps_float32_params_and_logits():
+  tokens = _tokens(5, (B, L + 1))
+  model = _lm(dtype=jnp.bfloat16)
+  abstract = _abstract_init(model, tokens)
+  assert {x.dtype for x in jax.tree.leaves(nn.unbox(abstract))} == {jnp.dtype(jnp.float32)}
+  params = _lm_params('rope')
+  logits = _apply(model)(params, tokens[:, :-1])
+  reference = _apply(_lm())(params, tokens[:, :-1])
+  assert logits.dtype == jnp.float32
+  error = np.abs(logits - reference).max()
+  assert 0 < error < 0.05 * np.abs(reference).max(), error
+  loss, grads = _grad_fn(model)(params, tokens)
+  assert loss.dtype == jnp.float32 and np.isfinite(loss)
+  assert all(g.dtype == jnp.float32 and np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize('inputs', ['tokens', 'features', 'image'])
+def test_classifier_inputs_and_batch_independence(inputs):
+  rng = np.random.default_rng(6)
+  if inputs == 'tokens':
+    model, x = TransformerClassifier(3, vocab_size=V, **TINY), _tokens(6, (3, L))
+    other = _tokens(7, (3, L))
+  else:
+    shape = (3, L, 5) if inputs == 'features' else (3, 8, 8, 1)
+    model = TransformerClassifier(3, **TINY)
+    x, other = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+  params = _init(model, x)['params']
+  apply = _apply(model)
+  logits = apply(params, x)
+  assert logits.shape == (3, 3) and logits.dtype == jnp.float32
+  edited = apply(params, x.at[1:].set(other[1:]))
+  np.testing.assert_allclose(edited[0], logits[0], atol=1e-6)
+  assert np.abs(edited[1:] - logits[1:]).max() > 1e-3
+
+
+def test_dropout_only_in_training():
+  model = _lm(dropout=0.3)
+  tokens = _tokens(8)
+  params = _lm_params('rope')
+  run = _jit(lambda rng, train: model.apply(
+      {'params': params}, tokens, train=train, rngs={'dropout': rng}), static_argnums=1)
+  np.testing.assert_array_equal(run(jax.random.key(1), False), run(jax.random.key(2), False))
+  assert np.abs(run(jax.random.key(1), True) - run(jax.random.key(2), True)).max() > 1e-3
+
+
+def test_too_long_input_raises():
+  _abstract_init(_lm(), _tokens(shape=(B, MAX_LEN)))
+  with pytest.raises(ValueError, match=r'data\.seq_len \(17\) exceeds model\.max_len \(16\)'):
+    _abstract_init(_lm(), _tokens(shape=(B, MAX_LEN + 1)))
+  _abstract_init(TransformerClassifier(3, **TINY), jnp.zeros((B, MAX_LEN, 4, 1)))
+  with pytest.raises(ValueError, match=r'data\.seq_len \(20\) exceeds model\.max_len \(16\)'):
+    _abstract_init(TransformerClassifier(3, **TINY), jnp.zeros((B, 20, 4, 1)))
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('pos', 'alibi', 'model.pos'), ('attention', 'flash', 'model.attention'),
+    ('heads', 5, 'divisible by model.heads')])
+def test_bad_attributes_raise(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    _abstract_init(_lm(**{field: value}), _tokens())

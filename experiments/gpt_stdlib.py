@@ -4,8 +4,12 @@ Command:   jaxbig train experiments/gpt_stdlib.py [key=value ...]
            jaxbig generate WORKDIR --prompt "def " --tokens 200
 Smoke:     jaxbig train experiments/gpt_stdlib.py:smoke   (a few steps, for tests)
 Hardware:  any CPU; sized for 2 cores and 10 minutes.
-Wall time: TBD
-Expected:  TBD
+Wall time: about 9 minutes on a 2-core CPU (527 s measured, 4 s of it compile).
+Expected:  summary.json eval.bits_per_byte 2.03 on the held-out test files (val 2.15);
+           predicting bytes by their training frequency gives 4.68. Measured on
+           Python 3.11's standard library (other versions have other files).
+           `generate --prompt "def "` then writes Python-looking text: indented
+           `def test_...(self, ...):` methods, `self.assert...` calls.
 """
 
 import ml_collections
@@ -31,7 +35,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.name = 'transformer'  # transformer | lstm | gru (an LM on text data).
   c.model.width = 192  # Residual stream width.
   c.model.depth = 3  # Transformer blocks.
-  c.model.heads = 6  # Attention heads (width / heads features each).
+  c.model.heads = 3  # Attention heads (width / heads features each).
   c.model.mlp_ratio = 4  # Feed-forward width as a multiple of width.
   c.model.max_len = 256  # Longest sequence (positions, and the KV cache for generation).
   c.model.pos = 'rope'  # rope (rotary) | learned (a table of max_len positions).
@@ -44,7 +48,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   c.opt = ml_collections.ConfigDict()
   c.opt.name = 'adamw'  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw | lion.
-  c.opt.lr = 3e-3  # Peak learning rate.
+  c.opt.lr = 4e-3  # Peak learning rate.
   c.opt.momentum = 0.9  # Momentum (momentum, nesterov) or decay (rmsprop).
   c.opt.b1 = 0.9  # Adam/Lion first-moment decay.
   c.opt.b2 = 0.95  # Adam/Lion second-moment decay.
@@ -54,19 +58,19 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.opt.l2 = 0.0  # L2 penalty added to the gradient (kernels only).
   c.opt.clip_norm = 1.0  # Global gradient-norm clipping (0: off).
   c.opt.schedule = 'cosine'  # constant | cosine | linear, after the warmup.
-  c.opt.warmup_steps = 100  # Linear warmup from 0 to lr.
+  c.opt.warmup_steps = 50  # Linear warmup from 0 to lr.
   c.opt.end_lr_factor = 0.1  # Final learning rate as a fraction of lr.
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 1500  # Optimizer updates.
+  c.train.steps = 650  # Optimizer updates (sized for 10 minutes on 2 cores).
   c.train.accum_steps = 1  # Micro-batches per update (gradient accumulation).
   c.train.loss = 'xent'  # Next-byte cross-entropy.
   c.train.label_smoothing = 0.0  # Cross-entropy label smoothing.
   c.train.class_weights = (0.0,) * 0  # Not for language models; keep empty.
   c.train.balance_classes = False  # Not for language models.
   c.train.log_every = 50  # Steps between metric lines (metrics.jsonl, TensorBoard).
-  c.train.eval_every = 500  # Steps between validation evaluations (0: only at the end).
-  c.train.ckpt_every = 500  # Steps between checkpoints (0: only at the end).
+  c.train.eval_every = 325  # Steps between validation evaluations (0: only at the end).
+  c.train.ckpt_every = 325  # Steps between checkpoints (0: only at the end).
   c.train.keep_checkpoints = 2  # Newest checkpoints kept.
 
   c.mesh = ml_collections.ConfigDict()

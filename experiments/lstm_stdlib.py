@@ -6,8 +6,9 @@ Command:   jaxbig train experiments/lstm_stdlib.py [key=value ...]
            jaxbig generate WORKDIR --prompt "def " --tokens 200
 Smoke:     jaxbig train experiments/lstm_stdlib.py:smoke   (a few steps, for tests)
 Hardware:  any CPU; sized for 2 cores and 10 minutes.
-Wall time: TBD
-Expected:  TBD
+Wall time: about 8 minutes on a 2-core CPU (491 s measured, 3 s of it compile).
+Expected:  summary.json eval.bits_per_byte 2.08 on the held-out test files (val 2.20);
+           predicting bytes by their training frequency gives 4.68.
 """
 
 import ml_collections
@@ -30,7 +31,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.init_std = 0.02  # Standard deviation when init=normal.
   c.opt.lr = 3e-3
   c.opt.weight_decay = 0.0
-  c.train.steps = 1500
+  c.train.steps = 2000  # Sized for 10 minutes on 2 cores.
 
   if arg == 'smoke':
     c.model.hidden, c.model.embed_dim = 32, 16

@@ -8,6 +8,8 @@ once and every new byte costs one single-position step. The whole loop is one ji
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,33 +46,37 @@ def pick(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int) 
   return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
 
 
-def sample(model: nn.Module, params, prompt_P: np.ndarray, num_tokens: int, *,
-           temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> np.ndarray:
-  """`num_tokens` new tokens after the prompt, decoded with the model's cache."""
-  decoder = model.clone(decode=True)
-  cache_len = getattr(model, 'max_len', 1)
-  cache = decoder.init(jax.random.key(0), jnp.zeros((1, cache_len), jnp.int32),
-                       train=False)['cache']
+@functools.partial(jax.jit, static_argnames=('decoder', 'num_tokens', 'temperature', 'top_k'))
+def _decode(params, cache, prompt_BxP: jax.Array, rng: jax.Array, *, decoder: nn.Module,
+            num_tokens: int, temperature: float, top_k: int) -> jax.Array:
+  """Reads the prompt into the cache, then samples `num_tokens` one position at a time."""
 
-  def step(params, cache, tokens_BxT):
+  def step(cache, tokens_BxT):
     logits_BxTxV, new = decoder.apply({'params': params, 'cache': cache}, tokens_BxT,
                                       train=False, mutable=['cache'])
     return new['cache'], logits_BxTxV[:, -1]
 
-  @jax.jit
-  def run(params, cache, prompt_BxP, rng):
-    cache, logits_BxV = step(params, cache, prompt_BxP)
+  def body(carry, key):
+    cache, logits_BxV = carry
+    token_B = pick(logits_BxV, key, temperature, top_k)
+    return step(cache, token_B[:, None]), token_B[0]
 
-    def body(carry, key):
-      cache, logits_BxV = carry
-      token_B = pick(logits_BxV, key, temperature, top_k)
-      cache, logits_BxV = step(params, cache, token_B[:, None])
-      return (cache, logits_BxV), token_B[0]
+  _, tokens = jax.lax.scan(body, step(cache, prompt_BxP), jax.random.split(rng, num_tokens))
+  return tokens
 
-    _, tokens = jax.lax.scan(body, (cache, logits_BxV), jax.random.split(rng, num_tokens))
-    return tokens
 
-  tokens = run(params, cache, jnp.asarray(prompt_P)[None], jax.random.key(seed))
+def sample(model: nn.Module, params, prompt_P: np.ndarray, num_tokens: int, *,
+           temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> np.ndarray:
+  """`num_tokens` new tokens after the prompt, decoded with the model's cache."""
+  decoder = model.clone(decode=True)
+  cache_len = getattr(model, 'max_len', 1)  # The KV cache spans max_len; RNN carries any.
+  # A fresh cache is all zeros (index 0); its shapes come from tracing init, not running it.
+  shapes = jax.eval_shape(lambda: decoder.init(
+      jax.random.key(0), jnp.zeros((1, cache_len), jnp.int32), train=False)['cache'])
+  cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+  tokens = _decode(params, cache, jnp.asarray(prompt_P)[None], jax.random.key(seed),
+                   decoder=decoder, num_tokens=num_tokens, temperature=float(temperature),
+                   top_k=int(top_k))
   return np.asarray(tokens)
 
 

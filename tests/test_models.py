@@ -32,11 +32,16 @@ _jit = partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 class Meta:
   input_shape: tuple
   num_outputs: int
+  task: str = 'classification'
+  vocab_size: int = 0
 
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 # Each model's `config.model` comes from a real experiment file.
-_EXPERIMENTS = {'cnn': 'cnn_digits.py', 'mlp': 'mlp_diabetes.py'}
+_EXPERIMENTS = {'cnn': 'cnn_digits.py', 'mlp': 'mlp_diabetes.py',
+                'transformer': 'seq_digits.py:transformer,', 'lstm': 'seq_digits.py:lstm,',
+                'gru': 'seq_digits.py:gru,', 'autoencoder': 'vae_digits.py:ae,',
+                'vae': 'vae_digits.py:'}
 # No ResNet experiment yet: every field a ResNet factory reads, declared as one would.
 _RESNET = dict(width=4, small_input=True, init='he', init_std=0.02)
 
@@ -44,7 +49,8 @@ _RESNET = dict(width=4, small_input=True, init='he', init_std=0.02)
 def _cfg(name: str, variant: str = 'smoke', **overrides) -> ml_collections.ConfigDict:
   """`config.model` of the experiment for `name` (its smoke size unless told), overridden."""
   if name in _EXPERIMENTS:
-    cfg = config.load_module_config(f'{EXPERIMENTS / _EXPERIMENTS[name]}:{variant}').model
+    file, _, prefix = _EXPERIMENTS[name].partition(':')
+    cfg = config.load_module_config(f'{EXPERIMENTS / file}:{prefix}{variant}').model
   else:
     cfg = ml_collections.ConfigDict(dict(name=name, **_RESNET))
   cfg.update(overrides)
@@ -88,9 +94,14 @@ def test_build_init_apply_with_logical_names(name):
   # Abstract: tracing checks every shape, dtype and name without compiling each ResNet;
   # the tests below run cnn, mlp and resnet_tiny for real.
   variables = jax.eval_shape(_init_fn(model), x)
-  logits_BxK = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-  assert logits_BxK.shape == (B, meta.num_outputs)
-  assert logits_BxK.dtype == jnp.float32
+  rngs = {'sample': jax.random.key(0)}  # The VAE samples its latent.
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, rngs=rngs), variables, x)
+  if name in ('autoencoder', 'vae'):  # Reconstructions, not logits.
+    out = out['recon_logits']
+    assert out.shape == (B, *meta.input_shape)
+  else:
+    assert out.shape == (B, meta.num_outputs)
+  assert out.dtype == jnp.float32
   assert models.has_batch_stats(name) == ('batch_stats' in variables)
 
   boxes = jax.tree.leaves(variables['params'], is_leaf=lambda l: isinstance(l, nn.Partitioned))

@@ -147,7 +147,7 @@ def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float
   try:
     return _FACTORIES[cfg.name](cfg, meta, dtype)
   except AttributeError as e:  # ConfigDict: a field this model needs is not declared.
-    field = str(e).strip('"\'')
+    field = str(e).splitlines()[0].strip('"\'')
     raise ValueError(f"model.{field}: model.name={cfg.name} needs this field; the experiment's "
                      'model section does not declare it') from None
 

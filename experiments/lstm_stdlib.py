@@ -17,7 +17,9 @@ import gpt_stdlib
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  c = gpt_stdlib.get_config()
+  if arg not in ('', 'smoke'):
+    raise ValueError(f"unknown variant '{arg}'; the only one is 'smoke'")
+  c = gpt_stdlib.get_config(arg)  # The smoke variant shrinks data and steps alike.
   c.model = ml_collections.ConfigDict()
   c.model.name = 'lstm'  # lstm | gru.
   c.model.hidden = 256  # Units per layer.
@@ -31,14 +33,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.init_std = 0.02  # Standard deviation when init=normal.
   c.opt.lr = 3e-3
   c.opt.weight_decay = 0.0
-  c.train.steps = 2000  # Sized for 10 minutes on 2 cores.
-
   if arg == 'smoke':
     c.model.hidden, c.model.embed_dim = 32, 16
-    c.data.seq_len, c.data.batch_size, c.data.eval_batch_size = 32, 8, 16
-    c.data.eval_windows = 32
-    c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every = 20, 5, 10, 10
-    c.opt.warmup_steps = 2
-  elif arg:
-    raise ValueError(f"unknown variant '{arg}'; the only one is 'smoke'")
+  else:
+    c.train.steps = 2000  # Sized for 10 minutes on 2 cores.
   return c

@@ -21,7 +21,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   if name == 'smoke':
     name, size = '', 'smoke'
   name = name or 'transformer'
-  c = cnn_digits.get_config()
+  if size not in ('', 'smoke'):
+    raise ValueError(f"unknown size '{size}'; the only one is 'smoke'")
+  c = cnn_digits.get_config(size)  # The smoke variant shrinks batches and steps alike.
   c.data.augment_shift = 0  # Shifting rows would blur the sequence positions.
   c.model = ml_collections.ConfigDict()
   c.model.name = name  # transformer | lstm | gru.
@@ -47,12 +49,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.model.init = 'lecun'  # Kernel initialiser: normal | glorot | he | lecun.
   else:
     raise ValueError(f"unknown variant '{arg}'; choose from transformer, lstm, gru (+ ',smoke')")
-  c.train.steps = 1000
   c.opt.lr = 2e-3
-  if size == 'smoke':
-    c.data.batch_size, c.data.eval_batch_size = 32, 128
-    c.train.steps, c.train.log_every, c.train.eval_every, c.train.ckpt_every = 20, 5, 10, 10
-    c.opt.warmup_steps = 2
-  elif size:
-    raise ValueError(f"unknown size '{size}'; the only one is 'smoke'")
+  if not size:
+    c.train.steps = 1000
   return c

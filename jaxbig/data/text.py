@@ -150,6 +150,8 @@ class TextData:
         input_shape=(cfg.seq_len,), num_outputs=VOCAB_SIZE, task='lm', num_classes=VOCAB_SIZE,
         sizes={k: len(v) for k, v in self.splits.items()}, vocab_size=VOCAB_SIZE)
     self.cfg, self.seed = cfg, seed
+    counts = np.bincount(self.splits['train'], minlength=VOCAB_SIZE) + 1.0  # Add-one smoothed.
+    self._unigram_log2 = np.log2(counts / counts.sum())
 
   def train_iter(self) -> grain.DatasetIterator:
     """An endless, seeded, checkpointable iterator of {'x', 'y'} int32 (batch, seq_len)."""
@@ -187,6 +189,4 @@ class TextData:
 
   def unigram_bits_per_byte(self, split: str) -> float:
     """Bits per byte of the training split's byte frequencies on `split`: the bar to clear."""
-    counts = np.bincount(self.splits['train'], minlength=VOCAB_SIZE) + 1.0
-    log_p = np.log2(counts / counts.sum())
-    return float(-log_p[self.eval_windows(split)[:, 1:]].mean())
+    return float(-self._unigram_log2[self.eval_windows(split)[:, 1:]].mean())

@@ -70,6 +70,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Data-parallel devices (-1: all that remain).
   c.mesh.fsdp = 1  # Devices sharding parameters and batch (fully sharded data parallel).
   c.mesh.tensor = 1  # Devices sharding layer widths (tensor parallel).
+  # Overrides of the logical-axis -> mesh-axis rules (jaxbig/sharding.py), e.g. 'embed=none'.
+  c.mesh.rules = ''
+
+  c.parallel = ml_collections.ConfigDict()
+  c.parallel.mode = 'jit'  # jit: one program over the mesh; pmap: per-device data parallel.
 
   if arg == 'smoke':  # Seconds, for tests and a first look.
     c.model.widths = (16, 8)

@@ -1,4 +1,4 @@
-"""The `jaxbig` command: train | eval | predict | generate.
+"""The `jaxbig` command: train | eval | predict | generate | plan.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 """
@@ -21,12 +21,26 @@ def _parser() -> argparse.ArgumentParser:
   t.add_argument('config', help='experiment file, e.g. experiments/cnn_digits.py[:arg]')
   t.add_argument('overrides', nargs='*', help='key=value overrides, e.g. opt.lr=3e-3')
   t.add_argument('--workdir', help='output folder (default: runs/<experiment>-<timestamp>)')
+  d = t.add_argument_group('multi-host (see jaxbig/distributed.py)')
+  d.add_argument('--coordinator', metavar='HOST:PORT', help="process 0's address")
+  d.add_argument('--num-processes', type=int, help='processes in the run')
+  d.add_argument('--process-id', type=int, help="this process's index, 0 to N-1")
+  d.add_argument('--distributed', action='store_true',
+                 help='let jax.distributed find the cluster (TPU VM pods; SLURM and MPI are '
+                 'detected without it)')
   e = sub.add_parser('eval', help="evaluate a workdir's newest checkpoint on val and test")
   e.add_argument('workdir')
   r = sub.add_parser('predict', help='write predictions of a trained model for INPUT.npy')
   r.add_argument('workdir')
   r.add_argument('input', help='.npy of inputs, (N, ...) or one example')
   r.add_argument('--out', help='output .npy (default: INPUT stem + .pred.npy); never overwritten')
+  n = sub.add_parser('plan', help='compile the train step ahead of time and report memory per '
+                     'device, FLOPs and collectives')
+  n.add_argument('config', help='experiment file, e.g. experiments/gpt_stdlib.py[:arg]')
+  n.add_argument('overrides', nargs='*', help='key=value overrides, e.g. mesh.fsdp=4')
+  n.add_argument('--topology', help='TPU slice to plan for from any machine, e.g. v5e:4x4, '
+                 'v6e:2x2, v4:2x2x2, v5p:2x2x1 (needs jaxbig[tpu]); default: the local devices')
+  n.add_argument('--json', action='store_true', help='print the plan as JSON')
   g = sub.add_parser('generate', help='sample text from a trained language model')
   g.add_argument('workdir')
   g.add_argument('--prompt', default='\n', help='text to continue (default: a newline)')
@@ -45,11 +59,19 @@ def _default_workdir(config_spec: str) -> str:
 
 def _run(args) -> int:
   if args.command == 'train':
-    from jaxbig import config as config_lib, train
+    from jaxbig import config as config_lib, distributed
     config = config_lib.load(args.config, args.overrides)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           args.distributed)
+    from jaxbig import train
+    import jax
+    if jax.process_count() > 1 and not args.workdir:
+      raise ConfigError('--workdir: a multi-process run needs one folder that all processes '
+                        'name (a shared file system across hosts)')
     workdir = args.workdir or _default_workdir(args.config)
     summary = train.train_and_evaluate(config, workdir)
-    print(json.dumps({'workdir': workdir, **summary}, indent=2))
+    if jax.process_index() == 0:
+      print(json.dumps({'workdir': workdir, **summary}, indent=2))
   elif args.command == 'eval':
     from jaxbig import inference
     print(json.dumps(inference.evaluate(args.workdir), indent=2))
@@ -69,6 +91,14 @@ def _run(args) -> int:
     np.save(out, preds)
     shown = ', '.join(str(v) for v in np.asarray(preds).ravel()[:10])
     print(f'{len(preds)} predictions -> {out}: {shown}{" ..." if len(preds) > 10 else ""}')
+  elif args.command == 'plan':
+    from jaxbig import config as config_lib, plan
+    if args.topology is not None:
+      plan.parse_topology(args.topology)  # A bad name fails before anything is loaded.
+    d = plan.plan(config_lib.load(args.config, args.overrides), args.topology)
+    print(json.dumps(d, indent=2) if args.json else plan.format_plan(d))
+    if d['fits'] is False:
+      return 1
   elif args.command == 'generate':
     from jaxbig import generate
     print(generate.generate(args.workdir, args.prompt, args.tokens, temperature=args.temperature,
@@ -80,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
   # Overrides may also follow --workdir (argparse stops the positional list at an option).
-  if extra and args.command == 'train' and not any(e.startswith('-') for e in extra):
+  if extra and args.command in ('train', 'plan') and not any(e.startswith('-') for e in extra):
     args.overrides += extra
   elif extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")

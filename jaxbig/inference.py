@@ -22,7 +22,12 @@ def load(workdir: str) -> tuple[train.Setup, train.TrainState, int, data_lib.Dat
   if not os.path.isfile(path):
     raise ConfigError(f'{workdir}: not a jaxbig workdir (no config.json)')
   with open(path) as f:
-    config = config_lib.from_dict(json.load(f))
+    saved = json.load(f)
+  # This machine's devices, data parallel, whatever layout trained it.
+  saved['mesh'].update(data=-1, fsdp=1, tensor=1)
+  if 'parallel' in saved:
+    saved['parallel']['mode'] = 'jit'
+  config = config_lib.from_dict(saved)
   s = train.setup(config)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   step = None
@@ -39,9 +44,9 @@ def load(workdir: str) -> tuple[train.Setup, train.TrainState, int, data_lib.Dat
 def evaluate(workdir: str) -> dict:
   """Validation and test metrics of the newest checkpoint."""
   s, state, step, _ = load(workdir)
-  eval_fn = train.compile_eval(s, state)  # No train step needed.
-  return {'step': step, 'val': train.evaluate(s, eval_fn, state, 'val'),
-          'test': train.evaluate(s, eval_fn, state, 'test')}
+  steps = train.compile_steps(s, state, with_train=False)
+  return {'step': step, 'val': train.evaluate(s, steps, state, 'val'),
+          'test': train.evaluate(s, steps, state, 'test')}
 
 
 def predict(workdir: str, inputs: np.ndarray) -> np.ndarray:

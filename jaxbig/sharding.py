@@ -1,7 +1,10 @@
-"""Device mesh with axes (data, fsdp, tensor) and the logical-axis rules that map parameters onto it.
+"""Device mesh with axes (data, fsdp, tensor) and the logical-axis rules that map arrays onto it.
 
-Parameters carry logical axis names (see `jaxbig.models.init`); `RULES` maps each logical name
-to a mesh axis (or None: replicated). Batches are split over data x fsdp.
+Parameters carry logical axis names (see `jaxbig.models.init`) and activations logical
+constraints; `RULES` maps each logical name to mesh axes (or None: replicated), and the config
+field `mesh.rules` overrides entries. Batches are split over data x fsdp. In a run of several
+processes each one loads only the rows of a batch that its devices hold (`process_rows`) and
+`to_global` assembles the global array.
 """
 
 from __future__ import annotations
@@ -31,7 +34,29 @@ RULES = (
     ('heads', 'tensor'),
     ('kv', None),
     ('layers', None),
+    ('length', None),
+    ('act_embed', None),
 )
+
+
+def rules(cfg) -> tuple:
+  """`RULES` with the overrides of `mesh.rules`: 'name=axis,...'; axes joined by '+', or 'none'.
+
+  For example `mesh.rules=embed=none,vocab=fsdp` replicates the embedding width and shards
+  the vocabulary over fsdp; `batch=data` keeps fsdp devices from splitting the batch.
+  """
+  table = dict(RULES)
+  text = cfg.get('rules', '') or ''
+  for item in filter(None, (t.strip() for t in text.split(','))):
+    name, sep, value = item.partition('=')
+    if not sep or name not in table:
+      raise ConfigError(f"mesh.rules: '{item}' must be logical=axis with logical one of "
+                        f"{', '.join(table)}")
+    axes = tuple(a for a in value.split('+') if a and a != 'none')
+    if any(a not in AXES for a in axes):
+      raise ConfigError(f"mesh.rules: '{item}': mesh axes are {', '.join(AXES)} (or none)")
+    table[name] = axes[0] if len(axes) == 1 else (axes or None)
+  return tuple(table.items())
 
 
 def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
@@ -45,8 +70,8 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(f'mesh.data/fsdp/tensor: {num_devices} devices cannot be split into data x fsdp x tensor '
-                        f'with the fixed sizes {sizes}')
+      raise ConfigError(f'mesh.data/fsdp/tensor: {num_devices} devices cannot be split into '
+                        f'data x fsdp x tensor with the fixed sizes {sizes}')
     sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
     raise ConfigError(f'mesh.data x mesh.fsdp x mesh.tensor = {math.prod(sizes)} but there are '
@@ -55,10 +80,18 @@ def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(cfg, devices=None) -> Mesh:
-  """The (data, fsdp, tensor) mesh over all (or the given) devices."""
-  devices = jax.devices() if devices is None else devices
+  """The (data, fsdp, tensor) mesh over all (or the given) devices.
+
+  `jax.make_mesh` orders TPU devices along the physical interconnect; on other platforms the
+  order is process by process, so each process holds a contiguous block of batch rows.
+  """
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  try:
+    return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+  except (ValueError, NotImplementedError):  # No topology-aware layout for this shape.
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -70,10 +103,45 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def logical_shardings(abstract_boxed, mesh: Mesh):
+def logical_shardings(abstract_boxed, mesh: Mesh, rule_table=RULES):
   """NamedShardings for a tree whose leaves may be logically-partitioned boxes."""
   specs = nn.get_partition_spec(abstract_boxed)
-  return nn.logical_to_mesh_sharding(specs, mesh, RULES)
+  return nn.logical_to_mesh_sharding(specs, mesh, rule_table)
+
+
+def check_divisible(abstract_boxed, shardings) -> None:
+  """Every sharded dimension must split evenly over its mesh axes; names the first that does not."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  for (path, leaf), sh in zip(flat, jax.tree.leaves(shardings)):
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
+    shape = leaf.value.shape if isinstance(leaf, nn.LogicallyPartitioned) else leaf.shape
+    for dim, (size, axes) in enumerate(zip(shape, sh.spec)):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      n = math.prod(sh.mesh.shape[a] for a in axes)
+      if size % n:
+        where = jax.tree_util.keystr(path, simple=True, separator='/')
+        logical = f" ('{names[dim]}')" if dim < len(names) else ''
+        fields = ' x '.join(f'mesh.{a}={sh.mesh.shape[a]}' for a in axes)
+        raise ConfigError(f'{fields}: does not divide dimension {dim}{logical} of size {size} of '
+                          f'{where}; pick mesh sizes that divide the model widths')
+
+
+def process_rows(batch_sh: NamedSharding, size: int) -> tuple[int, int]:
+  """The rows [lo, hi) of a `size`-row batch that this process's devices hold."""
+  index_map = batch_sh.addressable_devices_indices_map((size,))
+  spans = {(i[0].start or 0, size if i[0].stop is None else i[0].stop) for i in index_map.values()}
+  lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != hi - lo:
+    raise ConfigError('mesh: this process holds batch rows that are not contiguous; order the '
+                      'devices so that each process holds whole data x fsdp slices')
+  return lo, hi
+
+
+def to_global(local: dict, batch_sh: NamedSharding, size: int) -> dict:
+  """One global batch array per field from this process's rows (see `process_rows`)."""
+  return {k: jax.make_array_from_process_local_data(batch_sh, v, (size, *v.shape[1:]))
+          for k, v in local.items()}
 
 
 def check_batch(batch_size: int, mesh: Mesh, field: str = 'data.batch_size') -> None:

@@ -24,7 +24,7 @@ from flax import linen as nn
 from flax import struct
 
 from jaxbig import checkpoint, config as config_lib, data as data_lib, losses, models, optim
-from jaxbig import metrics as metrics_lib, sharding
+from jaxbig import metrics as metrics_lib, parallel, sharding
 from jaxbig.config import ConfigError
 
 
@@ -50,6 +50,8 @@ class Setup:
   loss_fn: Callable
   abstract_boxed: Any  # TrainState of ShapeDtypeStructs with logical-axis boxes.
   shardings: Any  # TrainState of NamedShardings.
+  rules: tuple  # Logical axis name -> mesh axes (`sharding.rules`).
+  mode: str  # parallel.mode: jit or pmap.
 
 
 def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple,
@@ -82,6 +84,8 @@ def setup(config, devices=None) -> Setup:
   data = data_lib.build(config.data, config.seed)
   meta = data.meta
   losses.check(config.train, meta.task, config.data.name, config.model.name)
+  mode = parallel.mode(config)
+  rules = sharding.rules(config.mesh)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
                        'data.batch_size / train.accum_steps')
@@ -91,6 +95,8 @@ def setup(config, devices=None) -> Setup:
     tx, schedule = optim.build(config.opt, config.train.steps)
   except ValueError as e:  # The builders name the field; make it a one-line config error.
     raise ConfigError(str(e)) from None
+  if mode == 'pmap' and models.has_batch_stats(config.model.name):
+    model = model.clone(axis_name=parallel.AXIS)  # BatchNorm statistics over all devices.
   weights = None
   if meta.task == 'classification' and config.train.loss == 'xent':
     weights = class_weights(config.train, data.splits['train'][1], meta.num_classes)
@@ -106,8 +112,10 @@ def setup(config, devices=None) -> Setup:
     # The model cannot take this data's shape (e.g. a CNN on flat features): say so in a line.
     raise ConfigError(f'model.name={config.model.name} cannot take inputs of shape '
                       f'{meta.input_shape} from data.name={config.data.name}: {first}') from None
-  shardings = sharding.logical_shardings(abstract_boxed, mesh)
-  return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings)
+  shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  sharding.check_divisible(abstract_boxed, shardings)
+  return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings,
+               rules, mode)
 
 
 def init_state(s: Setup) -> TrainState:
@@ -116,7 +124,19 @@ def init_state(s: Setup) -> TrainState:
                            tokens=s.data.meta.vocab_size > 0)
   init_unboxed = lambda rng: nn.meta.unbox(init(rng))
   rng = jax.random.key_data(jax.random.key(s.config.seed))
-  return jax.jit(init_unboxed, out_shardings=s.shardings)(rng)
+  lowered = jax.jit(init_unboxed, out_shardings=s.shardings).lower(rng)
+  # It runs once: on CPU, skip LLVM's optimisations, which spend seconds on the
+  # partitionable RNG's code (0.7 s instead of 6 s for the smoke CNN; values equal to 1 ulp).
+  cpu = s.mesh.devices.flat[0].platform == 'cpu'
+  state = lowered.compile({'xla_backend_optimization_level': 0} if cpu else None)(rng)
+  # Wait for it: running the slower unoptimised program while the steps compile and start
+  # hung XLA:CPU now and then (jax 0.10.2; 3 of 21 runs of seq_digits:gru,smoke).
+  return jax.block_until_ready(state)
+
+
+def num_params(s: Setup) -> int:
+  """Parameters of the model (from the abstract state: nothing is allocated)."""
+  return sum(x.size for x in jax.tree.leaves(nn.meta.unbox(s.abstract_boxed).params))
 
 
 def abstract_state(s: Setup) -> TrainState:
@@ -144,9 +164,18 @@ def _forward(model, params, batch_stats, x, *, train: bool, rng=None):
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn: Callable,
-               accum_steps: int) -> tuple[TrainState, dict]:
-  """One optimizer update; with `accum_steps` > 1 the batch is split into micro-batches."""
+               accum_steps: int, axis_name: str | None = None) -> tuple[TrainState, dict]:
+  """One optimizer update; with `accum_steps` > 1 the batch is split into micro-batches.
+
+  Under `jax.jit` the batch is global and the mean is over all of it. Under `jax.pmap`
+  (`axis_name`) each device holds a slice: it divides its loss sum by the global count and
+  the gradients and metric sums are summed over devices, which gives the same update.
+  """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  total = lambda x: x
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # Own dropout per device.
+    total = lambda x: jax.lax.psum(x, axis_name)
 
   def loss_and_sums(params, batch_stats, micro, micro_rng):
     micro = {**micro, 'mask': jnp.ones(micro['x'].shape[0], jnp.float32)}
@@ -154,7 +183,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
                                 rng=micro_rng)
     loss_sum, sums = loss_fn(out, micro)
     # Mean per counted example, or per position for a language model.
-    return loss_sum / sums['count'], (sums, batch_stats)
+    return loss_sum / total(sums['count']), (sums, batch_stats)
 
   grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
   if accum_steps == 1:
@@ -180,6 +209,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
     (grads, batch_stats, sums), _ = jax.lax.scan(
         body, (zeros, state.batch_stats, sums0), (micro_batches, jnp.arange(accum_steps)))
     grads = jax.tree.map(lambda g: g / accum_steps, grads)
+  if axis_name is not None:
+    grads, sums = total(grads), total(sums)
+    batch_stats = jax.lax.pmean(batch_stats, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -193,40 +225,43 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Call
   return loss_fn(out, batch)[1]
 
 
-def _abstract(state: TrainState) -> TrainState:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-
-
-def compile_eval(s: Setup, state: TrainState) -> Callable:
-  """AOT-compiles the eval step for the padded eval batch."""
-  batch_sh = sharding.batch_sharding(s.mesh)
-  eval_fn = jax.jit(functools.partial(eval_step, model=s.model, loss_fn=s.loss_fn),
-                    in_shardings=(s.shardings, batch_sh), out_shardings=sharding.replicated(s.mesh))
-  batch = s.data.batch_spec(s.config.data.eval_batch_size, with_mask=True)
-  return eval_fn.lower(_abstract(state), batch).compile()
-
-
-def compile_steps(s: Setup, state: TrainState) -> tuple[Callable, Callable, float]:
-  """AOT-compiles the train and eval steps once; returns them and the compile seconds."""
-  batch_sh = sharding.batch_sharding(s.mesh)
-  t0 = time.perf_counter()
-  train_fn = jax.jit(
+def jit_train_step(s: Setup):
+  """The train step under `jax.jit` with the state's and the batch's shardings (state donated)."""
+  return jax.jit(
       functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
                         accum_steps=s.config.train.accum_steps),
-      in_shardings=(s.shardings, batch_sh),
+      in_shardings=(s.shardings, sharding.batch_sharding(s.mesh)),
       out_shardings=(s.shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+
+
+def lower_train_step(s: Setup):
+  """The lowered (not yet compiled) jit train step for the config's global batch."""
   batch = s.data.batch_spec(s.config.data.batch_size, with_mask=False)
-  train_c = train_fn.lower(_abstract(state), batch).compile()
-  eval_c = compile_eval(s, state)
-  return train_c, eval_c, time.perf_counter() - t0
+  with parallel.tracing(s.mesh, s.rules):
+    return jit_train_step(s).lower(abstract_state(s), batch)
 
 
-def evaluate(s: Setup, eval_fn: Callable, state: TrainState, split: str) -> dict[str, float]:
+def compile_steps(s: Setup, state: TrainState, with_train: bool = True,
+                  with_eval: bool = True) -> parallel.Steps:
+  """Compiles the train and eval steps (those asked for) once for `s.mode`."""
+  evaluate_fn = functools.partial(eval_step, model=s.model, loss_fn=s.loss_fn)
+  if s.mode == 'pmap':
+    train_fn = functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
+                                 accum_steps=s.config.train.accum_steps,
+                                 axis_name=parallel.AXIS)
+    return parallel.pmap_steps(s, state, train_fn if with_train else None,
+                               evaluate_fn if with_eval else None)
+  eval_jit = jax.jit(evaluate_fn, in_shardings=(s.shardings, sharding.batch_sharding(s.mesh)),
+                     out_shardings=sharding.replicated(s.mesh))
+  return parallel.jit_steps(s, state, jit_train_step(s) if with_train else None,
+                            eval_jit if with_eval else None)
+
+
+def evaluate(s: Setup, steps: parallel.Steps, state: TrainState, split: str) -> dict[str, float]:
   """Metrics of `split` (one host transfer at the end)."""
   if s.data.meta.sizes.get(split, 0) == 0:
     return {}
-  batch_sh = sharding.batch_sharding(s.mesh)
-  sums = [eval_fn(state, jax.device_put(b, batch_sh)) for b in s.data.eval_batches(split)]
+  sums = [steps.eval(state, b) for b in s.data.eval_batches(split)]
   totals = {k: float(sum(np.asarray(x[k]) for x in jax.device_get(sums))) for k in sums[0]}
   out = losses.finalize(totals, s.data.meta.task, s.data.meta.y_std)
   if s.data.meta.task == 'lm':
@@ -238,8 +273,10 @@ def evaluate(s: Setup, eval_fn: Callable, state: TrainState, split: str) -> dict
 
 
 # Fields of config.json that may change when a run is resumed (e.g. to train longer).
+# The layout over devices may change too: checkpoints restore onto any mesh.
 RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.ckpt_every',
-                     'train.keep_checkpoints')
+                     'train.keep_checkpoints', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
+                     'mesh.rules', 'parallel.mode')
 
 
 def prepare_workdir(workdir: str, config) -> None:
@@ -253,8 +290,9 @@ def prepare_workdir(workdir: str, config) -> None:
     if changed:
       raise ConfigError(f"--workdir {workdir} holds a run with a different config "
                         f"({', '.join(changed)}); use a new --workdir")
-  os.makedirs(workdir, exist_ok=True)
-  _write_json(path, resolved)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    _write_json(path, resolved)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -269,7 +307,7 @@ def _write_json(path: str, obj: Any) -> None:
 def _truncate_metrics(workdir: str, step: int) -> None:
   """Drops lines logged after `step`: a resumed run logs those steps again."""
   path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  if not os.path.exists(path) or jax.process_index() != 0:
     return
   with open(path) as f:
     lines = [l for l in f if l.strip() and json.loads(l)['step'] <= step]
@@ -309,25 +347,29 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
   prepare_workdir(workdir, config)
   cfg = config.train
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), cfg.keep_checkpoints)
-  state = init_state(s)
-  train_iter = s.data.train_iter()
   start = ckpts.latest_step()
-  if start is not None:
+  if start is None:
+    state = init_state(s)
+  else:  # Onto this run's mesh, whatever the mesh of the run that saved it.
     state, iter_state, _ = ckpts.restore(start, abstract_state(s))
-    train_iter.set_state(iter_state)
     _truncate_metrics(workdir, start)
+  steps = compile_steps(s, state)
+  # Each process reads only the rows of a batch that its devices hold.
+  train_iter = s.data.train_iter(steps.rows(config.data.batch_size))
+  if start is not None:
+    train_iter.set_state(iter_state)
   start = start or 0
-  train_fn, eval_fn, compile_s = compile_steps(s, state)
+  state = steps.place(state)
   writer = metrics_lib.Writer(workdir)
   progress = metrics_lib.Progress(cfg.steps, start)
   meta_json = s.data.meta.to_json()
-  batch_sh = sharding.batch_sharding(s.mesh)
+  save = lambda step: ckpts.save(step, steps.unplace(state), data_lib.save_iter_state(train_iter),
+                                 meta_json)
   pending, scalars, eval_s = [], {}, 0.0
   t_loop = t_log = time.perf_counter()
   last = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
   for step in range(start + 1, last + 1):
-    batch = jax.device_put(next(train_iter), batch_sh)
-    state, step_metrics = train_fn(state, batch)
+    state, step_metrics = steps.train(state, next(train_iter))
     pending.append(step_metrics)
     if step % cfg.log_every == 0 or step == cfg.steps:
       scalars = _train_scalars(pending, s.data.meta.task)
@@ -341,11 +383,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
       progress.update(step)
     if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
       t_eval = time.perf_counter()
-      writer.write(step, {f'eval/{k}': v for k, v in evaluate(s, eval_fn, state, 'val').items()})
+      writer.write(step, {f'eval/{k}': v for k, v in evaluate(s, steps, state, 'val').items()})
       eval_s += time.perf_counter() - t_eval
       t_log += time.perf_counter() - t_eval
     if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != cfg.steps:
-      ckpts.save(step, state, data_lib.save_iter_state(train_iter), meta_json)
+      save(step)
   progress.close()
   if stop_after is not None and last < cfg.steps:
     ckpts.close()
@@ -353,9 +395,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
     return None
   train_s = time.perf_counter() - t_loop - eval_s
   if ckpts.latest_step() != cfg.steps:
-    ckpts.save(cfg.steps, state, data_lib.save_iter_state(train_iter), meta_json)
-  val = evaluate(s, eval_fn, state, 'val')
-  test = evaluate(s, eval_fn, state, 'test')
+    save(cfg.steps)
+  val = evaluate(s, steps, state, 'val')
+  test = evaluate(s, steps, state, 'test')
   writer.write(cfg.steps, {**{f'eval/{k}': v for k, v in val.items()},
                            **{f'test/{k}': v for k, v in test.items()}})
   ckpts.close()
@@ -370,10 +412,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
       'eval': test,
       'val': val,
       'wall_s': time.perf_counter() - t_start,
-      'compile_s': compile_s,
+      'compile_s': steps.compile_s,
       'steps_per_s': (cfg.steps - start) / train_s if cfg.steps > start else None,
       'resumed_from': start or None,
-      'num_params': int(sum(x.size for x in jax.tree.leaves(state.params))),
+      'num_params': num_params(s),
       'device_kind': devices[0].device_kind,
       'num_devices': len(devices),
   }

@@ -272,6 +272,17 @@ _BAD_TRAIN.update({
     'negative_split_seed': (SMOKE, ['data.split_seed=-1'], 'data.split_seed'),
     'negative_seed': (SMOKE, ['seed=-1'], 'seed'),
     'negative_shift': (SMOKE, ['data.augment_shift=-1'], 'data.augment_shift'),
+    'mesh_zero': (SMOKE, ['mesh.tensor=0'], 'mesh.tensor'),
+    'two_fill_axes': (SMOKE, ['mesh.fsdp=-1'], 'mesh'),
+    'unknown_rule_name': (SMOKE, ['mesh.rules=embd=fsdp'], 'mesh.rules'),
+    'unknown_rule_axis': (SMOKE, ['mesh.rules=embed=model'], 'mesh.rules'),
+    'unknown_parallel_mode': (SMOKE, ['parallel.mode=pjit'], 'parallel.mode'),
+    'pmap_with_fsdp': (SMOKE, ['parallel.mode=pmap', 'mesh.fsdp=2'], 'parallel.mode'),
+    'coordinator_alone': (SMOKE, ['--coordinator', 'localhost:1234'], '--coordinator'),
+    'bad_process_id': (SMOKE, ['--coordinator', 'localhost:1234', '--num-processes', '2',
+                               '--process-id', '2'], '--process-id'),
+    'bad_coordinator': (SMOKE, ['--coordinator', 'localhost', '--num-processes', '2',
+                                '--process-id', '0'], '--coordinator'),
 })
 _ROWS = [pytest.param(*row, id=name) for name, row in _BAD_TRAIN.items()]
 

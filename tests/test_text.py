@@ -146,3 +146,16 @@ def test_text_needs_a_path_and_positive_sizes():
     _data('data.seq_len=0')
   with pytest.raises(ConfigError, match='data.eval_windows'):
     _data('data.eval_windows=0')
+
+
+def test_process_rows_are_slices_of_the_global_batch():
+  """Each process of a multi-host run reads its rows of the same random windows."""
+  d = _data()
+  it = d.train_iter()
+  whole = [next(it) for _ in range(2)]
+  halves = [d.train_iter(rows) for rows in ((0, 4), (4, 8))]
+  for batch in whole:
+    parts = [next(h) for h in halves]
+    for k in ('x', 'y'):
+      assert parts[0][k].shape == (4, 32)
+      np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), batch[k])

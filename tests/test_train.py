@@ -46,8 +46,8 @@ def test_resume_without_data_position_differs(uninterrupted, tmp_path, monkeypat
   train.train_and_evaluate(config, workdir, stop_after=13)
   original = data_lib.Data.train_iter
 
-  def forgetful(self):
-    it = original(self)
+  def forgetful(self, rows=None):
+    it = original(self, rows)
     it.set_state = lambda state: None
     return it
 
@@ -63,10 +63,10 @@ def _one_step(overrides, batch=None, spec=CNN_SMOKE):
                                    'opt.warmup_steps=0', *overrides])
   s = train.setup(config)
   state = train.init_state(s)
-  train_fn, _, _ = train.compile_steps(s, state)
+  steps = train.compile_steps(s, state)
   if batch is None:
     batch = next(s.data.train_iter())
-  new_state, metrics = train_fn(state, batch)
+  new_state, metrics = steps.train(state, batch)
   return s, new_state, jax.device_get(metrics), batch
 
 

@@ -79,34 +79,30 @@ def _stats(x: np.ndarray, mode: str) -> tuple:
                     'choose from none, global, feature, minmax')
 
 
-class _Gather(grain.transforms.Map):
-  """Index batch -> example batch."""
+class _Gather(grain.transforms.RandomMap):
+  """Index batch -> this process's rows of the example batch, randomly shifted and flipped.
 
-  def __init__(self, x: np.ndarray, y: np.ndarray):
-    self.x, self.y = x, y
+  Augmentations are drawn for the whole batch, then sliced: a batch is the same whatever
+  the number of processes it is spread over.
+  """
 
-  def map(self, idx):
-    return {'x': self.x[idx], 'y': self.y[idx]}
+  def __init__(self, x: np.ndarray, y: np.ndarray, rows: tuple[int, int] | None, shift: int,
+               flip: bool):
+    self.x, self.y, self.rows, self.shift, self.flip = x, y, rows, shift, flip
 
-
-class _Augment(grain.transforms.RandomMap):
-  """Random shifts (zero padding) and horizontal flips of an image batch."""
-
-  def __init__(self, shift: int, flip: bool):
-    self.shift, self.flip = shift, flip
-
-  def random_map(self, batch, rng: np.random.Generator):
-    x = batch['x']
+  def random_map(self, idx, rng: np.random.Generator):
+    lo, hi = self.rows or (0, len(idx))
+    x = self.x[idx[lo:hi]]
     if self.shift:
       s = self.shift
       padded = np.pad(x, ((0, 0), (s, s), (s, s), (0, 0)))
-      offsets = rng.integers(0, 2 * s + 1, size=(len(x), 2))
+      offsets = rng.integers(0, 2 * s + 1, size=(len(idx), 2))[lo:hi]
       h, w = x.shape[1:3]
       x = np.stack([p[i:i + h, j:j + w] for p, (i, j) in zip(padded, offsets)])
     if self.flip:
-      flips = rng.random(len(x)) < 0.5
+      flips = (rng.random(len(idx)) < 0.5)[lo:hi]
       x = np.where(flips[:, None, None, None], x[:, :, ::-1], x)
-    return {'x': x, 'y': batch['y']}
+    return {'x': x, 'y': self.y[idx[lo:hi]]}
 
 
 class Data:
@@ -149,14 +145,15 @@ class Data:
       y = y[:, None] if y.ndim == 1 else y
     return m.normalize(x), y
 
-  def train_iter(self) -> grain.DatasetIterator:
-    """An endless, seeded, checkpointable iterator of training batches {'x', 'y'}."""
+  def train_iter(self, rows: tuple[int, int] | None = None) -> grain.DatasetIterator:
+    """An endless, seeded, checkpointable iterator of training batches {'x', 'y'}.
+
+    `rows` = (lo, hi) keeps only those rows of each batch: a process's share.
+    """
     x, y = self._prepared['train']
+    gather = _Gather(x, y, rows, self.cfg.augment_shift, self.cfg.augment_flip)
     ds = (grain.MapDataset.range(len(x)).shuffle(seed=self.seed).repeat()
-          .batch(self.cfg.batch_size, drop_remainder=True).map(_Gather(x, y)))
-    if self.cfg.augment_shift or self.cfg.augment_flip:
-      ds = ds.random_map(_Augment(self.cfg.augment_shift, self.cfg.augment_flip),
-                         seed=self.seed + 1)
+          .batch(self.cfg.batch_size, drop_remainder=True).random_map(gather, seed=self.seed + 1))
     # Batches are cheap numpy gathers; threads would only add nondeterministic timing.
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 

@@ -116,11 +116,12 @@ def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict]:
 class _Windows(grain.transforms.RandomMap):
   """A batch of indices -> a batch of random windows of the byte stream."""
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
-    self.tokens, self.seq_len = tokens, seq_len
+  def __init__(self, tokens: np.ndarray, seq_len: int, rows: tuple[int, int] | None):
+    self.tokens, self.seq_len, self.rows = tokens, seq_len, rows
 
   def random_map(self, idx, rng: np.random.Generator):
-    starts = rng.integers(0, len(self.tokens) - self.seq_len, size=len(idx))
+    lo, hi = self.rows or (0, len(idx))  # Draw for the whole batch, keep this process's rows.
+    starts = rng.integers(0, len(self.tokens) - self.seq_len, size=len(idx))[lo:hi]
     windows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
     return {'x': windows[:, :-1], 'y': windows[:, 1:]}
 
@@ -153,13 +154,16 @@ class TextData:
     counts = np.bincount(self.splits['train'], minlength=VOCAB_SIZE) + 1.0  # Add-one smoothed.
     self._unigram_log2 = np.log2(counts / counts.sum())
 
-  def train_iter(self) -> grain.DatasetIterator:
-    """An endless, seeded, checkpointable iterator of {'x', 'y'} int32 (batch, seq_len)."""
+  def train_iter(self, rows: tuple[int, int] | None = None) -> grain.DatasetIterator:
+    """An endless, seeded, checkpointable iterator of {'x', 'y'} int32 (batch, seq_len).
+
+    `rows` = (lo, hi) keeps only those rows of each batch: a process's share.
+    """
     tokens = self.splits['train']
     per_epoch = max(len(tokens) // self.cfg.seq_len // self.cfg.batch_size, 1)
     ds = (grain.MapDataset.range(per_epoch * self.cfg.batch_size).repeat()
           .batch(self.cfg.batch_size, drop_remainder=True)
-          .random_map(_Windows(tokens, self.cfg.seq_len), seed=self.seed))
+          .random_map(_Windows(tokens, self.cfg.seq_len, rows), seed=self.seed))
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
   def batch_spec(self, size: int, with_mask: bool) -> dict:

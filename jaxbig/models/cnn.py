@@ -33,19 +33,20 @@ class CNN(nn.Module):
     zeros = nn.initializers.zeros_init()
     x = x_BxHxWxC.astype(self.dtype)
     for i, width in enumerate(self.features):
+      names = inits.STEM_KERNEL if i == 0 else inits.CONV_KERNEL
       x = nn.Conv(
           width, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=inits.logical(kernel_init, inits.CONV_KERNEL),
+          kernel_init=inits.logical(kernel_init, names),
           bias_init=inits.logical(zeros, inits.CONV_BIAS), name=f'conv{i}')(x)
-      x = nn.relu(x)
+      x = inits.constrain(nn.relu(x), inits.ACT_BxHxWxC)
       # SAME pads odd sizes (7 -> 4) instead of dropping the last row and column.
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-    x_BxF = x.reshape(x.shape[0], -1)
+    x_BxF = inits.constrain(x.reshape(x.shape[0], -1), ('batch', None))
     x_BxN = nn.Dense(
         self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=inits.logical(kernel_init, inits.DENSE_KERNEL),
         bias_init=inits.logical(zeros, inits.DENSE_BIAS), name='hidden')(x_BxF)
-    x_BxN = nn.relu(x_BxN)
+    x_BxN = inits.constrain(nn.relu(x_BxN), inits.ACT_BxN)
     x_BxN = nn.Dropout(self.dropout, deterministic=not train)(x_BxN)
     logits_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -53,7 +53,7 @@ class MLP(nn.Module):
           width, dtype=self.dtype, param_dtype=self.param_dtype,
           kernel_init=inits.logical(kernel_init, inits.DENSE_KERNEL),
           bias_init=inits.logical(zeros, inits.DENSE_BIAS), name=f'dense{i}')(x_BxN)
-      x_BxN = act(x_BxN)
+      x_BxN = inits.constrain(act(x_BxN), inits.ACT_BxN)
       x_BxN = nn.Dropout(self.dropout, deterministic=not train)(x_BxN)
     out_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,

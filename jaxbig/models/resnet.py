@@ -86,6 +86,9 @@ class ResNet(nn.Module):
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  # Under pmap: the axis over which BatchNorm averages its statistics (None under jit, where
+  # the batch is one global array already).
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, *, train: bool) -> jax.Array:
@@ -102,16 +105,18 @@ class ResNet(nn.Module):
     # normalisation in float32 and keeps batch_stats in float32 (force_float32_reductions).
     norm = partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-        dtype=self.dtype, param_dtype=self.param_dtype,
+        axis_name=self.axis_name if train else None, dtype=self.dtype, param_dtype=self.param_dtype,
         scale_init=inits.logical(nn.initializers.ones_init(), inits.NORM),
         bias_init=inits.logical(nn.initializers.zeros_init(), inits.NORM))
 
     x = x_BxHxWxC.astype(self.dtype)
+    stem = partial(conv, kernel_init=inits.logical(
+        inits.initializer(self.init_name, self.init_std), inits.STEM_KERNEL))
     if self.small_input:
-      x = conv(self.width, (3, 3), name='conv_init')(x)
+      x = stem(self.width, (3, 3), name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
     else:
-      x = conv(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='conv_init')(x)
+      x = stem(self.width, (7, 7), (2, 2), padding=[(3, 3), (3, 3)], name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     for i, num_blocks in enumerate(self.stage_sizes):

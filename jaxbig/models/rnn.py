@@ -191,14 +191,17 @@ class RNNLayer(nn.Module):
     elif carry is None:
       carry = zero_carry(self.cell, batch, n)
 
-    zx_LxBxGxN = jnp.swapaxes(project(params, x_BxLxE, self.dtype), 0, 1)
+    zx_BxLxGxN = inits.constrain(project(params, x_BxLxE, self.dtype),
+                                 ('batch', 'length', None, 'mlp'))
+    zx_LxBxGxN = jnp.swapaxes(zx_BxLxGxN, 0, 1)
     body = lambda c, zx_BxGxN: recur(self.cell, params, c, zx_BxGxN, self.dtype)
     carry, h_LxBxN = jax.lax.scan(body, carry, zx_LxBxGxN, reverse=self.reverse)
     # init builds an empty cache: the carry after the dummy init input must not leak into it.
     if cache is not None and not self.is_initializing():
       for k, v in cache.items():
         v.value = carry[k]
-    return carry, jnp.swapaxes(h_LxBxN, 0, 1).astype(self.dtype)
+    y_BxLxN = jnp.swapaxes(h_LxBxN, 0, 1).astype(self.dtype)
+    return carry, inits.constrain(y_BxLxN, inits.ACT_BxLxM)
 
 
 def _embed(vocab_size: int, features: int, dtype: Any, param_dtype: Any) -> nn.Embed:
@@ -254,7 +257,7 @@ class RNNLM(nn.Module):
       raise ValueError(f'model.tie_embeddings needs embed_dim == hidden, got {embed_dim} and '
                        f'{self.hidden}')
     embed = _embed(self.vocab_size, embed_dim, self.dtype, self.param_dtype)
-    x = embed(tokens_BxL)
+    x = inits.lookup(embed, tokens_BxL)
     for i in range(self.depth):
       _, x = RNNLayer(
           self.cell, self.hidden, decode=self.decode, init_name=self.init_name,
@@ -316,8 +319,8 @@ class RNNClassifier(nn.Module):
       if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f'RNNClassifier: vocab_size={self.vocab_size} needs int tokens (B, L), '
                          f'got {x.dtype} {x.shape}')
-      return _embed(self.vocab_size, self.embed_dim or self.hidden, self.dtype,
-                    self.param_dtype)(x)
+      return inits.lookup(_embed(self.vocab_size, self.embed_dim or self.hidden, self.dtype,
+                                 self.param_dtype), x)
     if x.ndim == 4:
       x = x.reshape(x.shape[0], x.shape[1], -1)
     if x.ndim != 3:

@@ -125,6 +125,8 @@ class Attention(nn.Module):
     if self.pos == 'rope':
       q_BxLxHxD = rope(q_BxLxHxD, positions_L)
       k_BxLxHxD = rope(k_BxLxHxD, positions_L)
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (inits.constrain(a, inits.ACT_BxLxHxD)
+                                       for a in (q_BxLxHxD, k_BxLxHxD, v_BxLxHxD))
 
     # Decode mode creates the cache on `init` (and then attends like the plain path); later
     # calls write this chunk into it and attend over all cached positions.
@@ -185,12 +187,13 @@ class Block(nn.Module):
         self.mlp_dim, **dense, name='mlp_in',
         kernel_init=inits.logical(nn.initializers.normal(self.init_std), inits.MLP_IN_KERNEL))(
             h_BxLxE)
+    h_BxLxM = inits.constrain(h_BxLxM, inits.ACT_BxLxM)
     h_BxLxE = nn.Dense(
         width, **dense, name='mlp_out',
         kernel_init=inits.logical(nn.initializers.normal(self.out_std), inits.MLP_OUT_KERNEL))(
             nn.gelu(h_BxLxM))
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
-    return x_BxLxE, None
+    return inits.constrain(x_BxLxE, inits.ACT_BxLxE), None
 
 
 def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal: bool,
@@ -281,7 +284,8 @@ class TransformerLM(nn.Module):
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=inits.logical(nn.initializers.normal(self.init_std), inits.EMBED_TABLE),
         name='embed')
-    x_BxLxE = _add_positions(self, embed(tokens_BxL), positions_L)
+    x_BxLxE = _add_positions(self, inits.lookup(embed, tokens_BxL), positions_L)
+    x_BxLxE = inits.constrain(x_BxLxE, inits.ACT_BxLxE)
     x_BxLxE = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxE)
     x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train)
     x_BxLxE = _rms_norm(x_BxLxE, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -298,7 +302,7 @@ class TransformerLM(nn.Module):
           dot_general=_dot_general_f32, name='logits',
           kernel_init=inits.logical(nn.initializers.normal(self.init_std),
                                     inits.LOGITS_KERNEL))(x_BxLxE)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    logits_BxLxV = inits.constrain(logits_BxLxV.astype(jnp.float32), inits.ACT_BxLxV)
     if self.decode:
       logits_BxLxV = jnp.where(in_range, logits_BxLxV, jnp.nan)
     return logits_BxLxV
@@ -335,10 +339,11 @@ class TransformerClassifier(nn.Module):
       if x.ndim != 2:
         raise ValueError(f'TransformerClassifier with vocab_size > 0 takes int tokens (B, L), '
                          f'got shape {x.shape}')
-      x_BxLxE = nn.Embed(
+      embed = nn.Embed(
           self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
           embedding_init=inits.logical(nn.initializers.normal(self.init_std),
-                                       inits.EMBED_TABLE), name='embed')(x)
+                                       inits.EMBED_TABLE), name='embed')
+      x_BxLxE = inits.lookup(embed, x)
     else:
       if x.ndim == 4:
         x = x.reshape(*x.shape[:2], -1)

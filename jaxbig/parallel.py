@@ -1,0 +1,137 @@
+"""How the steps run over the devices: `jax.jit` with shardings (the default) or `jax.pmap`.
+
+`parallel.mode=jit` compiles one program for the whole (data, fsdp, tensor) mesh; XLA inserts
+the collectives that the shardings imply. `parallel.mode=pmap` replicates the state on every
+device and runs the step per device with explicit `psum`s over the 'batch' axis: plain data
+parallelism, the way many JAX codebases still do it (JAX keeps pmap in maintenance mode).
+
+Either way the loop sees the same `Steps`: it feeds each process's rows of a batch and keeps
+the state in the layout `place` made; `unplace` gives back the mesh layout that checkpoints
+hold, so a run saved under one mode or mesh resumes under another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import jax_utils
+
+from jaxbig import sharding
+from jaxbig.models import init as inits
+from jaxbig.config import ConfigError
+
+MODES = ('jit', 'pmap')
+AXIS = 'batch'  # The pmap axis name the steps reduce over.
+
+
+def mode(config) -> str:
+  """`parallel.mode`, checked; configs saved before the field existed run under jit."""
+  m = config.parallel.mode if 'parallel' in config else 'jit'
+  if m not in MODES:
+    raise ConfigError(f"parallel.mode: unknown mode '{m}'; choose from {', '.join(MODES)}")
+  if m == 'pmap' and (config.mesh.fsdp != 1 or config.mesh.tensor != 1):
+    raise ConfigError('parallel.mode=pmap is data parallel only: set mesh.fsdp=1 and '
+                      'mesh.tensor=1 (or use parallel.mode=jit)')
+  return m
+
+
+@dataclasses.dataclass
+class Steps:
+  """Compiled steps that take this process's share of a batch."""
+  train: Callable  # (state, this process's rows of a batch) -> (state, metric sums)
+  eval: Callable  # (state, the whole padded eval batch) -> metric sums
+  place: Callable  # mesh-laid-out state -> the state the steps take
+  unplace: Callable  # the steps' state -> mesh layout (what checkpoints hold)
+  rows: Callable  # global batch size -> (lo, hi): this process's rows
+  compile_s: float
+
+
+@contextlib.contextmanager
+def tracing(mesh, rules):
+  """The context in which to trace a jitted step: activations' logical constraints apply."""
+  with jax.set_mesh(mesh), inits.activation_rules(rules):
+    yield
+
+
+def jit_steps(s, state, train_fn, eval_fn) -> Steps:
+  """`train_fn`/`eval_fn`: the jitted steps (or None: not needed), compiled here for the
+  config's batch shapes."""
+  batch_sh = sharding.batch_sharding(s.mesh)
+  rows = lambda size: sharding.process_rows(batch_sh, size)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  t0 = time.perf_counter()
+  train_c = eval_c = None
+  with tracing(s.mesh, s.rules):
+    if train_fn is not None:
+      train_c = train_fn.lower(abstract, s.data.batch_spec(s.config.data.batch_size,
+                                                           with_mask=False)).compile()
+    if eval_fn is not None:
+      eval_c = eval_fn.lower(abstract, s.data.batch_spec(s.config.data.eval_batch_size,
+                                                         with_mask=True)).compile()
+  compile_s = time.perf_counter() - t0
+
+  def train(state, local):
+    return train_c(state, sharding.to_global(local, batch_sh, s.config.data.batch_size))
+
+  def evaluate(state, batch):
+    size = len(batch['mask'])
+    lo, hi = rows(size)
+    local = {k: v[lo:hi] for k, v in batch.items()}
+    return eval_c(state, sharding.to_global(local, batch_sh, size))
+
+  same = lambda state: state
+  return Steps(train, evaluate, same, same, rows, compile_s)
+
+
+def pmap_steps(s, state, train_step: Callable | None, eval_step: Callable | None) -> Steps:
+  """`train_step`/`eval_step`: per-device functions (or None: not needed); the train step
+  reduces over `AXIS` itself."""
+  n_local, n_proc = jax.local_device_count(), jax.process_count()
+
+  def rows(size):
+    per = size // n_proc
+    return jax.process_index() * per, (jax.process_index() + 1) * per
+
+  per_device = lambda local: jax.tree.map(lambda a: a.reshape(n_local, -1, *a.shape[1:]), local)
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+
+  def place(mesh_state):
+    return jax_utils.replicate(jax.device_get(mesh_state))
+
+  def unplace(state):
+    return jax.tree.map(
+        lambda x, sh: jax.make_array_from_process_local_data(sh, np.asarray(x[0]), x.shape[1:]),
+        state, s.shardings)
+
+  def zeros(size, with_mask):
+    lo, hi = rows(size)
+    spec = s.data.batch_spec(hi - lo, with_mask)
+    return per_device({k: np.zeros(v.shape, v.dtype) for k, v in spec.items()})
+
+  t0 = time.perf_counter()
+  placed = place(state)
+  train_c = eval_c = None
+  if train_step is not None:
+    p_train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
+    train_c = p_train.lower(placed, zeros(s.config.data.batch_size, False)).compile()
+  if eval_step is not None:
+    p_eval = jax.pmap(lambda st, b: jax.lax.psum(eval_step(st, b), AXIS), axis_name=AXIS)
+    eval_c = p_eval.lower(placed, zeros(s.config.data.eval_batch_size, True)).compile()
+  compile_s = time.perf_counter() - t0
+  del placed
+
+  def train(state, local):
+    state, sums = train_c(state, per_device(local))
+    return state, first(sums)
+
+  def evaluate(state, batch):
+    lo, hi = rows(len(batch['mask']))
+    return first(eval_c(state, per_device({k: v[lo:hi] for k, v in batch.items()})))
+
+  return Steps(train, evaluate, place, unplace, rows, compile_s)
+

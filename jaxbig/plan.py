@@ -1,0 +1,321 @@
+"""Ahead-of-time planning: compile the real train step for a TPU slice (or the local devices).
+
+`plan(config, 'v5e:4x4')` builds the run exactly as `jaxbig train` would (`train.setup`), but
+over compile-only TPU devices from libtpu, so a CPU machine can answer "does this config fit a
+v5e-16, and what does a step cost?" before any TPU is rented. It reports, per device, the
+memory XLA assigned (arguments, outputs, temporaries), whether that fits the chip's HBM, the
+FLOPs of one step and the collectives in the compiled program. Without a topology it plans for
+the local devices (there HBM and `fits` are known only where the backend reports a limit).
+
+Topology names are libtpu's: `GEN:AxB` or `GEN:AxBxC` chips, GEN one of `GENERATIONS`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import time
+from typing import Any
+
+from jaxbig import train
+from jaxbig.config import ConfigError
+
+GiB = 1024**3
+
+# Nominal HBM per chip (one JAX device: v4 and v5p run as megacore, see `_topology_kwargs`).
+# XLA keeps a little for itself: a v5e compile reports 15.75 GiB available.
+HBM_BYTES = {'v4': 32 * GiB, 'v5e': 16 * GiB, 'v5p': 95 * GiB, 'v6e': 32 * GiB}
+
+# `device_kind` -> generation. libtpu's compile-only devices report the first spelling of each
+# ('TPU v4', 'TPU v5 lite', 'TPU v5', 'TPU v6 lite'); the others occur on TPU VMs.
+GENERATIONS = {
+    'TPU v4': 'v4',
+    'TPU v5 lite': 'v5e', 'TPU v5e': 'v5e',
+    'TPU v5': 'v5p', 'TPU v5p': 'v5p',
+    'TPU v6 lite': 'v6e', 'TPU v6e': 'v6e',
+}
+
+_TOPOLOGY = re.compile(r'(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?')
+TOPOLOGY_FORMS = 'v4|v5e|v5p|v6e:AxB[xC] chips, e.g. v5e:4x4, v6e:2x2, v4:2x2x2, v5p:2x2x1'
+_HOST_BOUNDS = (2, 2, 1)  # Chips per TPU VM host, the same for all four generations.
+
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+
+# Bytes per element of HLO array types (f8 variants: 1; tokens and unknown types: 0).
+_DTYPE_BYTES = {
+    'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2,
+    'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8,
+    'c128': 16, 's4': 0.5, 'u4': 0.5,
+}
+_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
+
+
+def parse_topology(name: str) -> tuple[str, tuple[int, int, int]]:
+  """(generation, chips per dimension) of a topology name; ConfigError for anything else."""
+  m = _TOPOLOGY.fullmatch(name.strip().lower())
+  if not m:
+    raise ConfigError(f"--topology: unknown topology '{name}'; expected {TOPOLOGY_FORMS}")
+  dims = tuple(int(d) for d in m.groups()[1:] if d is not None)
+  if 0 in dims:
+    raise ConfigError(f"--topology {name}: every dimension must be at least 1")
+  return m.group(1), (dims + (1,))[:3]
+
+
+def _libtpu_installed() -> bool:
+  path = os.environ.get('TPU_LIBRARY_PATH')
+  return bool(path and os.path.isfile(path)) or importlib.util.find_spec('libtpu') is not None
+
+
+def _no_local_tpu_env() -> None:
+  """Lets libtpu load on a machine without TPU chips, quietly and next to other jax processes.
+
+  libtpu takes /tmp/libtpu_lockfile when it loads; another jax process on the same machine
+  (a test run, say) then holds it and planning fails. Compile-only devices touch no chip, so
+  the lock protects nothing here. Where chips exist the environment is left alone.
+  """
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    num_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  except Exception:  # pylint: disable=broad-except
+    return  # Cannot tell: assume a TPU VM.
+  if num_chips == 0:
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # Else a screenful of errors.
+
+
+def _topology_kwargs(generation: str, dims: tuple[int, int, int]) -> dict:
+  kwargs = {}
+  if generation in ('v4', 'v5p'):
+    # Two TensorCores per chip that a TPU VM shows as one device; libtpu's default for
+    # compile-only v4 is one device per core (8 for v4:2x2x1).
+    kwargs['chip_config_name'] = 'megacore'
+  if all(d <= b for d, b in zip(dims, _HOST_BOUNDS)):  # v5e:1x1 and other part-host slices.
+    kwargs['chips_per_host_bounds'] = dims
+  return kwargs
+
+
+def topology_devices(name: str) -> list:
+  """Compile-only TPU devices of a slice, e.g. 'v5e:4x4' (16 devices over 4 hosts)."""
+  generation, dims = parse_topology(name)
+  if not _libtpu_installed():
+    raise ConfigError('--topology needs libtpu, which is not installed: pip install "jaxbig[tpu]"')
+  _no_local_tpu_env()
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    desc = topologies.get_topology_desc(name.strip().lower(), 'tpu',
+                                        **_topology_kwargs(generation, dims))
+  except RuntimeError as e:  # JaxRuntimeError too: libtpu's own checks (v5e:3x7), in one line.
+    first = str(e).strip().splitlines()[0]
+    if 'not installed' in first:
+      raise ConfigError('--topology needs libtpu: pip install "jaxbig[tpu]"') from None
+    raise ConfigError(f'--topology {name}: libtpu says {first}') from None
+  return list(desc.devices)
+
+
+def _hbm_bytes(device) -> int | None:
+  """Memory of one device: the backend's limit where it reports one, else the chip's HBM."""
+  try:
+    stats = device.memory_stats()  # Real TPUs and GPUs; None on CPU; raises if compile-only.
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  generation = GENERATIONS.get(device.device_kind)
+  return HBM_BYTES.get(generation)
+
+
+def _memory(compiled) -> dict[str, int | None]:
+  m = compiled.memory_analysis()
+  args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
+  alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
+  peak = getattr(m, 'peak_memory_in_bytes', 0) or None
+  return {
+      'arguments_bytes': int(args),
+      'outputs_bytes': int(outs),
+      'aliased_bytes': int(alias),  # Outputs written into donated arguments (the new state).
+      'temporaries_bytes': int(temp),
+      'code_bytes': int(m.generated_code_size_in_bytes),
+      # The state is donated, so the new state reuses the old one's buffers: an aliased output
+      # is counted once, as an argument. The usual AOT sum (MaxText's, too).
+      'total_bytes': int(args + outs - alias + temp),
+      # XLA's own peak of live buffers. On TPU it may exceed the total (small programs) or fall
+      # below it; `fits` takes the larger. On CPU it leaves out the temporaries.
+      'peak_bytes': None if peak is None else int(peak),
+  }
+
+
+def _flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per computation.
+    cost = cost[0] if cost else {}
+  flops = (cost or {}).get('flops')
+  return None if flops is None or flops < 0 else float(flops)
+
+
+def _split_type(rest: str) -> tuple[str, str]:
+  """(result type, the text after it) of an HLO instruction's right-hand side."""
+  if not rest.startswith('('):
+    typ, _, tail = rest.partition(' ')
+    return typ, tail
+  depth = 0
+  for i, ch in enumerate(rest):
+    depth += {'(': 1, ')': -1}.get(ch, 0)
+    if depth == 0:
+      return rest[:i + 1], rest[i + 1:].lstrip()
+  return rest, ''
+
+
+def _type_bytes(typ: str) -> int:
+  return int(sum(_DTYPE_BYTES.get(dtype, 1 if dtype.startswith('f8') else 0) * _prod(dims)
+                 for dtype, dims in _ARRAY.findall(typ)))
+
+
+def _prod(dims: str) -> int:
+  n = 1
+  for d in filter(None, dims.split(',')):
+    n *= int(d)
+  return n
+
+
+def collectives(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
+  """Counts and result bytes (per device) of each collective in an optimized HLO module.
+
+  Counts are static: a collective inside a loop (gradient accumulation's scan) counts once.
+  An asynchronous pair (`all-gather-start` ... `all-gather-done`) counts as one; its bytes are
+  the `-done` result. Reduce-scatters wrapped in `async-start` are counted in the wrapped
+  computation, which the text lists too.
+  """
+  counts, sizes = {}, {}
+  for line in hlo_text.splitlines():
+    lhs, eq, rest = line.partition(' = ')
+    if not eq or lhs.lstrip().startswith('//'):
+      continue
+    typ, tail = _split_type(rest.strip())
+    opcode = tail.partition('(')[0]
+    base = opcode.removesuffix('-start').removesuffix('-done')
+    if base not in COLLECTIVES:
+      continue
+    if not opcode.endswith('-done'):
+      counts[base] = counts.get(base, 0) + 1
+    if not opcode.endswith('-start'):
+      sizes[base] = sizes.get(base, 0) + _type_bytes(typ)
+  return counts, {k: sizes.get(k, 0) for k in counts}
+
+
+def plan(config, topology: str | None = None) -> dict[str, Any]:
+  """Compiles the train step for `topology` (or the local devices) and reports what it needs.
+
+  Raises ConfigError for a bad topology name (before anything is built), missing libtpu or a
+  bad config. A TPU compile that runs out of HBM is not an error here: the plan then has
+  `fits` False, `error` XLA's message, and no memory figures.
+  """
+  devices = topology_devices(topology) if topology is not None else None
+  s = train.setup(config, devices=devices)
+  flat = list(s.mesh.devices.flat)
+  device = flat[0]
+  out = {
+      'topology': topology,
+      'device_kind': device.device_kind,
+      'platform': device.platform,
+      'num_devices': len(flat),
+      'num_hosts': len({d.process_index for d in flat}),
+      'mesh': {k: int(v) for k, v in s.mesh.shape.items()},
+      'batch_size': int(config.data.batch_size),
+      'num_params': train.num_params(s),
+      'memory_per_device': None,
+      'hbm_bytes': _hbm_bytes(device),
+      'fits': None,
+      # cost_analysis of an SPMD program is that of one device's partition; the step's total
+      # is that times the devices (replicated work, such as the optimizer update under pure
+      # data parallelism, is counted on every device).
+      'flops_per_device': None,
+      'flops_per_step': None,
+      'collectives': {},
+      'collective_bytes': {},
+      'compile_s': None,
+      'error': None,
+  }
+  t0 = time.perf_counter()
+  try:
+    compiled = train.lower_train_step(s).compile()
+  except RuntimeError as e:  # XLA:TPU refuses to compile a program that cannot fit.
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    out.update(fits=False, error=str(e).strip().splitlines()[0],
+               compile_s=time.perf_counter() - t0)
+    return out
+  out['compile_s'] = time.perf_counter() - t0
+  memory = _memory(compiled)
+  out['memory_per_device'] = memory
+  if out['hbm_bytes'] is not None:  # Nominal HBM; over XLA:TPU's own limit, compile fails.
+    needed = max(memory['total_bytes'], memory['peak_bytes'] or 0)
+    out['fits'] = needed <= out['hbm_bytes']
+  flops = _flops(compiled)
+  if flops is not None:
+    out['flops_per_device'] = flops
+    out['flops_per_step'] = flops * len(flat)
+  out['collectives'], out['collective_bytes'] = collectives(compiled.as_text())
+  return out
+
+
+def _bytes(n: int | float | None) -> str:
+  if n is None:
+    return '-'
+  for unit, size in (('GiB', GiB), ('MiB', 1024**2), ('KiB', 1024)):
+    if abs(n) >= size:
+      return f'{n / size:.2f} {unit}'
+  return f'{int(n)} B'
+
+
+def _count(n: float | None) -> str:
+  if n is None:
+    return '-'
+  for prefix, size in (('P', 1e15), ('T', 1e12), ('G', 1e9), ('M', 1e6), ('k', 1e3)):
+    if n >= size:
+      return f'{n / size:.2f} {prefix}'
+  return f'{n:.0f}'
+
+
+def format_plan(d: dict[str, Any]) -> str:
+  """A human-readable table of `plan`'s result."""
+  where = d['topology'] or 'local devices'
+  hosts = f", {d['num_hosts']} hosts" if d['num_hosts'] > 1 else ''
+  mesh = ' '.join(f'{k}={v}' for k, v in d['mesh'].items())
+  lines = [
+      f"plan for {where}: {d['num_devices']} x {d['device_kind']}{hosts}; mesh {mesh}",
+      f"  parameters          {_count(d['num_params'])}",
+      f"  global batch        {d['batch_size']}",
+      f"  compile             {d['compile_s']:.1f} s" if d['compile_s'] is not None else '',
+  ]
+  hbm = _bytes(d['hbm_bytes'])
+  fits = {True: 'yes', False: 'NO', None: 'unknown'}[d['fits']]
+  m = d['memory_per_device']
+  if m is None:
+    lines += [f'memory per device: does not fit {hbm} of HBM', f"  {d['error']}"]
+  else:
+    share = ''
+    if d['hbm_bytes']:
+      share = f" ({100 * max(m['total_bytes'], m['peak_bytes'] or 0) / d['hbm_bytes']:.1f}%)"
+    lines += [
+        'memory per device',
+        f"  arguments           {_bytes(m['arguments_bytes'])}",
+        f"  outputs             {_bytes(m['outputs_bytes'])}",
+        f"  aliased (donated)  -{_bytes(m['aliased_bytes'])}",
+        f"  temporaries         {_bytes(m['temporaries_bytes'])}",
+        f"  total               {_bytes(m['total_bytes'])}"
+        '   (arguments + outputs - aliased + temporaries)',
+        f"  peak (XLA)          {_bytes(m['peak_bytes'])}",
+        f"  code                {_bytes(m['code_bytes'])}",
+        f"  HBM                 {hbm}   fits: {fits}{share}",
+        'compute',
+        f"  FLOPs per device    {_count(d['flops_per_device'])}",
+        f"  FLOPs per step      {_count(d['flops_per_step'])}   (all devices)",
+    ]
+    if d['collectives']:
+      lines.append('collectives (static count, result bytes per device)')
+      lines += [f"  {op:<19} {n:<5} {_bytes(d['collective_bytes'].get(op))}"
+                for op, n in sorted(d['collectives'].items())]
+    else:
+      lines.append('collectives: none')
+  return '\n'.join(l for l in lines if l)

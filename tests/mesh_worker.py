@@ -1,0 +1,67 @@
+"""Runs training steps on 8 fake CPU devices for tests/test_sharding.py (in its own process).
+
+The device count is fixed when JAX starts, so the tests run this script with XLA_FLAGS set
+rather than changing the whole test session. Input: a JSON list of jobs on stdin, each
+{"spec", "overrides", "devices", "steps"}; output: one JSON list of results on stdout, each
+{"losses": per-step mean loss, "split": the most ways any parameter is split} or {"error"}.
+"""
+
+import json
+import os
+import sys
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from jaxbig import config as config_lib, data as data_lib, train  # pylint: disable=g-import-not-at-top
+from jaxbig.config import ConfigError  # pylint: disable=g-import-not-at-top
+
+_build, _built = data_lib.build, {}
+
+
+def _cached_build(cfg, seed):
+  """The jobs share a few data sets: load each once."""
+  key = (json.dumps(cfg.to_dict(), sort_keys=True, default=str), seed)
+  if key not in _built:
+    _built[key] = _build(cfg, seed)
+  return _built[key]
+
+
+data_lib.build = _cached_build
+
+
+def _split(state) -> int:
+  """The most pieces any parameter is cut into across the mesh (1: all replicated)."""
+  params = jax.tree.leaves(state.params)
+  if not hasattr(params[0], 'sharding') or params[0].ndim == 0:
+    return 1
+  shard = lambda x: x.sharding.shard_shape(x.shape)
+  return max(int(np.prod(x.shape) // max(np.prod(shard(x)), 1)) for x in params)
+
+
+def run(job: dict) -> dict:
+  try:
+    config = config_lib.load(job['spec'], job['overrides'])
+    s = train.setup(config, jax.devices()[:job['devices']])
+    state = train.init_state(s)
+    split = _split(state)
+    steps = train.compile_steps(s, state, with_eval=False)
+  except ConfigError as e:
+    return {'error': str(e)}
+  state = steps.place(state)
+  it = s.data.train_iter(steps.rows(config.data.batch_size))
+  losses = []
+  for _ in range(job['steps']):
+    state, sums = steps.train(state, next(it))
+    sums = jax.device_get(sums)
+    losses.append(float(sums['loss']) / float(sums['count']))
+  return {'losses': losses, 'split': split}
+
+
+if __name__ == '__main__':
+  print(json.dumps([run(job) for job in json.load(sys.stdin)]))

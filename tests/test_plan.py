@@ -1,0 +1,123 @@
+"""Tests for jaxbig.plan: local plans, TPU-topology plans (needs libtpu), bad topology names."""
+
+import sys
+
+import pytest
+
+from jaxbig import config as config_lib, plan, train
+from jaxbig.config import ConfigError
+
+CNN_SMOKE = 'experiments/cnn_digits.py:smoke'
+
+
+def _tpu_or_skip(name: str = 'v5e:2x2') -> None:
+  """Skips the test, saying why, when libtpu cannot give devices for `name`."""
+  try:
+    plan.topology_devices(name)
+  except ConfigError as e:
+    if 'needs libtpu' not in str(e):
+      raise
+    pytest.skip(f'libtpu not installed: {e}')
+
+
+@pytest.fixture(scope='module')
+def local_plans():
+  """Plans of the CNN smoke config at its own width (32) and 8x wider, on the local devices."""
+  narrow = plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=1']))
+  wide = plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=1', 'model.hidden=256']))
+  return narrow, wide
+
+
+def test_local_plan_reports_memory_and_flops(local_plans):
+  d, _ = local_plans
+  m = d['memory_per_device']
+  assert d['topology'] is None and d['num_devices'] == 1
+  assert m['arguments_bytes'] > 0 and m['total_bytes'] > 0
+  # The donated state comes back as the new state: those outputs alias the arguments.
+  assert 0 < m['aliased_bytes'] <= m['outputs_bytes']
+  assert m['total_bytes'] == (m['arguments_bytes'] + m['outputs_bytes'] - m['aliased_bytes']
+                              + m['temporaries_bytes'])
+  assert d['flops_per_device'] > 0 and d['flops_per_step'] == d['flops_per_device']
+  assert d['compile_s'] > 0
+  if d['platform'] == 'cpu':  # No HBM to compare with.
+    assert d['hbm_bytes'] is None and d['fits'] is None
+  text = plan.format_plan(d)
+  assert 'arguments' in text and 'FLOPs per step' in text and 'collectives: none' in text
+
+
+def test_wider_model_needs_more_memory_and_flops(local_plans):
+  narrow, wide = local_plans
+  assert wide['num_params'] > 4 * narrow['num_params']
+  assert (wide['memory_per_device']['arguments_bytes']
+          > 4 * narrow['memory_per_device']['arguments_bytes'])
+  assert wide['flops_per_device'] > narrow['flops_per_device']
+
+
+@pytest.mark.parametrize('name', ['v9z:2x2', 'v5litepod-16', 'v5e', 'v5e:2x2x2x2', 'v5e:0x2'])
+def test_unknown_topology_fails_before_setup(name, monkeypatch):
+  monkeypatch.setattr(train, 'setup', lambda *a, **k: pytest.fail('setup ran'))
+  with pytest.raises(ConfigError, match='^--topology') as e:
+    plan.plan(config_lib.load(CNN_SMOKE), name)
+  assert '\n' not in str(e.value)
+
+
+def test_missing_libtpu_is_one_config_error(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'libtpu', None)  # `import libtpu` fails; find_spec is None.
+  monkeypatch.delenv('TPU_LIBRARY_PATH', raising=False)
+  with pytest.raises(ConfigError, match=r'^--topology needs libtpu.*jaxbig\[tpu\]'):
+    plan.plan(config_lib.load(CNN_SMOKE), 'v5e:2x2')
+
+
+def test_topology_libtpu_cannot_build_is_a_config_error():
+  _tpu_or_skip()
+  with pytest.raises(ConfigError, match='^--topology v5e:3x7: libtpu says .*not divisible'):
+    plan.topology_devices('v5e:3x7')
+
+
+def test_v5e_plan_fits_and_has_collectives():
+  _tpu_or_skip()
+  d = plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=4']), 'v5e:2x2')
+  assert d['device_kind'] == 'TPU v5 lite' and d['num_devices'] == 4
+  assert d['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  m = d['memory_per_device']
+  assert m['arguments_bytes'] > 0 and m['total_bytes'] > 0
+  assert d['hbm_bytes'] == plan.HBM_BYTES['v5e'] and d['fits'] is True
+  assert d['flops_per_step'] == 4 * d['flops_per_device'] > 0
+  assert d['collectives'].get('all-reduce', 0) >= 1  # The gradients, summed over data.
+  assert d['collective_bytes']['all-reduce'] > 0
+  # One chip: nothing to communicate, and the same per-device state.
+  single = plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=1']), 'v5e:1x1')
+  assert single['num_devices'] == 1 and single['collectives'] == {}
+  assert single['memory_per_device']['arguments_bytes'] == m['arguments_bytes']
+
+
+def test_out_of_hbm_is_a_plan_that_does_not_fit():
+  _tpu_or_skip()
+  # Two 40000-wide layers with Adam: ~18 GiB of state on each of 4 replicas, over 16 GiB.
+  config = config_lib.load('experiments/mlp_diabetes.py', ['model.widths=(40000,40000)'])
+  d = plan.plan(config, 'v5e:2x2')
+  assert d['fits'] is False and d['memory_per_device'] is None
+  assert 'RESOURCE_EXHAUSTED' in d['error']
+  assert 'does not fit' in plan.format_plan(d)
+
+
+def test_collectives_counts_async_pairs_once_and_sums_result_bytes():
+  hlo = '\n'.join([
+      'ENTRY %main (p: f32[8]) -> f32[8] {',
+      '  %all-reduce.1 = (f32[8]{0:T(128)}, /*index=1*/bf16[2,4]{1,0}) all-reduce(%a, %b), '
+      'channel_id=1, to_apply=%add',
+      '  %all-gather-start = (f32[4]{0}, f32[16]{0}) all-gather-start(%c), dimensions={0}',
+      '  %all-gather-done = f32[16]{0} all-gather-done(%all-gather-start)',
+      '  %collective-permute-start = (s32[2]{0}, s32[2]{0}, u32[], u32[]) '
+      'collective-permute-start(%d)',
+      '  %collective-permute-done = s32[2]{0} collective-permute-done(%collective-permute-start)',
+      '  %fusion = f32[8]{0} fusion(%all-reduce.1), kind=kLoop, calls=%fused, '
+      'metadata={op_name="all-reduce(x)"}',
+      '  ROOT %reduce-scatter.2 = f32[2]{0} reduce-scatter(%e), dimensions={0}',
+      '}',
+  ])
+  counts, sizes = plan.collectives(hlo)
+  assert counts == {'all-reduce': 1, 'all-gather': 1, 'collective-permute': 1,
+                    'reduce-scatter': 1}
+  assert sizes == {'all-reduce': 8 * 4 + 8 * 2, 'all-gather': 64, 'collective-permute': 8,
+                   'reduce-scatter': 8}

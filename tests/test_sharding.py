@@ -1,0 +1,164 @@
+"""Sharded training: meshes of 8 fake CPU devices, pmap, and a real 2-process run on localhost.
+
+Each mesh run must give the single-device losses; the controls show that the tolerance would
+catch a real difference and that the parameters really are split across devices.
+"""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxbig import config as config_lib, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WORKER = REPO / 'tests' / 'mesh_worker.py'
+STEPS = 3
+RTOL = 1e-5
+
+# The smoke sizes divide 8 (heads=8: 4 features per head), so every mesh below applies.
+MODELS = {
+    'cnn': ('experiments/cnn_digits.py:smoke', []),
+    'transformer': ('experiments/gpt_stdlib.py:smoke', ['model.heads=8']),
+    'lstm': ('experiments/lstm_stdlib.py:smoke', []),
+}
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+# pmap has its own dropout per device, so the pmap comparison runs without dropout;
+# resnet checks that BatchNorm statistics are taken over all devices under pmap.
+PMAP_MODELS = {
+    'cnn': ('experiments/cnn_digits.py:smoke', ['model.dropout=0.0']),
+    'resnet': ('experiments/resnet_digits.py:smoke', []),
+}
+BAD = {
+    'batch': ('experiments/cnn_digits.py:smoke', ['data.batch_size=36'], 'data.batch_size'),
+    'heads': ('experiments/gpt_stdlib.py:smoke', ['model.heads=2', 'mesh.tensor=8'],
+              'mesh.tensor=8'),
+    'product': ('experiments/cnn_digits.py:smoke', ['mesh.data=3', 'mesh.fsdp=2'], 'mesh'),
+}
+
+
+def _mesh(m):
+  return [f'mesh.data={m[0]}', f'mesh.fsdp={m[1]}', f'mesh.tensor={m[2]}']
+
+
+def _jobs() -> dict:
+  jobs = {}
+  for name, (spec, ov) in MODELS.items():
+    jobs[name, 'one'] = (spec, ov + _mesh((1, 1, 1)), 1)
+    jobs[name, 'higher_lr'] = (spec, ov + _mesh((1, 1, 1)) + ['opt.lr=0.0011'], 1)
+    for m in MESHES:
+      jobs[name, m] = (spec, ov + _mesh(m), 8)
+  for name, (spec, ov) in PMAP_MODELS.items():
+    jobs[name, 'jit_dp'] = (spec, ov + _mesh((8, 1, 1)), 8)
+    jobs[name, 'pmap'] = (spec, ov + _mesh((8, 1, 1)) + ['parallel.mode=pmap'], 8)
+  cnn_spec, cnn_ov = MODELS['cnn']
+  jobs['cnn', 'no_fsdp_rules'] = (cnn_spec, cnn_ov + _mesh((2, 4, 1)) + [
+      'mesh.rules=embed=none,conv_in=none'], 8)
+  for name, (spec, ov, _) in BAD.items():
+    jobs[name, 'bad'] = (spec, ov, 8)
+  return jobs
+
+
+@pytest.fixture(scope='module')
+def results():
+  jobs = _jobs()
+  payload = [{'spec': spec, 'overrides': ov, 'devices': n, 'steps': STEPS}
+             for spec, ov, n in jobs.values()]
+  proc = subprocess.run([sys.executable, str(WORKER)], input=json.dumps(payload), cwd=REPO,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return dict(zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1])))
+
+
+@pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
+@pytest.mark.parametrize('model', MODELS)
+def test_mesh_gives_single_device_losses(results, model, mesh):
+  one, got = results[model, 'one'], results[model, mesh]
+  assert 'error' not in got, got
+  np.testing.assert_allclose(got['losses'], one['losses'], rtol=RTOL)
+  # The mesh really splits parameters: some kernel (embed -> fsdp, mlp -> tensor) both ways.
+  assert got['split'] == mesh[1] * mesh[2]
+
+
+@pytest.mark.parametrize('model', MODELS)
+def test_controls(results, model):
+  """Training moves the loss, and a 10% larger learning rate misses the tolerance."""
+  one, other = results[model, 'one']['losses'], results[model, 'higher_lr']['losses']
+  assert abs(one[-1] - one[0]) > 1e-3
+  assert one[0] == other[0]  # Same model and batch before the first update...
+  assert abs(other[-1] - one[-1]) > 10 * RTOL * abs(one[-1])  # ...then visibly apart.
+  assert results[model, 'one']['split'] == 1
+
+
+def test_rules_from_the_config_change_the_layout_not_the_losses(results):
+  got = results['cnn', 'no_fsdp_rules']
+  assert got['split'] == 1 and results['cnn', (2, 4, 1)]['split'] == 4
+  np.testing.assert_allclose(got['losses'], results['cnn', 'one']['losses'], rtol=RTOL)
+
+
+@pytest.mark.parametrize('model', PMAP_MODELS)
+def test_pmap_equals_jit_data_parallel(results, model):
+  jit, pmap = results[model, 'jit_dp'], results[model, 'pmap']
+  assert 'error' not in pmap, pmap
+  np.testing.assert_allclose(pmap['losses'], jit['losses'], rtol=RTOL)
+  assert abs(pmap['losses'][-1] - pmap['losses'][0]) > 1e-3
+
+
+@pytest.mark.parametrize('name', BAD)
+def test_bad_layouts_are_rejected_before_compile(results, name):
+  got = results[name, 'bad']
+  assert 'losses' not in got, got
+  assert BAD[name][2] in got['error'] and '\n' not in got['error']
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_save_and_resume_in_one_on_another_mesh(tmp_path):
+  """2 processes x 4 devices on a (2, 4, 1) mesh, then 1 process on 1 device resumes."""
+  spec = 'experiments/cnn_digits.py:smoke'
+  workdir = tmp_path / 'run'
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO)}
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'jaxbig', 'train', spec, *_mesh((2, 4, 1)), '--workdir',
+       str(workdir), '--coordinator', f'localhost:{port}', '--num-processes', '2',
+       '--process-id', str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  # Gloo (the CPU collectives) prints its own lines to stdout; the summary is the JSON.
+  summary = json.loads(outs[0][0][outs[0][0].index('{\n'):])
+  assert summary['num_devices'] == 8 and summary['step'] == 20
+  assert '"workdir"' not in outs[1][0]  # Only process 0 reports.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['10', '20']
+
+  # Resume here (one process, one device) for 10 more steps; the reference does the same
+  # from 20 steps in one process on one device.
+  one = _mesh((1, 1, 1))
+  resumed = train.train_and_evaluate(config_lib.load(spec, ['train.steps=30', *one]),
+                                     str(workdir))
+  assert resumed['resumed_from'] == 20 and resumed['num_devices'] == 1
+  train.train_and_evaluate(config_lib.load(spec, one), str(tmp_path / 'ref'))
+  reference = train.train_and_evaluate(config_lib.load(spec, ['train.steps=30', *one]),
+                                       str(tmp_path / 'ref'))
+
+  def train_losses(path):
+    with open(path / 'metrics.jsonl') as f:
+      return {r['step']: r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r}
+
+  got, want = train_losses(workdir), train_losses(tmp_path / 'ref')
+  assert sorted(got) == sorted(want) == [5, 10, 15, 20, 25, 30]
+  np.testing.assert_allclose([got[k] for k in sorted(got)], [want[k] for k in sorted(want)],
+                             rtol=1e-4)
+  assert resumed['eval']['accuracy'] == pytest.approx(reference['eval']['accuracy'], abs=0.01)

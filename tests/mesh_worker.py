@@ -1,9 +1,10 @@
 """Runs training steps on 8 fake CPU devices for tests/test_sharding.py (in its own process).
 
 The device count is fixed when JAX starts, so the tests run this script with XLA_FLAGS set
-rather than changing the whole test session. Input: a JSON list of jobs on stdin, each
-{"spec", "overrides", "devices", "steps"}; output: one JSON list of results on stdout, each
-{"losses": per-step mean loss, "split": the most ways any parameter is split} or {"error"}.
+rather than changing the whole test session. Usage: `mesh_worker.py JOBS.json OUT.json`;
+JOBS.json is a list of jobs, each {"spec", "overrides", "devices", "steps"}; OUT.json gets a
+list of results, each {"losses": per-step mean loss, "split": the most ways any parameter is
+split} or {"error"}.
 """
 
 import json
@@ -64,4 +65,9 @@ def run(job: dict) -> dict:
 
 
 if __name__ == '__main__':
-  print(json.dumps([run(job) for job in json.load(sys.stdin)]))
+  with open(sys.argv[1]) as f:
+    jobs = json.load(f)
+  results = [run(job) for job in jobs]
+  with open(sys.argv[2] + '.tmp', 'w') as f:
+    json.dump(results, f)
+  os.replace(sys.argv[2] + '.tmp', sys.argv[2])

@@ -1,5 +1,6 @@
 """Tests for jaxbig.plan: local plans, TPU-topology plans (needs libtpu), bad topology names."""
 
+import json
 import sys
 
 import pytest
@@ -121,3 +122,13 @@ def test_collectives_counts_async_pairs_once_and_sums_result_bytes():
                     'reduce-scatter': 1}
   assert sizes == {'all-reduce': 8 * 4 + 8 * 2, 'all-gather': 64, 'collective-permute': 8,
                    'reduce-scatter': 8}
+
+
+def test_cli_plan_prints_json_and_rejects_bad_topology_in_one_line(capsys):
+  from jaxbig import cli
+  assert cli.main(['plan', CNN_SMOKE, '--json', 'mesh.data=1']) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out['memory_per_device']['total_bytes'] > 0 and out['mesh']['data'] == 1
+  assert cli.main(['plan', CNN_SMOKE, '--topology', 'v9:2x2']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('jaxbig: error: --topology')

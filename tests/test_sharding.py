@@ -64,15 +64,30 @@ def _jobs() -> dict:
   return jobs
 
 
-@pytest.fixture(scope='module')
-def results():
-  jobs = _jobs()
+def start_worker(folder: pathlib.Path) -> tuple[subprocess.Popen, pathlib.Path, pathlib.Path]:
+  """Starts the 8-device worker on all jobs; returns it, its results file and its log.
+
+  conftest.py starts it as soon as the tests are collected, so that it runs on the second
+  core beside the other test files rather than after them.
+  """
+  folder.mkdir(parents=True, exist_ok=True)
   payload = [{'spec': spec, 'overrides': ov, 'devices': n, 'steps': STEPS}
-             for spec, ov, n in jobs.values()]
-  proc = subprocess.run([sys.executable, str(WORKER)], input=json.dumps(payload), cwd=REPO,
-                        capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return dict(zip(jobs, json.loads(proc.stdout.strip().splitlines()[-1])))
+             for spec, ov, n in _jobs().values()]
+  jobs, out, log = folder / 'jobs.json', folder / 'results.json', folder / 'worker.log'
+  jobs.write_text(json.dumps(payload))
+  with open(log, 'w') as f:
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(jobs), str(out)], cwd=REPO,
+                            stdout=f, stderr=subprocess.STDOUT)
+  return proc, out, log
+
+
+@pytest.fixture(scope='module')
+def results(request, tmp_path_factory):
+  from conftest import MESH_WORKER  # pylint: disable=g-import-not-at-top
+  started = request.config.stash.get(MESH_WORKER, None)
+  proc, out, log = started or start_worker(tmp_path_factory.mktemp('mesh'))
+  assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+  return dict(zip(_jobs(), json.loads(out.read_text())))
 
 
 @pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))

@@ -203,6 +203,33 @@ def collectives(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
   return counts, {k: sizes.get(k, 0) for k in counts}
 
 
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) ', re.M)
+_CALLED = re.compile(r'(?:body|calls|to_apply|condition|branch_computations)=\{?%?([\w.\-]+)')
+
+
+def loops_with_matmuls(hlo_text: str) -> bool:
+  """Whether some while loop of an HLO module runs a dot or a convolution.
+
+  Loops without them (CPU's threefry rounds for dropout, say) cost next to nothing.
+  """
+  blocks = {}  # Computation name -> its text.
+  starts = [(m.start(), m.group(1)) for m in _COMPUTATION.finditer(hlo_text)
+            if hlo_text[m.start():hlo_text.find('\n', m.start())].rstrip().endswith('{')]
+  for (start, name), (end, _) in zip(starts, starts[1:] + [(len(hlo_text), '')]):
+    blocks[name] = hlo_text[start:end]
+  bodies = re.findall(r'\swhile\(.*?body=%?([\w.\-]+)', hlo_text)
+  seen, todo = set(), list(bodies)
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in blocks:
+      continue
+    seen.add(name)
+    if re.search(r'\s(dot|convolution)\(', blocks[name]):
+      return True
+    todo += _CALLED.findall(blocks[name])
+  return False
+
+
 def plan(config, topology: str | None = None) -> dict[str, Any]:
   """Compiles the train step for `topology` (or the local devices) and reports what it needs.
 
@@ -231,6 +258,9 @@ def plan(config, topology: str | None = None) -> dict[str, Any]:
       # data parallelism, is counted on every device).
       'flops_per_device': None,
       'flops_per_step': None,
+      # XLA's cost analysis counts a loop body once: with matmuls in loops (scan_layers,
+      # accum_steps, an RNN's time steps, collective matmuls) the FLOPs are a lower bound.
+      'has_loops': None,
       'collectives': {},
       'collective_bytes': {},
       'compile_s': None,
@@ -255,7 +285,9 @@ def plan(config, topology: str | None = None) -> dict[str, Any]:
   if flops is not None:
     out['flops_per_device'] = flops
     out['flops_per_step'] = flops * len(flat)
-  out['collectives'], out['collective_bytes'] = collectives(compiled.as_text())
+  text = compiled.as_text()
+  out['collectives'], out['collective_bytes'] = collectives(text)
+  out['has_loops'] = loops_with_matmuls(text)
   return out
 
 
@@ -312,6 +344,8 @@ def format_plan(d: dict[str, Any]) -> str:
         f"  FLOPs per device    {_count(d['flops_per_device'])}",
         f"  FLOPs per step      {_count(d['flops_per_step'])}   (all devices)",
     ]
+    if d['has_loops']:
+      lines.append('  (the step has loops, whose bodies XLA counts once: a lower bound)')
     if d['collectives']:
       lines.append('collectives (static count, result bytes per device)')
       lines += [f"  {op:<19} {n:<5} {_bytes(d['collective_bytes'].get(op))}"

@@ -132,3 +132,24 @@ def test_cli_plan_prints_json_and_rejects_bad_topology_in_one_line(capsys):
   assert cli.main(['plan', CNN_SMOKE, '--topology', 'v9:2x2']) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('jaxbig: error: --topology')
+
+
+def test_loops_are_flagged_because_their_flops_count_once(local_plans):
+  assert local_plans[0]['has_loops'] is False
+  lstm = plan.plan(config_lib.load('experiments/lstm_stdlib.py:smoke', ['mesh.data=1']))
+  assert lstm['has_loops'] is True  # The scan over time steps.
+  assert 'lower bound' in plan.format_plan(lstm)
+
+
+def test_loops_without_matmuls_do_not_count():
+  hlo = '\n'.join([
+      '%rounds (p: u32[4]) -> u32[4] {', '  ROOT %x = u32[4] add(%p, %p)', '}',
+      '%layer (p: f32[4,4]) -> f32[4,4] {',
+      '  ROOT %f = f32[4,4] fusion(%p), kind=kOutput, calls=%fused_dot', '}',
+      '%fused_dot (q: f32[4,4]) -> f32[4,4] {', '  ROOT %d = f32[4,4] dot(%q, %q)', '}',
+      'ENTRY %main (a: f32[4,4]) -> f32[4,4] {',
+      '  %w1 = u32[4] while(%t), condition=%cond, body=%rounds',
+      '  ROOT %w2 = f32[4,4] while(%a), condition=%cond, body=%layer', '}',
+  ])
+  assert plan.loops_with_matmuls(hlo)
+  assert not plan.loops_with_matmuls(hlo.replace('dot(', 'add('))

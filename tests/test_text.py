@@ -1,6 +1,5 @@
 """Tests of jaxbig.data.text: byte splits by file path, random windows, eval windows, bad input."""
 
-import os
 import pathlib
 
 import numpy as np

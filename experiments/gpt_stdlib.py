@@ -80,6 +80,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # Overrides of the logical-axis -> mesh-axis rules (jaxbig/sharding.py), e.g. 'embed=none'.
   c.mesh.rules = ''
 
+  # fp32 (matmul precision 'highest') | tf32 | bf16 (compute; float32 params): jaxbig/precision.py.
+  c.precision = 'fp32'
+
   c.parallel = ml_collections.ConfigDict()
   c.parallel.mode = 'jit'  # jit: one program over the mesh; pmap: per-device data parallel.
 

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import jax_utils
 
-from jaxbig import sharding
+from jaxbig import precision, sharding
 from jaxbig.models import init as inits
 from jaxbig.config import ConfigError
 
@@ -52,9 +52,10 @@ class Steps:
 
 
 @contextlib.contextmanager
-def tracing(mesh, rules):
-  """The context in which to trace a jitted step: activations' logical constraints apply."""
-  with jax.set_mesh(mesh), inits.activation_rules(rules):
+def tracing(s):
+  """The context in which to trace a jitted step of setup `s`: activations' logical
+  constraints apply, and the precision policy's matmul precision."""
+  with jax.set_mesh(s.mesh), inits.activation_rules(s.rules), precision.tracing(s.policy):
     yield
 
 
@@ -66,7 +67,7 @@ def jit_steps(s, state, train_fn, eval_fn) -> Steps:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   t0 = time.perf_counter()
   train_c = eval_c = None
-  with tracing(s.mesh, s.rules):
+  with tracing(s):
     if train_fn is not None:
       train_c = train_fn.lower(abstract, s.data.batch_spec(s.config.data.batch_size,
                                                            with_mask=False)).compile()
@@ -116,12 +117,13 @@ def pmap_steps(s, state, train_step: Callable | None, eval_step: Callable | None
   t0 = time.perf_counter()
   placed = place(state)
   train_c = eval_c = None
-  if train_step is not None:
-    p_train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
-    train_c = p_train.lower(placed, zeros(s.config.data.batch_size, False)).compile()
-  if eval_step is not None:
-    p_eval = jax.pmap(lambda st, b: jax.lax.psum(eval_step(st, b), AXIS), axis_name=AXIS)
-    eval_c = p_eval.lower(placed, zeros(s.config.data.eval_batch_size, True)).compile()
+  with precision.tracing(s.policy):
+    if train_step is not None:
+      p_train = jax.pmap(train_step, axis_name=AXIS, donate_argnums=0)
+      train_c = p_train.lower(placed, zeros(s.config.data.batch_size, False)).compile()
+    if eval_step is not None:
+      p_eval = jax.pmap(lambda st, b: jax.lax.psum(eval_step(st, b), AXIS), axis_name=AXIS)
+      eval_c = p_eval.lower(placed, zeros(s.config.data.eval_batch_size, True)).compile()
   compile_s = time.perf_counter() - t0
   del placed
 

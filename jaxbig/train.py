@@ -24,7 +24,7 @@ from flax import linen as nn
 from flax import struct
 
 from jaxbig import checkpoint, config as config_lib, data as data_lib, losses, models, optim
-from jaxbig import metrics as metrics_lib, parallel, sharding
+from jaxbig import metrics as metrics_lib, parallel, precision, sharding
 from jaxbig.config import ConfigError
 
 
@@ -52,6 +52,7 @@ class Setup:
   shardings: Any  # TrainState of NamedShardings.
   rules: tuple  # Logical axis name -> mesh axes (`sharding.rules`).
   mode: str  # parallel.mode: jit or pmap.
+  policy: precision.Policy  # Compute dtype and matmul precision.
 
 
 def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple,
@@ -85,13 +86,14 @@ def setup(config, devices=None) -> Setup:
   meta = data.meta
   losses.check(config.train, meta.task, config.data.name, config.model.name)
   mode = parallel.mode(config)
+  policy = precision.get(config)
   rules = sharding.rules(config.mesh)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
                        'data.batch_size / train.accum_steps')
   sharding.check_batch(config.data.eval_batch_size, mesh, 'data.eval_batch_size')
   try:
-    model = models.build(config.model, meta)
+    model = models.build(config.model, meta, policy.compute_dtype)
     tx, schedule = optim.build(config.opt, config.train.steps)
   except ValueError as e:  # The builders name the field; make it a one-line config error.
     raise ConfigError(str(e)) from None
@@ -115,7 +117,7 @@ def setup(config, devices=None) -> Setup:
   shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
   sharding.check_divisible(abstract_boxed, shardings)
   return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings,
-               rules, mode)
+               rules, mode, policy)
 
 
 def init_state(s: Setup) -> TrainState:
@@ -237,7 +239,7 @@ def jit_train_step(s: Setup):
 def lower_train_step(s: Setup):
   """The lowered (not yet compiled) jit train step for the config's global batch."""
   batch = s.data.batch_spec(s.config.data.batch_size, with_mask=False)
-  with parallel.tracing(s.mesh, s.rules):
+  with parallel.tracing(s):
     return jit_train_step(s).lower(abstract_state(s), batch)
 
 

@@ -277,6 +277,7 @@ _BAD_TRAIN.update({
     'unknown_rule_name': (SMOKE, ['mesh.rules=embd=fsdp'], 'mesh.rules'),
     'unknown_rule_axis': (SMOKE, ['mesh.rules=embed=model'], 'mesh.rules'),
     'unknown_parallel_mode': (SMOKE, ['parallel.mode=pjit'], 'parallel.mode'),
+    'unknown_precision': (SMOKE, ['precision=fp64'], 'precision'),
     'pmap_with_fsdp': (SMOKE, ['parallel.mode=pmap', 'mesh.fsdp=2'], 'parallel.mode'),
     'coordinator_alone': (SMOKE, ['--coordinator', 'localhost:1234'], '--coordinator'),
     'bad_process_id': (SMOKE, ['--coordinator', 'localhost:1234', '--num-processes', '2',

@@ -59,22 +59,11 @@ def tracing(s):
     yield
 
 
-def jit_steps(s, state, train_fn, eval_fn) -> Steps:
-  """`train_fn`/`eval_fn`: the jitted steps (or None: not needed), compiled here for the
-  config's batch shapes."""
+def jit_steps(s, train_c, eval_c, compile_s: float) -> Steps:
+  """`train_c`/`eval_c`: the compiled jit steps (or None: not needed), traced in `tracing(s)`
+  for the global batch."""
   batch_sh = sharding.batch_sharding(s.mesh)
   rows = lambda size: sharding.process_rows(batch_sh, size)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-  t0 = time.perf_counter()
-  train_c = eval_c = None
-  with tracing(s):
-    if train_fn is not None:
-      train_c = train_fn.lower(abstract, s.data.batch_spec(s.config.data.batch_size,
-                                                           with_mask=False)).compile()
-    if eval_fn is not None:
-      eval_c = eval_fn.lower(abstract, s.data.batch_spec(s.config.data.eval_batch_size,
-                                                         with_mask=True)).compile()
-  compile_s = time.perf_counter() - t0
 
   def train(state, local):
     return train_c(state, sharding.to_global(local, batch_sh, s.config.data.batch_size))

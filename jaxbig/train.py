@@ -227,12 +227,15 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Call
   return loss_fn(out, batch)[1]
 
 
+def _train_fn(s: Setup, axis_name: str | None = None) -> Callable:
+  return functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
+                           accum_steps=s.config.train.accum_steps, axis_name=axis_name)
+
+
 def jit_train_step(s: Setup):
   """The train step under `jax.jit` with the state's and the batch's shardings (state donated)."""
   return jax.jit(
-      functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
-                        accum_steps=s.config.train.accum_steps),
-      in_shardings=(s.shardings, sharding.batch_sharding(s.mesh)),
+      _train_fn(s), in_shardings=(s.shardings, sharding.batch_sharding(s.mesh)),
       out_shardings=(s.shardings, sharding.replicated(s.mesh)), donate_argnums=0)
 
 
@@ -243,20 +246,26 @@ def lower_train_step(s: Setup):
     return jit_train_step(s).lower(abstract_state(s), batch)
 
 
+def _lower_eval_step(s: Setup, evaluate_fn: Callable):
+  """The lowered jit eval step for the padded eval batch."""
+  eval_jit = jax.jit(evaluate_fn, in_shardings=(s.shardings, sharding.batch_sharding(s.mesh)),
+                     out_shardings=sharding.replicated(s.mesh))
+  batch = s.data.batch_spec(s.config.data.eval_batch_size, with_mask=True)
+  with parallel.tracing(s):
+    return eval_jit.lower(abstract_state(s), batch)
+
+
 def compile_steps(s: Setup, state: TrainState, with_train: bool = True,
                   with_eval: bool = True) -> parallel.Steps:
   """Compiles the train and eval steps (those asked for) once for `s.mode`."""
   evaluate_fn = functools.partial(eval_step, model=s.model, loss_fn=s.loss_fn)
   if s.mode == 'pmap':
-    train_fn = functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
-                                 accum_steps=s.config.train.accum_steps,
-                                 axis_name=parallel.AXIS)
-    return parallel.pmap_steps(s, state, train_fn if with_train else None,
+    return parallel.pmap_steps(s, state, _train_fn(s, parallel.AXIS) if with_train else None,
                                evaluate_fn if with_eval else None)
-  eval_jit = jax.jit(evaluate_fn, in_shardings=(s.shardings, sharding.batch_sharding(s.mesh)),
-                     out_shardings=sharding.replicated(s.mesh))
-  return parallel.jit_steps(s, state, jit_train_step(s) if with_train else None,
-                            eval_jit if with_eval else None)
+  t0 = time.perf_counter()
+  train_c = lower_train_step(s).compile() if with_train else None
+  eval_c = _lower_eval_step(s, evaluate_fn).compile() if with_eval else None
+  return parallel.jit_steps(s, train_c, eval_c, time.perf_counter() - t0)
 
 
 def evaluate(s: Setup, steps: parallel.Steps, state: TrainState, split: str) -> dict[str, float]:

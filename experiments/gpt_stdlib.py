@@ -80,8 +80,14 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # Overrides of the logical-axis -> mesh-axis rules (jaxbig/sharding.py), e.g. 'embed=none'.
   c.mesh.rules = ''
 
-  # fp32 (matmul precision 'highest') | tf32 | bf16 (compute; float32 params): jaxbig/precision.py.
+  # fp32 (matmul precision 'highest') | tf32 | bf16 | fp16 | fp8 | int8: jaxbig/precision.py.
   c.precision = 'fp32'
+  c.loss_scale = ml_collections.ConfigDict()  # Loss scaling, for fp16 gradients.
+  c.loss_scale.mode = 'auto'  # auto (dynamic for fp16, else none) | dynamic | static | none.
+  c.loss_scale.init = 2.0**15  # Initial (static: the) scale.
+  c.loss_scale.growth_interval = 2000  # Finite steps in a row before the scale grows.
+  c.loss_scale.factor = 2.0  # Growth on success, backoff on overflow.
+  c.loss_scale.max = 2.0**24  # Cap on the scale.
 
   c.parallel = ml_collections.ConfigDict()
   c.parallel.mode = 'jit'  # jit: one program over the mesh; pmap: per-device data parallel.

@@ -7,6 +7,7 @@ step, RNG), `data` (the grain iterator state, JSON) and `meta` (`DataMeta`, JSON
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -42,11 +43,27 @@ class Checkpoints:
         meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-    """(state, data iterator state, meta) of `step`, the state laid out like `abstract_state`."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+    """(state, data iterator state, meta) of `step`, the state laid out like `abstract_state`.
+
+    A checkpoint written before a field of the state existed restores when the field is
+    empty (`{}`, e.g. `loss_scale` without loss scaling): it keeps the empty value.
+    """
+    restore = lambda target: self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
-    return out['state'], out['data'], out['meta']
+    try:
+      out = restore(abstract_state)
+      state = out['state']
+    except ValueError as e:
+      fields = {f.name: getattr(abstract_state, f.name)
+                for f in dataclasses.fields(abstract_state)}
+      absent = [k for k, v in fields.items()
+                if isinstance(v, dict) and not v and f'\n{k}:\n' in f'\n{e}']
+      if not absent:
+        raise
+      out = restore({k: v for k, v in fields.items() if k not in absent})
+      state = abstract_state.replace(**out['state'])
+    return state, out['data'], out['meta']
 
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']

@@ -1,4 +1,4 @@
-"""The `jaxbig` command: train | eval | predict | generate | plan.
+"""The `jaxbig` command: train | eval | predict | generate | plan | quantize.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 """
@@ -28,8 +28,13 @@ def _parser() -> argparse.ArgumentParser:
   d.add_argument('--distributed', action='store_true',
                  help='let jax.distributed find the cluster (TPU VM pods; SLURM and MPI are '
                  'detected without it)')
-  e = sub.add_parser('eval', help="evaluate a workdir's newest checkpoint on val and test")
+  e = sub.add_parser('eval', help="evaluate a workdir's newest checkpoint on val and test, or a "
+                     'quantised model (WORKDIR/int8) against its float checkpoint')
   e.add_argument('workdir')
+  q = sub.add_parser('quantize', help="post-training quantise a workdir's newest checkpoint into "
+                     'WORKDIR/<to>')
+  q.add_argument('workdir')
+  q.add_argument('--to', default='int8', help='target type (default and only: int8)')
   r = sub.add_parser('predict', help='write predictions of a trained model for INPUT.npy')
   r.add_argument('workdir')
   r.add_argument('input', help='.npy of inputs, (N, ...) or one example')
@@ -73,8 +78,14 @@ def _run(args) -> int:
     if jax.process_index() == 0:
       print(json.dumps({'workdir': workdir, **summary}, indent=2))
   elif args.command == 'eval':
-    from jaxbig import inference
-    print(json.dumps(inference.evaluate(args.workdir), indent=2))
+    from jaxbig import inference, quantize
+    if quantize.is_quantized(args.workdir):
+      print(json.dumps(quantize.evaluate(args.workdir), indent=2))
+    else:
+      print(json.dumps(inference.evaluate(args.workdir), indent=2))
+  elif args.command == 'quantize':
+    from jaxbig import quantize
+    print(json.dumps(quantize.quantize(args.workdir, args.to), indent=2))
   elif args.command == 'predict':
     import numpy as np
     from jaxbig import inference

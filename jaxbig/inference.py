@@ -16,8 +16,9 @@ from jaxbig import checkpoint, config as config_lib, data as data_lib, sharding,
 from jaxbig.config import ConfigError
 
 
-def load(workdir: str) -> tuple[train.Setup, train.TrainState, int, data_lib.DataMeta]:
-  """Rebuilds a run from its workdir and restores the newest checkpoint."""
+def load(workdir: str, step: int | None = None
+         ) -> tuple[train.Setup, train.TrainState, int, data_lib.DataMeta]:
+  """Rebuilds a run from its workdir and restores checkpoint `step` (default: the newest)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise ConfigError(f'{workdir}: not a jaxbig workdir (no config.json)')
@@ -30,12 +31,17 @@ def load(workdir: str) -> tuple[train.Setup, train.TrainState, int, data_lib.Dat
   config = config_lib.from_dict(saved)
   s = train.setup(config)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  step = None
+  saved_steps = []
   if os.path.isdir(ckpt_dir):
     ckpts = checkpoint.Checkpoints(ckpt_dir, create_dirs=False)
-    step = ckpts.latest_step()
-  if step is None:
+    saved_steps = ckpts.manager.all_steps()
+  if not saved_steps:
     raise ConfigError(f'{workdir}: has no checkpoint to load')
+  if step is None:
+    step = max(saved_steps)
+  elif step not in saved_steps:
+    raise ConfigError(f'{workdir}: has no checkpoint of step {step} (it has '
+                      f"{', '.join(map(str, sorted(saved_steps)))})")
   state, _, meta = ckpts.restore(step, train.abstract_state(s))
   ckpts.close()
   return s, state, step, data_lib.DataMeta.from_json(meta)

@@ -36,6 +36,7 @@ class TrainState:
   batch_stats: Any  # BatchNorm running statistics; {} for models without them.
   opt_state: Any
   rng: jax.Array
+  loss_scale: Any  # precision.LossScale under loss scaling (fp16); {} otherwise.
 
 
 @dataclasses.dataclass
@@ -52,11 +53,12 @@ class Setup:
   shardings: Any  # TrainState of NamedShardings.
   rules: tuple  # Logical axis name -> mesh axes (`sharding.rules`).
   mode: str  # parallel.mode: jit or pmap.
-  policy: precision.Policy  # Compute dtype and matmul precision.
+  policy: precision.Policy  # Compute dtype, matmul precision and low-precision matmuls.
+  scaling: precision.LossScaling | None  # Loss scaling (fp16), or None.
 
 
-def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple,
-          tokens: bool) -> TrainState:
+def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: bool,
+          scaling: precision.LossScaling | None) -> TrainState:
   params_rng, dropout_rng, rng = jax.random.split(rng, 3)
   x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
   variables = model.init({'params': params_rng, 'dropout': dropout_rng, 'sample': dropout_rng},
@@ -64,7 +66,7 @@ def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple,
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=rng)
+                    rng=rng, loss_scale=scaling.init_state() if scaling else {})
 
 
 def class_weights(train_cfg, labels: np.ndarray, num_classes: int) -> jnp.ndarray | None:
@@ -87,6 +89,7 @@ def setup(config, devices=None) -> Setup:
   losses.check(config.train, meta.task, config.data.name, config.model.name)
   mode = parallel.mode(config)
   policy = precision.get(config)
+  scaling = precision.loss_scaling(config, policy)
   rules = sharding.rules(config.mesh)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
@@ -99,12 +102,13 @@ def setup(config, devices=None) -> Setup:
     raise ConfigError(str(e)) from None
   if mode == 'pmap' and models.has_batch_stats(config.model.name):
     model = model.clone(axis_name=parallel.AXIS)  # BatchNorm statistics over all devices.
+  model = precision.quantize(model, policy)  # fp8, int8: low-precision matmuls.
   weights = None
   if meta.task == 'classification' and config.train.loss == 'xent':
     weights = class_weights(config.train, data.splits['train'][1], meta.num_classes)
   loss_fn = losses.build(config.train, weights)
   init = functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape,
-                           tokens=meta.vocab_size > 0)
+                           tokens=meta.vocab_size > 0, scaling=scaling)
   try:
     abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
   except (TypeError, ValueError) as e:
@@ -117,13 +121,13 @@ def setup(config, devices=None) -> Setup:
   shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
   sharding.check_divisible(abstract_boxed, shardings)
   return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings,
-               rules, mode, policy)
+               rules, mode, policy, scaling)
 
 
 def init_state(s: Setup) -> TrainState:
   """A fresh state, each leaf created directly with its sharding."""
   init = functools.partial(_init, model=s.model, tx=s.tx, input_shape=s.data.meta.input_shape,
-                           tokens=s.data.meta.vocab_size > 0)
+                           tokens=s.data.meta.vocab_size > 0, scaling=s.scaling)
   init_unboxed = lambda rng: nn.meta.unbox(init(rng))
   rng = jax.random.key_data(jax.random.key(s.config.seed))
   lowered = jax.jit(init_unboxed, out_shardings=s.shardings).lower(rng)
@@ -166,13 +170,18 @@ def _forward(model, params, batch_stats, x, *, train: bool, rng=None):
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn: Callable,
-               accum_steps: int, axis_name: str | None = None) -> tuple[TrainState, dict]:
+               accum_steps: int, axis_name: str | None = None,
+               scaling: precision.LossScaling | None = None) -> tuple[TrainState, dict]:
   """One optimizer update; with `accum_steps` > 1 the batch is split into micro-batches.
 
   Under `jax.jit` the batch is global and the mean is over all of it. Under `jax.pmap`
   (`axis_name`) each device holds a slice: it divides its loss sum by the global count and
   the gradients and metric sums are summed over devices, which gives the same update.
+  Under loss `scaling` the loss is multiplied by the scale before differentiation and the
+  gradients divided by it after; a step whose gradients are not finite changes nothing but
+  the scale, and counts as skipped.
   """
+  scale = state.loss_scale.scale if scaling else None
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   total = lambda x: x
   if axis_name is not None:
@@ -185,7 +194,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
                                 rng=micro_rng)
     loss_sum, sums = loss_fn(out, micro)
     # Mean per counted example, or per position for a language model.
-    return loss_sum / total(sums['count']), (sums, batch_stats)
+    loss = loss_sum / total(sums['count'])
+    return (loss if scale is None else loss * scale), (sums, batch_stats)
 
   grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
   if accum_steps == 1:
@@ -214,11 +224,22 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
   if axis_name is not None:
     grads, sums = total(grads), total(sums)
     batch_stats = jax.lax.pmean(batch_stats, axis_name)
+  metrics = {}
+  if scaling is not None:
+    grads = jax.tree.map(lambda g: g / scale, grads)
+    finite = precision.all_finite(grads)
+    metrics = {'skipped': (~finite).astype(jnp.float32), 'loss_scale': scale}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state)
-  return new_state, {**sums, 'grad_norm': optax.tree.norm(grads)}
+  if scaling is not None:  # An overflowing step keeps the old values, bit for bit.
+    kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                        (new_state.params, new_state.batch_stats, new_state.opt_state),
+                        (state.params, state.batch_stats, state.opt_state))
+    new_state = new_state.replace(params=kept[0], batch_stats=kept[1], opt_state=kept[2],
+                                  loss_scale=scaling.update(state.loss_scale, finite))
+  return new_state, {**sums, **metrics, 'grad_norm': optax.tree.norm(grads)}
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Callable) -> dict:
@@ -229,7 +250,8 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Call
 
 def _train_fn(s: Setup, axis_name: str | None = None) -> Callable:
   return functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
-                           accum_steps=s.config.train.accum_steps, axis_name=axis_name)
+                           accum_steps=s.config.train.accum_steps, axis_name=axis_name,
+                           scaling=s.scaling)
 
 
 def jit_train_step(s: Setup):
@@ -343,6 +365,9 @@ def _train_scalars(pending: list[dict], task: str) -> dict[str, float]:
   out = {f'train/{k}': v for k, v in losses.finalize(totals, task).items()
          if k in ('loss', 'accuracy', 'bits_per_byte', 'elbo')}
   out['grad_norm'] = totals['grad_norm'] / len(fetched)
+  if 'skipped' in totals:  # Loss scaling: overflowing steps in the interval, the last scale.
+    out['train/skipped_steps'] = totals['skipped']
+    out['loss_scale'] = float(np.asarray(fetched[-1]['loss_scale']))
   return out
 
 
@@ -427,6 +452,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
       'steps_per_s': (cfg.steps - start) / train_s if cfg.steps > start else None,
       'resumed_from': start or None,
       'num_params': num_params(s),
+      'precision': s.policy.name,
+      'skipped_steps': (int(np.asarray(state.loss_scale.skipped.addressable_data(0)))
+                        if s.scaling else 0),
       'device_kind': devices[0].device_kind,
       'num_devices': len(devices),
   }

@@ -118,3 +118,26 @@ def constrain(x: jax.Array, names: tuple) -> jax.Array:
   """Asks the compiler for the layout of activation `x` given by logical axis `names`."""
   rules = _RULES.get()
   return x if rules is None else nn.with_logical_constraint(x, names, rules=rules)
+
+
+def upcast_f16_on_cpu(*xs: jax.Array) -> tuple:
+  """float16 operands upcast on CPU: XLA:CPU has no float16 x float16 -> float32 matmul.
+
+  Elsewhere (and for every other dtype) the operands are returned as they are.
+  """
+  if xs[0].dtype == jnp.float16 and jax.default_backend() == 'cpu':
+    return tuple(x.astype(jnp.float32) for x in xs)
+  return xs
+
+
+def dot_general_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs) -> jax.Array:
+  """`lax.dot_general` in the operands' dtype with float32 accumulation and output."""
+  lhs, rhs = upcast_f16_on_cpu(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=jnp.float32, **kwargs)
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum` of two operands with float32 accumulation and output."""
+  a, b = upcast_f16_on_cpu(a, b)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)

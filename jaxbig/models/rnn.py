@@ -83,8 +83,7 @@ def recur(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array,
   _check_cell(cell)
   w_NxGxN = params['recurrent_kernel'].astype(dtype)
   h_BxN = carry['h']
-  zh_BxGxN = jnp.einsum('bn,ngm->bgm', h_BxN.astype(dtype), w_NxGxN,
-                        preferred_element_type=jnp.float32)
+  zh_BxGxN = inits.einsum_f32('bn,ngm->bgm', h_BxN.astype(dtype), w_NxGxN)
   zx_BxGxN = zx_BxGxN.astype(jnp.float32)
   if cell == 'lstm':
     z_BxGxN = zx_BxGxN + zh_BxGxN

@@ -141,9 +141,10 @@ class Attention(nn.Module):
       cached_value.value = lax.dynamic_update_slice(cached_value.value, v_BxLxHxD, start)
       # Keys past the chunk are zeros and masked; XLA takes any mask (cuDNN may not).
       out_BxLxHxD = jax.nn.dot_product_attention(
-          q_BxLxHxD, cached_key.value, cached_value.value,
+          *inits.upcast_f16_on_cpu(q_BxLxHxD, cached_key.value, cached_value.value),
           mask=causal_mask(positions_L, self.max_len), implementation='xla')
     else:
+      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = inits.upcast_f16_on_cpu(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
       out_BxLxHxD = jax.nn.dot_product_attention(
           q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=self.causal,
           implementation=_IMPLEMENTATIONS[self.attention])
@@ -231,12 +232,6 @@ def _add_positions(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array) -> 
   return x_BxLxE + table(positions_L)[None]
 
 
-def _dot_general_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs):
-  """lax.dot_general with float32 output."""
-  return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                         preferred_element_type=jnp.float32, **kwargs)
-
-
 class TransformerLM(nn.Module):
   """Decoder-only LM: token (+ learned position) embedding, causal blocks, norm, logits."""
 
@@ -294,12 +289,11 @@ class TransformerLM(nn.Module):
     # the loss about two significant digits.
     if self.tie_embeddings:
       table_VxE = embed.embedding.astype(self.dtype)
-      logits_BxLxV = jnp.einsum('ble,ve->blv', x_BxLxE, table_VxE,
-                                preferred_element_type=jnp.float32)
+      logits_BxLxV = inits.einsum_f32('ble,ve->blv', x_BxLxE, table_VxE)
     else:
       logits_BxLxV = nn.Dense(
           self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          dot_general=_dot_general_f32, name='logits',
+          dot_general=inits.dot_general_f32, name='logits',
           kernel_init=inits.logical(nn.initializers.normal(self.init_std),
                                     inits.LOGITS_KERNEL))(x_BxLxE)
     logits_BxLxV = inits.constrain(logits_BxLxV.astype(jnp.float32), inits.ACT_BxLxV)

@@ -1,6 +1,11 @@
-"""Settings for the whole test session, applied before any test module imports JAX."""
+"""Settings for the whole test session, applied before any test module imports JAX, and the
+background workers that some modules hand their training runs to."""
 
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 # JAX on the CPU. With libtpu installed (the [tpu] extra, for `jaxbig plan --topology`) JAX
 # would otherwise look for TPU chips at every start and take libtpu's machine-wide lock,
@@ -9,19 +14,45 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-MESH_WORKER = pytest.StashKey()
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WORKER = REPO / 'tests' / 'mesh_worker.py'
+WORKERS = pytest.StashKey()  # Module name -> (process, results file, log file).
+
+
+def start_worker(folder: pathlib.Path, jobs: list[dict]):
+  """Starts tests/mesh_worker.py (8 fake CPU devices) on `jobs`; returns it, its results
+  file and its log."""
+  folder.mkdir(parents=True, exist_ok=True)
+  jobs_file, out, log = folder / 'jobs.json', folder / 'results.json', folder / 'worker.log'
+  jobs_file.write_text(json.dumps(jobs))
+  with open(log, 'w') as f:
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(jobs_file), str(out)], cwd=REPO,
+                            stdout=f, stderr=subprocess.STDOUT)
+  return proc, out, log
 
 
 def pytest_collection_finish(session):
-  """Starts test_sharding.py's 8-device worker as soon as it is known to be needed."""
-  modules = {item.module for item in session.items if item.module.__name__ == 'test_sharding'}
+  """Starts the worker of each collected module that has `worker_jobs()` as soon as the tests
+  are known, so that it runs on the second core beside the other test files."""
+  modules = {item.module for item in session.items if hasattr(item.module, 'worker_jobs')}
+  started = session.config.stash.setdefault(WORKERS, {})
   for module in modules:
-    folder = session.config._tmp_path_factory.mktemp('mesh')  # pylint: disable=protected-access
-    session.config.stash[MESH_WORKER] = module.start_worker(folder)
+    folder = session.config._tmp_path_factory.mktemp(module.__name__)  # pylint: disable=protected-access
+    started[module.__name__] = start_worker(folder, module.worker_jobs())
+
+
+def worker_results(request, tmp_path_factory) -> list[dict]:
+  """The results of the calling module's `worker_jobs()`, in order (waits for them)."""
+  module = request.module
+  started = request.config.stash.get(WORKERS, {}).get(module.__name__)
+  proc, out, log = started or start_worker(tmp_path_factory.mktemp(module.__name__),
+                                           module.worker_jobs())
+  assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+  return json.loads(out.read_text())
 
 
 def pytest_sessionfinish(session):
-  """Stops the worker if the session ended before test_sharding.py collected its results."""
-  started = session.config.stash.get(MESH_WORKER, None)
-  if started and started[0].poll() is None:
-    started[0].kill()
+  """Stops the workers whose results no test collected."""
+  for proc, _, _ in session.config.stash.get(WORKERS, {}).values():
+    if proc.poll() is None:
+      proc.kill()

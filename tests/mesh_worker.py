@@ -1,14 +1,16 @@
-"""Runs training steps on 8 fake CPU devices for tests/test_sharding.py (in its own process).
+"""Runs training steps on 8 fake CPU devices for the tests (in its own process, beside them).
 
 The device count is fixed when JAX starts, so the tests run this script with XLA_FLAGS set
 rather than changing the whole test session. Usage: `mesh_worker.py JOBS.json OUT.json`;
 JOBS.json is a list of jobs, each {"spec", "overrides", "devices", "steps"}; OUT.json gets a
 list of results, each {"losses": per-step mean loss, "split": the most ways any parameter is
-split} or {"error"}.
+split, "matmuls": the train step's dot_general and convolution lines of StableHLO where the
+job asks for them with "matmuls": true} or {"error"}.
 """
 
 import json
 import os
+import re
 import sys
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -19,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from jaxbig import config as config_lib, data as data_lib, train  # pylint: disable=g-import-not-at-top
+from jaxbig import config as config_lib, data as data_lib, parallel, train  # pylint: disable=g-import-not-at-top
 from jaxbig.config import ConfigError  # pylint: disable=g-import-not-at-top
 
 _build, _built = data_lib.build, {}
@@ -51,7 +53,13 @@ def run(job: dict) -> dict:
     s = train.setup(config, jax.devices()[:job['devices']])
     state = train.init_state(s)
     split = _split(state)
-    steps = train.compile_steps(s, state, with_eval=False)
+    matmuls = None
+    if job.get('matmuls'):  # jit only: lower once, keep the matmuls' text, compile that.
+      lowered = train.lower_train_step(s)
+      matmuls = re.findall(r'stablehlo\.(?:dot_general|convolution)[^\n]*', lowered.as_text())
+      steps = parallel.jit_steps(s, lowered.compile(), None, 0.0)
+    else:
+      steps = train.compile_steps(s, state, with_eval=False)
   except ConfigError as e:
     return {'error': str(e)}
   state = steps.place(state)
@@ -61,7 +69,7 @@ def run(job: dict) -> dict:
     state, sums = steps.train(state, next(it))
     sums = jax.device_get(sums)
     losses.append(float(sums['loss']) / float(sums['count']))
-  return {'losses': losses, 'split': split}
+  return {'losses': losses, 'split': split, 'matmuls': matmuls}
 
 
 if __name__ == '__main__':

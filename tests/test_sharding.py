@@ -14,10 +14,10 @@ import sys
 import numpy as np
 import pytest
 
+import conftest
 from jaxbig import config as config_lib, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-WORKER = REPO / 'tests' / 'mesh_worker.py'
 STEPS = 3
 RTOL = 1e-5
 
@@ -64,30 +64,15 @@ def _jobs() -> dict:
   return jobs
 
 
-def start_worker(folder: pathlib.Path) -> tuple[subprocess.Popen, pathlib.Path, pathlib.Path]:
-  """Starts the 8-device worker on all jobs; returns it, its results file and its log.
-
-  conftest.py starts it as soon as the tests are collected, so that it runs on the second
-  core beside the other test files rather than after them.
-  """
-  folder.mkdir(parents=True, exist_ok=True)
-  payload = [{'spec': spec, 'overrides': ov, 'devices': n, 'steps': STEPS}
-             for spec, ov, n in _jobs().values()]
-  jobs, out, log = folder / 'jobs.json', folder / 'results.json', folder / 'worker.log'
-  jobs.write_text(json.dumps(payload))
-  with open(log, 'w') as f:
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(jobs), str(out)], cwd=REPO,
-                            stdout=f, stderr=subprocess.STDOUT)
-  return proc, out, log
+def worker_jobs() -> list[dict]:
+  """The runs for tests/mesh_worker.py, which conftest.py starts once the tests are collected."""
+  return [{'spec': spec, 'overrides': ov, 'devices': n, 'steps': STEPS}
+          for spec, ov, n in _jobs().values()]
 
 
 @pytest.fixture(scope='module')
 def results(request, tmp_path_factory):
-  from conftest import MESH_WORKER  # pylint: disable=g-import-not-at-top
-  started = request.config.stash.get(MESH_WORKER, None)
-  proc, out, log = started or start_worker(tmp_path_factory.mktemp('mesh'))
-  assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
-  return dict(zip(_jobs(), json.loads(out.read_text())))
+  return dict(zip(_jobs(), conftest.worker_results(request, tmp_path_factory)))
 
 
 @pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxbig import models
+from jaxbig import models, precision
 from jaxbig.config import ConfigError
 
 
@@ -100,7 +100,8 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
   if max_len is not None and len(prompt_P) + num_tokens > max_len:
     raise ConfigError(f'--tokens: the prompt ({len(prompt_P)} bytes) + --tokens ({num_tokens}) '
                       f'exceeds model.max_len ({max_len})')
-  new = sample(s.model, state.params, prompt_P, num_tokens, temperature=temperature,
-               top_k=top_k, seed=seed)
+  with precision.tracing(s.policy):  # The run's matmul precision.
+    new = sample(s.model, state.params, prompt_P, num_tokens, temperature=temperature,
+                 top_k=top_k, seed=seed)
   return (prompt_P.astype(np.uint8).tobytes() + new.astype(np.uint8).tobytes()).decode(
       'utf-8', errors='replace')

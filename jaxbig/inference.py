@@ -12,7 +12,7 @@ import os
 import jax
 import numpy as np
 
-from jaxbig import checkpoint, config as config_lib, data as data_lib, sharding, train
+from jaxbig import checkpoint, config as config_lib, data as data_lib, precision, sharding, train
 from jaxbig.config import ConfigError
 
 
@@ -83,7 +83,9 @@ def predict(workdir: str, inputs: np.ndarray) -> np.ndarray:
     xb = x[start:start + bs]
     n = len(xb)
     xb = np.concatenate([xb, np.zeros((bs - n, *xb.shape[1:]), np.float32)])
-    out.append(np.asarray(apply(state, jax.device_put(xb, sharding.batch_sharding(s.mesh))))[:n])
+    with precision.tracing(s.policy):  # The run's matmul precision.
+      y = apply(state, jax.device_put(xb, sharding.batch_sharding(s.mesh)))
+    out.append(np.asarray(y)[:n])
   y = np.concatenate(out)
   if meta.task == 'classification':
     return y.argmax(-1).astype(np.int32)

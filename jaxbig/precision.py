@@ -94,7 +94,7 @@ def emulated(policy: Policy, device: jax.Device) -> bool:
   if policy.fwd_qtype is None or not policy.fwd_qtype.startswith('float8'):
     return False
   if device.platform != 'gpu':
-    return True  # XLA:CPU upcasts; TPUs before v7 have no fp8 matmul units.
+    return True  # XLA:CPU upcasts; on TPUs not measured, so not claimed.
   return float(getattr(device, 'compute_capability', '0')) < 8.9  # Ada and Hopper have fp8.
 
 

@@ -168,3 +168,13 @@ def test_overflow_halves_the_scale_and_leaves_the_state_unchanged():
   assert all(jax.tree.leaves(changed))
   assert all(np.isfinite(x).all() and x.dtype == np.float32
              for x in jax.tree.leaves(updated.params))
+
+
+def test_fp8_is_emulated_without_fp8_units():
+  device = lambda platform, cc='': type('Device', (), {'platform': platform,
+                                                       'compute_capability': cc})()
+  fp8, int8 = precision.POLICIES['fp8'], precision.POLICIES['int8']
+  assert precision.emulated(fp8, device('cpu'))
+  assert precision.emulated(fp8, device('gpu', '8.0'))  # A100.
+  assert not precision.emulated(fp8, device('gpu', '9.0'))  # H100.
+  assert not precision.emulated(int8, device('cpu'))

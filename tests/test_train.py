@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbig import config as config_lib, data as data_lib, losses, train
+from jaxbig import checkpoint, config as config_lib, data as data_lib, losses, train
 
 CNN_SMOKE = 'experiments/cnn_digits.py:smoke'
 
@@ -134,3 +134,22 @@ def test_class_weights_balanced():
   cfg = config_lib.load(CNN_SMOKE, ['train.class_weights=1,2,3']).train
   with pytest.raises(config_lib.ConfigError, match='train.class_weights'):
     train.class_weights(cfg, np.array([0, 1]), 2)
+
+
+def test_checkpoints_from_before_loss_scaling_still_restore(tmp_path):
+  """A state saved before TrainState had `loss_scale` restores, with the field empty."""
+  s = train.setup(config_lib.load(CNN_SMOKE, []))
+  state = train.init_state(s)
+  old = {name: getattr(state, name)
+         for name in ('step', 'params', 'batch_stats', 'opt_state', 'rng')}
+  ckpts = checkpoint.Checkpoints(str(tmp_path))
+  ckpts.save(3, old, {}, {})
+  ckpts.close()
+  restored, _, _ = checkpoint.Checkpoints(str(tmp_path)).restore(3, train.abstract_state(s))
+  assert restored.loss_scale == {}
+  jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
+  jax.tree.map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)
+  # A state that lacks a field holding values does not restore silently.
+  fp16 = train.setup(config_lib.load(CNN_SMOKE, ['precision=fp16']))
+  with pytest.raises(ValueError, match='loss_scale'):
+    checkpoint.Checkpoints(str(tmp_path)).restore(3, train.abstract_state(fp16))

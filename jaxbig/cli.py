@@ -1,4 +1,4 @@
-"""The `jaxbig` command: train | eval | predict | generate | plan | quantize.
+"""The `jaxbig` command: train | eval | predict | generate | plan | quantize | bench.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 """
@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
   n.add_argument('--topology', help='TPU slice to plan for from any machine, e.g. v5e:4x4, '
                  'v6e:2x2, v4:2x2x2, v5p:2x2x1 (needs jaxbig[tpu]); default: the local devices')
   n.add_argument('--json', action='store_true', help='print the plan as JSON')
+  b = sub.add_parser('bench', help='time, measure and write one JSON row per configuration of '
+                     'a benchmark suite')
+  b.add_argument('suite', help='suite file, e.g. benchmarks/suites/smoke.py')
+  b.add_argument('--out', help='output folder for results.jsonl (default: '
+                 'runs/bench/<suite>-<timestamp>); never overwritten')
+  b.add_argument('--only', help="run only the rows whose name matches one of these globs, "
+                 "e.g. 'cnn-*,gpt-fp32'")
+  b.add_argument('--min-seconds', type=float, help="timed window's least length in seconds "
+                 '(default: the suite\'s, else 10 on GPUs, 3 on CPUs)')
+  b.add_argument('--min-steps', type=int, help="timed window's least number of steps")
   g = sub.add_parser('generate', help='sample text from a trained language model')
   g.add_argument('workdir')
   g.add_argument('--prompt', default='\n', help='text to continue (default: a newline)')
@@ -110,6 +120,15 @@ def _run(args) -> int:
     print(json.dumps(d, indent=2) if args.json else plan.format_plan(d))
     if d['fits'] is False:
       return 1
+  elif args.command == 'bench':
+    from jaxbig import bench
+    if args.min_seconds is not None and args.min_seconds < 0:
+      raise ConfigError(f'--min-seconds must be >= 0, got {args.min_seconds}')
+    if args.min_steps is not None and args.min_steps < 1:
+      raise ConfigError(f'--min-steps must be >= 1, got {args.min_steps}')
+    out = args.out or bench.default_out(args.suite)
+    bench.run_suite(args.suite, out, args.only, args.min_seconds, args.min_steps)
+    print(f"results -> {os.path.join(out, 'results.jsonl')}")
   elif args.command == 'generate':
     from jaxbig import generate
     print(generate.generate(args.workdir, args.prompt, args.tokens, temperature=args.temperature,

@@ -125,7 +125,7 @@ def _hbm_bytes(device) -> int | None:
   return HBM_BYTES.get(generation)
 
 
-def _memory(compiled) -> dict[str, int | None]:
+def memory(compiled) -> dict[str, int | None]:
   m = compiled.memory_analysis()
   args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
   alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
@@ -145,7 +145,7 @@ def _memory(compiled) -> dict[str, int | None]:
   }
 
 
-def _flops(compiled) -> float | None:
+def xla_flops(compiled) -> float | None:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older jax: one dict per computation.
     cost = cost[0] if cost else {}
@@ -276,12 +276,12 @@ def plan(config, topology: str | None = None) -> dict[str, Any]:
                compile_s=time.perf_counter() - t0)
     return out
   out['compile_s'] = time.perf_counter() - t0
-  memory = _memory(compiled)
-  out['memory_per_device'] = memory
+  mem = memory(compiled)
+  out['memory_per_device'] = mem
   if out['hbm_bytes'] is not None:  # Nominal HBM; over XLA:TPU's own limit, compile fails.
-    needed = max(memory['total_bytes'], memory['peak_bytes'] or 0)
+    needed = max(mem['total_bytes'], mem['peak_bytes'] or 0)
     out['fits'] = needed <= out['hbm_bytes']
-  flops = _flops(compiled)
+  flops = xla_flops(compiled)
   if flops is not None:
     out['flops_per_device'] = flops
     out['flops_per_step'] = flops * len(flat)

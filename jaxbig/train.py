@@ -130,13 +130,10 @@ def init_state(s: Setup) -> TrainState:
                            tokens=s.data.meta.vocab_size > 0, scaling=s.scaling)
   init_unboxed = lambda rng: nn.meta.unbox(init(rng))
   rng = jax.random.key_data(jax.random.key(s.config.seed))
-  lowered = jax.jit(init_unboxed, out_shardings=s.shardings).lower(rng)
-  # It runs once: on CPU, skip LLVM's optimisations, which spend seconds on the
-  # partitionable RNG's code (0.7 s instead of 6 s for the smoke CNN; values equal to 1 ulp).
-  cpu = s.mesh.devices.flat[0].platform == 'cpu'
-  state = lowered.compile({'xla_backend_optimization_level': 0} if cpu else None)(rng)
-  # Wait for it: running the slower unoptimised program while the steps compile and start
-  # hung XLA:CPU now and then (jax 0.10.2; 3 of 21 runs of seq_digits:gru,smoke).
+  state = jax.jit(init_unboxed, out_shardings=s.shardings)(rng)
+  # Compiling the init without LLVM's optimisations (xla_backend_optimization_level=0) saved
+  # seconds on CPU, but XLA:CPU (jax 0.10.2) then hung now and then while running it or the
+  # first steps: 3 of 4 processes within 12 inits of seq_digits:gru,smoke, none at the default.
   return jax.block_until_ready(state)
 
 

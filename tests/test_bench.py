@@ -1,0 +1,144 @@
+"""The benchmark harness: the smoke suite end to end, its fields and their consistency, the
+analytic FLOPs against XLA's count, the energy meters, and bad input.
+
+No assertion is about how fast anything is: speed targets live in the suites' tables.
+"""
+
+import json
+import math
+
+import pytest
+
+from jaxbig import cli, config as config_lib, train
+from jaxbig.bench import energy, flops
+
+SMOKE = 'benchmarks/suites/smoke.py'
+FIELDS = ('suite', 'name', 'framework', 'model', 'precision', 'batch', 'mesh', 'steps',
+          'step_time_s', 'samples_per_s', 'tokens_per_s', 'flops_per_step', 'mfu',
+          'peak_memory_bytes', 'energy', 'loss', 'compile_s', 'env')
+
+
+def _main(capsys, *argv):
+  code = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.fixture(scope='module')
+def rows(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench') / 'smoke'
+  # A row per model family and the emulated fp8 row (the other precisions' rows add nothing
+  # the harness does differently).
+  assert cli.main(['bench', SMOKE, '--out', str(out), '--min-seconds', '0.1',
+                   '--only', '*-fp32,cnn-fp8']) == 0
+  with open(out / 'results.jsonl') as f:
+    return [json.loads(line) for line in f]
+
+
+def test_every_row_has_every_field_and_they_agree(rows):
+  assert [r['name'] for r in rows] == ['cnn-fp32', 'mlp-fp32', 'gpt-fp32', 'lstm-fp32',
+                                       'cnn-fp8']
+  for r in rows:
+    assert set(FIELDS) <= set(r), r['name']
+    t = r['step_time_s']
+    assert 0 < t['p10'] <= t['median'] <= t['p90']
+    assert r['steps'] >= 5
+    assert r['samples_per_s'] == pytest.approx(r['batch'] / t['median'])
+    assert 0 < r['mfu'] <= 1, r['name']
+    assert math.isfinite(r['loss']) and r['compile_s'] > 0
+    assert r['peak_memory_bytes']['compiled'] > 0
+    # This machine has no energy counter: null fields with the reason, never an estimate.
+    e = r['energy']
+    assert e['method'] == 'none' and e['reason']
+    assert e['joules_per_step'] is None and e['avg_watts'] is None
+    assert r['env']['device_kind'] and r['env']['jax'] and r['env']['num_devices'] >= 1
+  by = {r['name']: r for r in rows}
+  assert by['gpt-fp32']['tokens_per_s'] == pytest.approx(
+      by['gpt-fp32']['samples_per_s'] * 32)  # 32-byte windows in gpt_stdlib:smoke.
+  assert by['cnn-fp32']['tokens_per_s'] is None
+  assert by['cnn-fp8']['emulated'] and not by['cnn-fp32']['emulated']
+  assert by['cnn-fp8']['precision'] == 'fp8'
+
+
+@pytest.mark.parametrize('spec', ['experiments/cnn_digits.py:smoke',
+                                  'experiments/mlp_diabetes.py:smoke',
+                                  'experiments/gpt_stdlib.py:smoke',
+                                  'experiments/lstm_stdlib.py:smoke'])
+def test_analytic_flops_match_xla_where_xla_counts_everything(spec, rows):
+  """XLA counts every multiply-add of the unrolled step; the formula counts the matmuls and
+  convolutions: they agree within the element-wise work the formula leaves out."""
+  row = next(r for r in rows if r['experiment'].endswith(spec) and r['precision'] == 'fp32')
+  f = row['flops_per_step']
+  if f['xla_counts_loops_once']:  # The LSTM scans over time: XLA counts one step.
+    assert f['xla'] < f['analytic']
+    return
+  assert f['analytic'] == pytest.approx(f['xla'], rel=0.35)
+
+
+def test_causal_attention_counts_half_the_scores():
+  config = config_lib.load('experiments/gpt_stdlib.py:smoke', [])
+  meta = train.setup(config).data.meta
+  base = flops.forward_flops(config.model, meta, 1)
+  longer = config_lib.load('experiments/gpt_stdlib.py:smoke', ['model.depth=3'])
+  per_block = flops.forward_flops(longer.model, meta, 1) - base
+  seq, d = meta.input_shape[0], config.model.width
+  dense = seq * (4 * 2 * d * d + 2 * 2 * d * d * config.model.mlp_ratio)
+  assert per_block == dense + 2 * seq * seq * d  # Full attention would be 4 * L^2 * d.
+
+
+def test_rapl_meter_reads_package_counters_and_their_wraparound(tmp_path):
+  for name, energy_uj in (('intel-rapl:0', 1000), ('intel-rapl:1', 5000),
+                          ('intel-rapl:0:0', 7)):  # A sub-domain: not counted.
+    d = tmp_path / name
+    d.mkdir()
+    (d / 'energy_uj').write_text(str(energy_uj))
+    (d / 'max_energy_range_uj').write_text('10000')
+  cpu = type('Device', (), {'platform': 'cpu'})()
+  m = energy.meter([cpu], str(tmp_path))
+  assert m.method == 'rapl'
+  start = m.read()
+  (tmp_path / 'intel-rapl:0' / 'energy_uj').write_text('3000')  # +2000 uJ.
+  (tmp_path / 'intel-rapl:1' / 'energy_uj').write_text('1000')  # Wrapped: +6000 uJ.
+  assert m.joules(start, m.read()) == pytest.approx(0.008)
+  none = energy.meter([cpu], str(tmp_path / 'absent'))
+  assert none.method == 'none' and 'does not exist' in none.reason
+
+
+def test_peaks_are_looked_up_by_device_kind():
+  assert flops.peak('NVIDIA H100 80GB HBM3', 'bf16') == 989.4e12
+  assert flops.peak('NVIDIA H100 PCIe', 'bf16') == 756e12
+  assert flops.peak('TPU v5 lite', 'bf16') == 197e12
+  assert flops.peak('TPU v5', 'bf16') == 459e12
+  assert flops.peak('cpu', 'fp32') is None
+
+
+@pytest.mark.parametrize('argv, named', [
+    (['bench', 'benchmarks/suites/nope.py'], 'nope.py'),
+    (['bench', SMOKE, '--only', 'resnet-*'], '--only'),
+    (['bench', SMOKE, '--min-seconds', '-1'], '--min-seconds'),
+])
+def test_bad_input_is_one_line_and_writes_nothing(argv, named, capsys, tmp_path):
+  out = tmp_path / 'out'
+  code, stdout, err = _main(capsys, *argv, '--out', out)
+  assert code == 2 and not stdout
+  assert err.count('\n') == 1 and named in err
+  assert not out.exists()
+
+
+def test_a_bad_row_is_named_before_anything_runs(capsys, tmp_path):
+  suite = tmp_path / 'bad.py'
+  suite.write_text("def rows():\n  return [{'name': 'ok', 'experiment': "
+                   "'experiments/cnn_digits.py:smoke'}, {'name': 'typo', 'experiment': "
+                   "'experiments/cnn_digits.py:smoke', 'precision': 'fp64'}]\n")
+  code, _, err = _main(capsys, 'bench', suite, '--out', tmp_path / 'out')
+  assert code == 2 and 'row typo' in err and 'precision' in err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_results_are_never_overwritten(rows, capsys, tmp_path):
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'results.jsonl').write_text('{"kept": 1}\n')
+  code, _, err = _main(capsys, 'bench', SMOKE, '--out', out, '--only', 'mlp-*')
+  assert code == 2 and 'exists' in err
+  assert (out / 'results.jsonl').read_text() == '{"kept": 1}\n'

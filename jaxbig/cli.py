@@ -1,4 +1,4 @@
-"""The `jaxbig` command: train | eval | predict | generate | plan | quantize | bench.
+"""The `jaxbig` command: train | eval | predict | generate | plan | quantize | bench | report.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 """
@@ -48,7 +48,9 @@ def _parser() -> argparse.ArgumentParser:
   n.add_argument('--json', action='store_true', help='print the plan as JSON')
   b = sub.add_parser('bench', help='time, measure and write one JSON row per configuration of '
                      'a benchmark suite')
-  b.add_argument('suite', help='suite file, e.g. benchmarks/suites/smoke.py')
+  b.add_argument('suite', help="suite file, e.g. benchmarks/suites/smoke.py; or 'compare OLD "
+                 "NEW' to compare two results")
+  b.add_argument('compared', nargs='*', help=argparse.SUPPRESS)
   b.add_argument('--out', help='output folder for results.jsonl (default: '
                  'runs/bench/<suite>-<timestamp>); never overwritten')
   b.add_argument('--only', help="run only the rows whose name matches one of these globs, "
@@ -56,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument('--min-seconds', type=float, help="timed window's least length in seconds "
                  '(default: the suite\'s, else 10 on GPUs, 3 on CPUs)')
   b.add_argument('--min-steps', type=int, help="timed window's least number of steps")
+  o = sub.add_parser('report', help='Markdown tables of benchmark results (DIR/report.md)')
+  o.add_argument('results', help='a jaxbig bench --out folder, or its results.jsonl')
   g = sub.add_parser('generate', help='sample text from a trained language model')
   g.add_argument('workdir')
   g.add_argument('--prompt', default='\n', help='text to continue (default: a newline)')
@@ -120,8 +124,15 @@ def _run(args) -> int:
     print(json.dumps(d, indent=2) if args.json else plan.format_plan(d))
     if d['fits'] is False:
       return 1
+  elif args.command == 'bench' and args.suite == 'compare':
+    from jaxbig.bench import report
+    if len(args.compared) != 2:
+      raise ConfigError('bench compare: give two results, OLD and NEW')
+    print(report.compare(*args.compared)[1], end='')
   elif args.command == 'bench':
     from jaxbig import bench
+    if args.compared:
+      raise ConfigError(f"unrecognized arguments: {' '.join(args.compared)}")
     if args.min_seconds is not None and args.min_seconds < 0:
       raise ConfigError(f'--min-seconds must be >= 0, got {args.min_seconds}')
     if args.min_steps is not None and args.min_steps < 1:
@@ -129,6 +140,9 @@ def _run(args) -> int:
     out = args.out or bench.default_out(args.suite)
     bench.run_suite(args.suite, out, args.only, args.min_seconds, args.min_steps)
     print(f"results -> {os.path.join(out, 'results.jsonl')}")
+  elif args.command == 'report':
+    from jaxbig.bench import report
+    print(report.report(args.results), end='')
   elif args.command == 'generate':
     from jaxbig import generate
     print(generate.generate(args.workdir, args.prompt, args.tokens, temperature=args.temperature,

@@ -142,3 +142,57 @@ def test_results_are_never_overwritten(rows, capsys, tmp_path):
   code, _, err = _main(capsys, 'bench', SMOKE, '--out', out, '--only', 'mlp-*')
   assert code == 2 and 'exists' in err
   assert (out / 'results.jsonl').read_text() == '{"kept": 1}\n'
+
+
+def _write(path, rows):
+  path.mkdir(parents=True, exist_ok=True)
+  (path / 'results.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return path
+
+
+def _scaled(row, name, factor, batch=None):
+  """A copy of `row` whose step times are `factor` times as long."""
+  r = json.loads(json.dumps(row))
+  r['name'] = name
+  r['step_time_s'] = {k: v * factor for k, v in row['step_time_s'].items()}
+  if batch is not None:
+    r['batch'] = batch
+    r['overrides'] = [o for o in r['overrides'] if not o.startswith('data.batch_size=')] + [
+        f'data.batch_size={batch}']
+  return r
+
+
+def test_report_renders_every_row_and_the_batch_exponent(rows, capsys, tmp_path):
+  cnn = rows[0]
+  grown = [_scaled(cnn, 'b32', 1.0, 32), _scaled(cnn, 'b64', 2.0 ** 0.5, 64),
+           _scaled(cnn, 'b128', 2.0, 128)]  # Time grows as batch ** 0.5.
+  folder = _write(tmp_path / 'r', rows + grown)
+  code, out, _ = _main(capsys, 'report', folder)
+  assert code == 0
+  assert (folder / 'report.md').read_text() == out
+  table_rows = [l for l in out.splitlines() if l.startswith('| ') and l[2:5] not in ('row', '---')]
+  assert len(table_rows) == len(rows) + 3
+  assert 'fp8 (emulated)' in out
+  assert 'b32, b64, b128: batches [32, 64, 128], exponent 0.50' in out
+
+
+def test_compare_flags_changes_beyond_the_rows_own_spread(rows, capsys, tmp_path):
+  old = _write(tmp_path / 'old', rows)
+  cnn, gpt = rows[0], rows[2]
+  spread = max((r['step_time_s']['p90'] - r['step_time_s']['p10']) / r['step_time_s']['median']
+               for r in (cnn,))
+  new = _write(tmp_path / 'new', [_scaled(cnn, cnn['name'], 1 + spread + 0.5),
+                                  _scaled(gpt, gpt['name'], 1.0)])
+  code, out, _ = _main(capsys, 'bench', 'compare', old, new)
+  assert code == 0
+  lines = {l.split(' | ')[0][2:]: l for l in out.splitlines() if l.startswith('| ')}
+  assert lines[cnn['name']].endswith('| slower |')
+  assert lines[gpt['name']].endswith('|  |')  # No change: not flagged.
+  assert 'Rows in only one of them: cnn-fp8, lstm-fp32, mlp-fp32' in out
+
+
+def test_report_and_compare_need_results(capsys, tmp_path):
+  code, _, err = _main(capsys, 'report', tmp_path)
+  assert code == 2 and 'no benchmark results' in err and err.count('\n') == 1
+  code, _, err = _main(capsys, 'bench', 'compare', tmp_path)
+  assert code == 2 and 'OLD and NEW' in err

@@ -450,7 +450,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
       'resumed_from': start or None,
       'num_params': num_params(s),
       'precision': s.policy.name,
-      'skipped_steps': (int(np.asarray(state.loss_scale.skipped.addressable_data(0)))
+      # One device's copy: a scalar under jit, a one-element slice under pmap.
+      'skipped_steps': (int(np.ravel(state.loss_scale.skipped.addressable_data(0))[0])
                         if s.scaling else 0),
       'device_kind': devices[0].device_kind,
       'num_devices': len(devices),

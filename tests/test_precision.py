@@ -1,6 +1,7 @@
 """Precision policies: the types in the compiled step, training close to fp32, and loss
 scaling (fp16) that skips an overflowing step without touching the state."""
 
+import json
 import re
 
 import jax
@@ -178,3 +179,15 @@ def test_fp8_is_emulated_without_fp8_units():
   assert precision.emulated(fp8, device('gpu', '8.0'))  # A100.
   assert not precision.emulated(fp8, device('gpu', '9.0'))  # H100.
   assert not precision.emulated(int8, device('cpu'))
+
+
+@pytest.mark.parametrize('mode', ['jit', 'pmap'])
+def test_fp16_run_reports_its_skipped_steps(mode, tmp_path):
+  config = config_lib.load(MODELS['cnn'], [f'parallel.mode={mode}', 'precision=fp16',
+                                           'train.steps=4', 'train.log_every=2',
+                                           'train.eval_every=0', 'train.ckpt_every=0'])
+  summary = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert summary['precision'] == 'fp16' and summary['skipped_steps'] == 0
+  with open(tmp_path / 'wd' / 'metrics.jsonl') as f:
+    logged = [json.loads(line) for line in f if 'train/skipped_steps' in line]
+  assert [m['loss_scale'] for m in logged] == [2.0**15, 2.0**15]

@@ -60,6 +60,14 @@ def worker_results(request, tmp_path_factory) -> list[dict]:
   return json.loads(out.read_text())
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+  """(exit code, stdout, stderr) of `jaxbig ARGV` run in this process."""
+  from jaxbig import cli  # pylint: disable=g-import-not-at-top
+  code = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
 def pytest_sessionfinish(session):
   """Stops the workers whose results no test collected; removes the compilation cache."""
   for proc, _, _ in session.config.stash.get(WORKERS, {}).values():

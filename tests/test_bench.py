@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+import conftest
 from jaxbig import cli, config as config_lib, train
 from jaxbig.bench import energy, flops
 
@@ -18,10 +19,7 @@ FIELDS = ('suite', 'name', 'framework', 'model', 'precision', 'batch', 'mesh', '
           'peak_memory_bytes', 'energy', 'loss', 'compile_s', 'env')
 
 
-def _main(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return code, out, err
+_main = conftest.run_cli  # (exit code, stdout, stderr) of the command, in-process.
 
 
 @pytest.fixture(scope='module')

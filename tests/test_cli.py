@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxbig import cli
+import conftest
 from jaxbig import config as config_lib
 from jaxbig import data as data_lib
 
@@ -60,10 +60,7 @@ def _read_events(path) -> list:
   return events
 
 
-def _main(capsys, *argv) -> tuple[int, str, str]:
-  code = cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return code, out, err
+_main = conftest.run_cli  # (exit code, stdout, stderr) of the command, in-process.
 
 
 def _assert_one_line_error(err: str, *needles: str) -> None:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+import conftest
 from jaxbig import cli, config as config_lib, inference, quantize, train
 
 CNN = 'experiments/cnn_digits.py:smoke'
@@ -18,10 +19,7 @@ OVERRIDES = ['train.steps=400', 'model.features=16,32', 'model.hidden=128',
              'train.log_every=100', 'train.eval_every=0', 'train.ckpt_every=0']
 
 
-def _main(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return code, out, err
+_main = conftest.run_cli  # (exit code, stdout, stderr) of the command, in-process.
 
 
 @pytest.fixture(scope='module')

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbig import cli, config as config_lib, generate, inference, train
+import conftest
+from jaxbig import config as config_lib, generate, inference, train
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 GPT = str(EXPERIMENTS / 'gpt_stdlib.py') + ':smoke'
@@ -98,10 +99,7 @@ def test_pick_top_k_never_samples_outside_the_k_best():
   assert len(picks_all) == 5
 
 
-def _main(capsys, *args):
-  code = cli.main([str(a) for a in args])
-  out, err = capsys.readouterr()
-  return code, out, err
+_main = conftest.run_cli  # (exit code, stdout, stderr) of the command, in-process.
 
 
 def test_generate_command_prints_the_continuation(gpt_run, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -138,7 +139,8 @@ def _run(args) -> int:
     if args.min_steps is not None and args.min_steps < 1:
       raise ConfigError(f'--min-steps must be >= 1, got {args.min_steps}')
     out = args.out or bench.default_out(args.suite)
-    bench.run_suite(args.suite, out, args.only, args.min_seconds, args.min_steps)
+    command = shlex.join(['jaxbig', *args.argv] + ([] if args.out else ['--out', out]))
+    bench.run_suite(args.suite, out, args.only, args.min_seconds, args.min_steps, command)
     print(f"results -> {os.path.join(out, 'results.jsonl')}")
   elif args.command == 'report':
     from jaxbig.bench import report
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides += extra
   elif extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  args.argv = sys.argv[1:] if argv is None else list(argv)  # For the bench's provenance.
   try:
     return _run(args)
   except ConfigError as e:

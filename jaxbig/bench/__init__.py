@@ -37,7 +37,8 @@ import numpy as np
 from jaxbig.config import ConfigError
 
 DEFAULTS = {'min_steps': 10, 'min_seconds': None, 'warmup_min': 3, 'warmup_max': 50,
-            'settle': 0.1}
+            'settle': 0.1, 'rounds': 4}
+ROW_KEYS = {'name', 'experiment', 'overrides', 'precision', 'batch', 'pytorch', 'native_only'}
 # Seconds of the timed window when neither the suite nor the command sets one: the NVML
 # counter moves about every 100 ms, so a GPU window needs seconds to mean anything.
 MIN_SECONDS = {'gpu': 10.0, 'tpu': 5.0, 'cpu': 3.0}
@@ -75,6 +76,10 @@ def load_suite(path: str) -> tuple[str, list[dict], dict]:
     file, _, variant = row['experiment'].partition(':')
     if not os.path.isabs(file) and not os.path.exists(file):
       row['experiment'] = os.path.join(root, file) + (f':{variant}' if variant else '')
+    unknown = set(row) - ROW_KEYS
+    if unknown:
+      raise ConfigError(f"{path}: row {row['name']} has unknown keys {sorted(unknown)}; known: "
+                        f"{', '.join(sorted(ROW_KEYS))}")
   return name, rows, settings
 
 
@@ -147,59 +152,127 @@ def row_config(row: dict):
   if config.get('parallel') is not None and config.parallel.mode != 'jit':
     raise ConfigError(f"row {row['name']}: bench times the jit step; parallel.mode="
                       f'{config.parallel.mode} is not supported')
+  reference = row.get('pytorch', False)
+  if reference not in (False, True, 'eager', 'compile'):
+    raise ConfigError(f"row {row['name']}: pytorch must be True, 'eager' or 'compile', got "
+                      f'{reference!r}')
+  if reference:
+    from jaxbig.bench import pytorch
+    pytorch.check(config, row['name'])
   return config, overrides
 
 
-def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) -> dict:
-  """Builds, compiles, warms up and times one row; returns its result object."""
-  import jax
-  from jaxbig import plan, precision, sharding, train
+def _window(step, meter, min_steps: int, min_seconds: float):
+  """Times steps until both minimums are met; (step seconds, joules or None, seconds)."""
+  times = []
+  start = meter.read()
+  t0 = time.perf_counter()
+  while len(times) < min_steps or time.perf_counter() - t0 < min_seconds:
+    times.append(step())
+  seconds = time.perf_counter() - t0
+  return times, meter.joules(start, meter.read()), seconds
+
+
+def _warm(step, settings: dict) -> int:
+  """Steps until `settle` holds (or warmup_max); returns how many."""
+  warm = []
+  while len(warm) < settings['warmup_max'] and not settle(warm, settings):
+    warm.append(step())
+  return len(warm)
+
+
+class _JaxRunner:
+  """The row's jit train step on one batch already on the devices; `step()` -> seconds."""
+
+  def __init__(self, config):
+    import jax
+    from jaxbig import sharding, train
+    self.jax = jax
+    self.setup = s = train.setup(config)
+    self.state = train.init_state(s)
+    t0 = time.perf_counter()
+    self.compiled = train.lower_train_step(s).compile()
+    self.compile_s = time.perf_counter() - t0
+    # Synthetic data already on the devices: one real batch, reused by every step.
+    batch_sh = sharding.batch_sharding(s.mesh)
+    size = config.data.batch_size
+    self.local = next(s.data.train_iter(sharding.process_rows(batch_sh, size)))
+    self.batch = jax.block_until_ready(sharding.to_global(self.local, batch_sh, size))
+    self.sums = None
+
+  def step(self) -> float:
+    t = time.perf_counter()
+    self.state, self.sums = self.compiled(self.state, self.batch)
+    self.jax.block_until_ready(self.state)
+    return time.perf_counter() - t
+
+  def final_loss(self) -> float:
+    sums = self.jax.device_get(self.sums)
+    return float(sums['loss']) / float(sums['count'])
+
+
+def _timing(times: list[float], joules, seconds: float, batch: int, tokens) -> dict:
+  """The step-time, throughput and energy fields of a result."""
+  n = len(times)
+  median = _percentile(times, 50)
+  per_step_j = joules / n if joules is not None else None
+  return {
+      'steps': n,
+      'step_time_s': {'median': median, 'p10': _percentile(times, 10),
+                      'p90': _percentile(times, 90), 'mean': seconds / n},
+      'samples_per_s': batch / median,
+      'tokens_per_s': tokens / median if tokens else None,
+      'energy_fields': {
+          'joules_per_step': per_step_j,
+          'samples_per_joule': batch / per_step_j if per_step_j else None,
+          'tokens_per_joule': tokens / per_step_j if per_step_j and tokens else None,
+          'avg_watts': joules / seconds if joules is not None else None,
+      },
+      'window_s': seconds,
+  }
+
+
+def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) -> list[dict]:
+  """Builds, compiles, warms up and times one row; returns its result objects: one, or two
+  when the row also runs the PyTorch reference (timed in alternating windows)."""
+  from jaxbig import plan, precision
   from jaxbig.bench import energy, flops
 
   config, overrides = row_config(row)
-  s = train.setup(config)
+  jx = _JaxRunner(config)
+  s = jx.setup
   devices = list(s.mesh.devices.flat)
-  batch_size = config.data.batch_size
-  state = train.init_state(s)
-  t0 = time.perf_counter()
-  compiled = train.lower_train_step(s).compile()
-  compile_s = time.perf_counter() - t0
-  # Synthetic data already on the devices: one real batch, reused by every step.
-  batch_sh = sharding.batch_sharding(s.mesh)
-  local = next(s.data.train_iter(sharding.process_rows(batch_sh, batch_size)))
-  batch = jax.block_until_ready(sharding.to_global(local, batch_sh, batch_size))
+  platform_ = devices[0].platform
+  runners = {'jaxbig': jx}
+  compile_s = {'jaxbig': jx.compile_s}
+  reference = row.get('pytorch')
+  if reference:
+    from jaxbig.bench import pytorch
+    torch_runner = pytorch.Runner(config, s.data.meta, jx.local, platform_)
+    compile_s['pytorch'] = pytorch.compiled(torch_runner) if reference == 'compile' else None
+    runners['pytorch'] = torch_runner
+  warm = {name: _warm(r.step, settings) for name, r in runners.items()}
 
-  def step(state):
-    t = time.perf_counter()
-    state, sums = compiled(state, batch)
-    jax.block_until_ready(state)
-    return state, sums, time.perf_counter() - t
-
-  warm = []
-  while len(warm) < settings['warmup_max'] and not settle(warm, settings):
-    state, _, dt = step(state)
-    warm.append(dt)
-  min_seconds = settings['min_seconds'] or MIN_SECONDS.get(devices[0].platform, 3.0)
+  min_seconds = settings['min_seconds'] or MIN_SECONDS.get(platform_, 3.0)
   meter = energy.meter(devices)
-  times = []
-  start = meter.read()
-  t_window = time.perf_counter()
-  while len(times) < settings['min_steps'] or time.perf_counter() - t_window < min_seconds:
-    state, sums, dt = step(state)
-    times.append(dt)
-  window_s = time.perf_counter() - t_window
-  joules = meter.joules(start, meter.read())
-  sums = jax.device_get(sums)
-  loss = float(sums['loss']) / float(sums['count'])
+  rounds = settings['rounds'] if len(runners) > 1 else 1
+  windows = {name: ([], [], []) for name in runners}  # times, joules, seconds.
+  order = list(runners)
+  for i in range(rounds):  # A B, B A, A B, ...: linear drift hits both alike.
+    for name in (order if i % 2 == 0 else order[::-1]):
+      times, joules, seconds = _window(runners[name].step, meter,
+                                       -(-settings['min_steps'] // rounds), min_seconds / rounds)
+      windows[name][0].extend(times)
+      windows[name][1].append(joules)
+      windows[name][2].append(seconds)
 
-  n = len(times)
-  median = _percentile(times, 50)
+  batch_size = config.data.batch_size
   meta = s.data.meta
   tokens = batch_size * meta.input_shape[0] if meta.vocab_size else None
   analytic = flops.train_flops(config.model, meta, batch_size)
-  xla = plan.xla_flops(compiled)
+  xla = plan.xla_flops(jx.compiled)
   policy = s.policy
-  if devices[0].platform == 'cpu':
+  if platform_ == 'cpu':
     basis = 'measured float32 matmul rate of this CPU'
     peak = roof * len(devices) if roof else None
   else:
@@ -208,45 +281,64 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) ->
     peak = peak_one * len(devices) if peak_one else None
     if peak is None:
       basis = f'no {policy.name} peak tabled for {devices[0].device_kind}'
-  used = analytic if analytic is not None else xla
-  mfu = used / median / peak if used and peak else None
-  memory = plan.memory(compiled)
+  env = environment(devices)
+  memory = plan.memory(jx.compiled)
   stats = devices[0].memory_stats() if hasattr(devices[0], 'memory_stats') else None
-  per_step_j = joules / n if joules is not None else None
-  return {
-      'suite': suite, 'name': row['name'], 'framework': 'jaxbig',
-      'model': config.model.name, 'experiment': row['experiment'], 'overrides': overrides,
-      'precision': policy.name, 'emulated': precision.emulated(policy, devices[0]),
-      'batch': batch_size,
-      'mesh': {'data': s.mesh.shape['data'], 'fsdp': s.mesh.shape['fsdp'],
-               'tensor': s.mesh.shape['tensor']},
-      'steps': n,
-      'step_time_s': {'median': median, 'p10': _percentile(times, 10),
-                      'p90': _percentile(times, 90), 'mean': window_s / n},
-      'samples_per_s': batch_size / median,
-      'tokens_per_s': tokens / median if tokens else None,
-      'flops_per_step': {'analytic': analytic, 'xla': xla,
-                         'xla_counts_loops_once': plan.loops_with_matmuls(compiled.as_text())},
-      'peak_flops_per_s': peak, 'mfu': mfu, 'mfu_basis': basis,
-      'peak_memory_bytes': {'compiled': memory['total_bytes'],
-                            'device': (stats or {}).get('peak_bytes_in_use')},
-      'energy': {
-          'method': meter.method,
-          'joules_per_step': per_step_j,
-          'samples_per_joule': batch_size / per_step_j if per_step_j else None,
-          'tokens_per_joule': tokens / per_step_j if per_step_j and tokens else None,
-          'avg_watts': joules / window_s if joules is not None else None,
-          'reason': meter.reason,
-      },
-      'loss': loss, 'compile_s': compile_s, 'warmup_steps': len(warm),
-      'window_s': window_s,
-      'env': environment(devices),
-  }
+  out = []
+  for name, runner in runners.items():
+    times, joules, seconds = windows[name]
+    joules = None if any(j is None for j in joules) else sum(joules)
+    t = _timing(times, joules, sum(seconds), batch_size, tokens)
+    jax_row = name == 'jaxbig'
+    used = analytic if analytic is not None else (xla if jax_row else None)
+    result = {
+        'suite': suite, 'name': row['name'] if jax_row else f"{row['name']}-pytorch",
+        'framework': name, 'pair': None if jax_row or not reference else row['name'],
+        'model': config.model.name, 'experiment': row['experiment'], 'overrides': overrides,
+        'precision': policy.name,
+        'emulated': precision.emulated(policy, devices[0]) if jax_row else False,
+        'batch': batch_size,
+        'mesh': {'data': s.mesh.shape['data'], 'fsdp': s.mesh.shape['fsdp'],
+                 'tensor': s.mesh.shape['tensor']},
+        'steps': t['steps'], 'step_time_s': t['step_time_s'],
+        'samples_per_s': t['samples_per_s'], 'tokens_per_s': t['tokens_per_s'],
+        'flops_per_step': {
+            'analytic': analytic, 'xla': xla if jax_row else None,
+            'xla_counts_loops_once': (plan.loops_with_matmuls(jx.compiled.as_text())
+                                      if jax_row else None)},
+        'peak_flops_per_s': peak,
+        'mfu': used / t['step_time_s']['median'] / peak if used and peak else None,
+        'mfu_basis': basis,
+        'peak_memory_bytes': (
+            {'compiled': memory['total_bytes'], 'device': (stats or {}).get('peak_bytes_in_use')}
+            if jax_row else {'compiled': None, 'device': runner.peak_memory()}),
+        'energy': {'method': meter.method, **t['energy_fields'], 'reason': meter.reason},
+        'loss': runner.final_loss(), 'compile_s': compile_s[name], 'warmup_steps': warm[name],
+        'rounds': rounds, 'window_s': t['window_s'],
+        'env': env if jax_row else {**env, **runner.environment()},
+    }
+    if reference and not jax_row:
+      result['pytorch_mode'] = 'compile' if reference == 'compile' else 'eager'
+    out.append(result)
+  return out
+
+
+def skip_reason(row: dict, config) -> str | None:
+  """Why a `native_only` row is skipped on this machine (its precision is emulated here)."""
+  if not row.get('native_only'):
+    return None
+  import jax
+  from jaxbig import precision
+  device = jax.devices()[0]
+  policy = precision.get(config)
+  if precision.emulated(policy, device):
+    return f'{policy.name} is emulated on {device.device_kind}'
+  return None
 
 
 def run_suite(path: str, out_dir: str, only: str | None = None,
               min_seconds: float | None = None, min_steps: int | None = None,
-              log=print) -> list[dict]:
+              command: str | None = None, log=print) -> list[dict]:
   """Runs the suite's rows (those whose name matches the glob `only`) into out_dir."""
   suite, rows, settings = load_suite(path)
   if only:  # Globs, comma-separated.
@@ -261,22 +353,32 @@ def run_suite(path: str, out_dir: str, only: str | None = None,
   if os.path.exists(results_path):
     raise ConfigError(f'{results_path} exists; choose another --out (results are never '
                       'overwritten)')
-  for row in rows:  # Every row's config is checked before anything is run or written.
-    row_config(row)
+  # Every row's config is checked before anything is run or written.
+  configs = [row_config(row)[0] for row in rows]
   import jax
   roof = cpu_matmul_roof() if jax.devices()[0].platform == 'cpu' else None
   os.makedirs(out_dir, exist_ok=True)
   out = []
-  for row in rows:
-    result = run_row(suite, row, settings, roof)
-    if roof:
-      result['cpu_matmul_roof_flops_per_s'] = roof
-    out.append(result)
+  for row, config in zip(rows, configs):
+    reason = skip_reason(row, config)
+    if reason:
+      results = [{'suite': suite, 'name': row['name'], 'skipped': reason}]
+      log(f"{row['name']}: skipped ({reason})")
+    else:
+      results = run_row(suite, row, settings, roof)
+    for result in results:
+      if roof and 'skipped' not in result:
+        result['cpu_matmul_roof_flops_per_s'] = roof
+      result['command'] = command
+    out += results
     with open(results_path, 'a') as f:  # Row by row: an interrupted suite keeps its rows.
-      f.write(json.dumps(result) + '\n')
-    log(f"{result['name']}: {result['step_time_s']['median'] * 1e3:.2f} ms/step, "
-        f"{result['samples_per_s']:.1f} samples/s, mfu {_fmt(result['mfu'])}, "
-        f"energy {result['energy']['method']}")
+      for result in results:
+        f.write(json.dumps(result) + '\n')
+    for r in results:
+      if 'skipped' not in r:
+        log(f"{r['name']}: {r['step_time_s']['median'] * 1e3:.2f} ms/step, "
+            f"{r['samples_per_s']:.1f} samples/s, mfu {_fmt(r['mfu'])}, "
+            f"energy {r['energy']['method']}")
   return out
 
 

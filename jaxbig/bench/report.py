@@ -1,9 +1,9 @@
 """Tables from benchmark results: `jaxbig report DIR` and `jaxbig bench compare OLD NEW`.
 
-`report` renders DIR/results.jsonl as Markdown (DIR/report.md): one table of every row, and
-for rows that differ only in batch size, the exponent of step time against batch (a slope
-on log-log axes: 1 means time grows in proportion, below 1 that larger batches use the
-device better). `compare` matches rows by name and flags a change of median step time
+`report` renders DIR/results.jsonl as Markdown (DIR/report.md): one table of every row; the
+jaxbig / PyTorch ratios of rows timed together; for rows that differ only in batch, width
+or sequence length, the growth exponent of step time (a slope on log-log axes); and PNG
+plots (with matplotlib, the `plots` extra). `compare` matches rows by name and flags a change of median step time
 larger than the run-to-run spread the two rows measured themselves (their p10-p90 widths).
 """
 
@@ -17,8 +17,9 @@ import numpy as np
 from jaxbig.config import ConfigError
 
 
-def read(path: str) -> list[dict]:
-  """The rows of a results.jsonl, or of DIR/results.jsonl."""
+def read(path: str, skipped: bool = False) -> list[dict]:
+  """The measured rows of a results.jsonl, or of DIR/results.jsonl (with `skipped`, the
+  rows the suite skipped instead, each {suite, name, skipped: reason})."""
   if os.path.isdir(path):
     path = os.path.join(path, 'results.jsonl')
   if not os.path.isfile(path):
@@ -31,8 +32,11 @@ def read(path: str) -> list[dict]:
           rows.append(json.loads(line))
         except json.JSONDecodeError:
           raise ConfigError(f'{path}:{i}: not a JSON row') from None
+  if skipped:
+    return [r for r in rows if 'skipped' in r]
+  rows = [r for r in rows if 'skipped' not in r]
   if not rows:
-    raise ConfigError(f'{path}: has no rows')
+    raise ConfigError(f'{path}: has no measured rows')
   return rows
 
 
@@ -50,7 +54,7 @@ def _bytes(n) -> str:
 
 
 def table(rows: list[dict]) -> str:
-  head = ('| row | model | precision | batch | step ms (p10-p90) | samples/s | tokens/s | MFU '
+  head = ('| row | framework | model | precision | batch | step ms (p10-p90) | samples/s | tokens/s | MFU '
           '| peak memory | J/step | samples/J | loss | compile s |')
   lines = [head, '|' + ' --- |' * head.count(' | ') + ' --- |']
   for r in rows:
@@ -58,60 +62,208 @@ def table(rows: list[dict]) -> str:
     e = r['energy']
     precision = r['precision'] + (' (emulated)' if r.get('emulated') else '')
     lines.append(
-        f"| {r['name']} | {r['model']} | {precision} | {r['batch']} "
+        f"| {r['name']} | {r['framework']} | {r['model']} | {precision} | {r['batch']} "
         f"| {t['median'] * 1e3:.3g} ({t['p10'] * 1e3:.3g}-{t['p90'] * 1e3:.3g}) "
         f"| {r['samples_per_s']:.4g} | {_num(r['tokens_per_s'], '.4g')} "
         f"| {_num(r['mfu'], '.3f')} | {_bytes(r['peak_memory_bytes']['compiled'])} "
         f"| {_num(e['joules_per_step'], '.3g')} | {_num(e['samples_per_joule'], '.4g')} "
-        f"| {r['loss']:.4f} | {r['compile_s']:.1f} |")
+        f"| {r['loss']:.4f} | {_num(r['compile_s'], '.1f')} |")
   return '\n'.join(lines)
 
 
-def batch_exponents(rows: list[dict]) -> list[dict]:
-  """Least-squares slope of log step time on log batch for each group of rows that differ
-  only in batch size (same model, precision, mesh and other overrides)."""
-  groups: dict[str, list[dict]] = {}
-  for r in rows:
-    rest = [o for o in r.get('overrides', []) if not o.startswith('data.batch_size=')]
-    key = json.dumps([r['experiment'], r['precision'], r['mesh'], rest, r['framework']])
-    groups.setdefault(key, []).append(r)
-  out = []
-  for members in groups.values():
-    batches = sorted({m['batch'] for m in members})
-    if len(batches) < 2:
-      continue
-    x = np.log([m['batch'] for m in members])
-    y = np.log([m['step_time_s']['median'] for m in members])
-    slope = float(np.polyfit(x, y, 1)[0])
-    out.append({'rows': [m['name'] for m in members], 'batches': batches, 'exponent': slope})
+# Overrides a suite sweeps, and the name of each axis in tables and plots.
+AXES = {'data.batch_size': 'batch', 'model.width': 'width', 'model.hidden': 'width',
+        'data.seq_len': 'sequence length'}
+
+
+def _settings(r: dict) -> dict:
+  """The row's overrides as {key: value}, with its batch size always present."""
+  out = dict(o.split('=', 1) for o in r.get('overrides', []))
+  out['data.batch_size'] = str(r['batch'])
   return out
 
 
-def render(path: str) -> str:
+def sweeps(rows: list[dict]) -> list[dict]:
+  """For each group of rows that differ only in one swept override (AXES), the least-squares
+  slope of log step time on log value: the growth exponent (1: time grows in proportion;
+  below 1: the larger size uses the device better)."""
+  out = []
+  for key, axis in AXES.items():
+    groups: dict[str, list] = {}
+    for r in rows:
+      o = _settings(r)
+      try:
+        value = float(o.pop(key))
+      except (KeyError, ValueError):
+        continue
+      group = json.dumps([r['experiment'], r['precision'], r['mesh'], r['framework'],
+                          sorted(o.items())])
+      groups.setdefault(group, []).append((value, r))
+    for members in groups.values():
+      members.sort(key=lambda m: m[0])
+      values = [v for v, _ in members]
+      if len(set(values)) < 2:
+        continue
+      times = [r['step_time_s']['median'] for _, r in members]
+      slope = float(np.polyfit(np.log(values), np.log(times), 1)[0])
+      first = members[0][1]
+      out.append({'axis': axis, 'key': key, 'rows': [r['name'] for _, r in members],
+                  'values': [int(v) if v.is_integer() else v for v in values],
+                  'step_s': times, 'exponent': slope,
+                  'label': f"{first['model']} {first['precision']} ({first['framework']})"})
+  return out
+
+
+def pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
+  """(jaxbig row, PyTorch row) for every PyTorch reference row and the row it was timed with."""
+  by_name = {r['name']: r for r in rows}
+  return [(by_name[r['pair']], r) for r in rows
+          if r['framework'] == 'pytorch' and r.get('pair') in by_name]
+
+
+def pair_table(rows: list[dict]) -> str:
+  head = ('| row | model | precision | batch | jaxbig ms | PyTorch ms | PyTorch / jaxbig time '
+          '| jaxbig samples/J | PyTorch samples/J |')
+  lines = [head, '|' + ' --- |' * (head.count(' | ') + 1)]
+  for j, t in pairs(rows):
+    a, b = j['step_time_s']['median'], t['step_time_s']['median']
+    mode = f" ({t.get('pytorch_mode', 'eager')})"
+    lines.append(
+        f"| {j['name']} | {j['model']} | {j['precision']} | {j['batch']} | {a * 1e3:.3g} "
+        f"| {b * 1e3:.3g}{mode} | {b / a:.2f} | {_num(j['energy']['samples_per_joule'], '.4g')} "
+        f"| {_num(t['energy']['samples_per_joule'], '.4g')} |")
+  return '\n'.join(lines)
+
+
+def _precision_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+  """Rows of one framework that differ only in precision, labelled by their common setup."""
+  groups: dict[str, list[dict]] = {}
+  for r in rows:
+    o = _settings(r)
+    o.pop('precision', None)
+    key = json.dumps([r['experiment'], r['mesh'], r['framework'], sorted(o.items())])
+    groups.setdefault(key, []).append(r)
+  out = []
+  for members in groups.values():
+    if len({m['precision'] for m in members}) > 1:
+      first = members[0]
+      label = f"{first['model']} b{first['batch']}"
+      out.append((label + ('' if first['framework'] == 'jaxbig' else ' (PyTorch)'), members))
+  return out
+
+
+def plots(rows: list[dict], folder: str) -> tuple[list[tuple[str, str]], str | None]:
+  """Writes the PNG plots into `folder`; returns ([(title, file name)], a note or None).
+
+  step_time_by_precision.png and samples_per_joule_by_precision.png: bars per precision for
+  every group of rows that differ only in precision; sweep_<axis>.png: step time against
+  the swept value on log-log axes, one line per group, its growth exponent in the legend.
+  """
+  try:
+    import matplotlib
+  except ImportError:
+    return [], "plots need matplotlib: pip install 'jaxbig[plots]'"
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+
+  written = []
+
+  def save(fig, name, title):
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name), dpi=100)
+    plt.close(fig)
+    written.append((title, name))
+
+  groups = _precision_groups(rows)
+  metrics = [('step_time_by_precision.png', 'step time (ms)',
+              lambda r: r['step_time_s']['median'] * 1e3)]
+  note = None
+  if any(r['energy']['samples_per_joule'] for _, m in groups for r in m):
+    metrics.append(('samples_per_joule_by_precision.png', 'samples per joule',
+                    lambda r: r['energy']['samples_per_joule']))
+  elif groups:
+    note = 'no samples/J plot: ' + (rows[0]['energy']['reason'] or 'no energy readings')
+  for name, ylabel, value in metrics if groups else []:
+    precisions = sorted({r['precision'] for _, m in groups for r in m},
+                        key=lambda p: PRECISION_ORDER.index(p) if p in PRECISION_ORDER else 99)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    width = 0.8 / len(precisions)
+    for i, p in enumerate(precisions):
+      xs, ys = [], []
+      for g, (_, members) in enumerate(groups):
+        r = next((m for m in members if m['precision'] == p), None)
+        if r is not None and value(r) is not None:
+          xs.append(g + (i - (len(precisions) - 1) / 2) * width)
+          ys.append(value(r))
+      ax.bar(xs, ys, width, label=p)
+    ax.set_xticks(range(len(groups)), [label for label, _ in groups])
+    ax.set_yscale('log')
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize='small')
+    save(fig, name, f'{ylabel} per precision')
+  by_axis: dict[str, list[dict]] = {}
+  for sweep in sweeps(rows):
+    by_axis.setdefault(sweep['axis'], []).append(sweep)
+  for axis, members in by_axis.items():
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for sweep in members:
+      ax.plot(sweep['values'], [t * 1e3 for t in sweep['step_s']], 'o-',
+              label=f"{sweep['label']}: exponent {sweep['exponent']:.2f}")
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel(axis)
+    ax.set_ylabel('step time (ms)')
+    ax.legend(fontsize='small')
+    save(fig, f"sweep_{axis.replace(' ', '_')}.png", f'step time against {axis}')
+  return written, note
+
+
+PRECISION_ORDER = ('fp32', 'tf32', 'bf16', 'fp16', 'fp8', 'int8')
+
+
+def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = None) -> str:
   rows = read(path)
+  skipped = read(path, skipped=True)
   env = rows[0]['env']
-  parts = [
-      f"# Benchmark: {rows[0]['suite']}",
-      '',
-      f"{env['device_kind']} x {env['num_devices']}; jax {env['jax']}, flax {env['flax']}, "
-      f"git {env['git_sha'] or 'unknown'}; XLA_FLAGS='{env['xla_flags']}'. MFU basis: "
+  parts = [f"# Benchmark: {rows[0]['suite']}", '']
+  if rows[0].get('command'):
+    parts += ['Reproduce:', '', f"    {rows[0]['command']}", f"    jaxbig report {path}", '']
+  torch_env = next((r['env'] for r in rows if r['framework'] == 'pytorch'), None)
+  parts += [
+      f"{env['device_kind']} x {env['num_devices']}; jax {env['jax']}, flax {env['flax']}"
+      + (f", torch {torch_env['torch']} ({torch_env['torch_threads']} threads)"
+         if torch_env else '')
+      + f"; git {env['git_sha'] or 'unknown'}; XLA_FLAGS='{env['xla_flags']}'. MFU basis: "
       f"{rows[0]['mfu_basis']}. Energy: {rows[0]['energy']['method']}"
       + (f" ({rows[0]['energy']['reason']})" if rows[0]['energy']['reason'] else '') + '.',
       '',
       table(rows),
   ]
-  exps = batch_exponents(rows)
-  if exps:
-    parts += ['', 'Step time against batch size (slope on log-log axes):', '']
-    parts += [f"- {', '.join(e['rows'])}: batches {e['batches']}, exponent {e['exponent']:.2f}"
-              for e in exps]
+  if skipped:
+    parts += ['', 'Skipped: ' + '; '.join(f"{r['name']} ({r['skipped']})" for r in skipped)
+              + '.']
+  if pairs(rows):
+    parts += ['', '## jaxbig and PyTorch, timed in alternating windows', '',
+              'Ratios above 1: PyTorch takes longer per step.', '', pair_table(rows)]
+  found = sweeps(rows)
+  if found:
+    parts += ['', '## Step time against size (slope on log-log axes)', '']
+    parts += [f"- {s['label']}, {s['axis']} {s['values']}: exponent {s['exponent']:.2f} "
+              f"(rows {', '.join(s['rows'])})" for s in found]
+  if figures or note:
+    parts += ['', '## Plots', '']
+    parts += [f'![{title}]({name})' for title, name in figures]
+    if note:
+      parts += ['', f'({note})']
   return '\n'.join(parts) + '\n'
 
 
 def report(path: str) -> str:
-  """Writes DIR/report.md (replacing an older report: it is derived) and returns its text."""
-  text = render(path)
+  """Writes DIR/report.md and the plots beside it (replacing older ones: they are derived)
+  and returns the Markdown."""
   folder = path if os.path.isdir(path) else os.path.dirname(path)
+  figures, note = plots(read(path), folder)
+  text = render(path, figures, note)
   out = os.path.join(folder, 'report.md')
   with open(out + '.tmp', 'w') as f:
     f.write(text)

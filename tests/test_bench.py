@@ -110,6 +110,62 @@ def test_peaks_are_looked_up_by_device_kind():
   assert flops.peak('cpu', 'fp32') is None
 
 
+def _suite(tmp_path, text):
+  path = tmp_path / 'suite.py'
+  path.write_text('SETTINGS = {"min_steps": 4, "min_seconds": 0.1, "warmup_max": 6, '
+                  '"rounds": 2}\ndef rows():\n  return ' + text + '\n')
+  return path
+
+
+def test_pytorch_reference_rows_are_timed_with_their_jaxbig_row(capsys, tmp_path):
+  suite = _suite(tmp_path, "[{'name': 'cnn', 'experiment': 'experiments/cnn_digits.py:smoke',"
+                           " 'pytorch': True}]")
+  code, _, _ = _main(capsys, 'bench', suite, '--out', tmp_path / 'out')
+  assert code == 0
+  jx, pt = [json.loads(l) for l in (tmp_path / 'out' / 'results.jsonl').read_text().splitlines()]
+  assert (jx['framework'], pt['framework'], pt['name'], pt['pair']) == (
+      'jaxbig', 'pytorch', 'cnn-pytorch', 'cnn')
+  for r in (jx, pt):
+    assert set(FIELDS) <= set(r) and r['rounds'] == 2 and r['steps'] >= 4
+    assert r['samples_per_s'] == pytest.approx(r['batch'] / r['step_time_s']['median'])
+    assert 0 < r['mfu'] <= 1 and math.isfinite(r['loss'])
+    assert r['command'].startswith('jaxbig bench ') and str(suite) in r['command']
+  assert pt['flops_per_step']['analytic'] == jx['flops_per_step']['analytic']
+  assert pt['env']['torch'] and pt['pytorch_mode'] == 'eager'
+
+
+@pytest.mark.parametrize('spec, overrides', [
+    ('experiments/cnn_digits.py:smoke', []),
+    ('experiments/lstm_stdlib.py:smoke', []),
+    ('experiments/lstm_stdlib.py:smoke', ['model.name=gru', 'model.depth=2']),
+    ('experiments/gpt_stdlib.py:smoke', []),
+    ('experiments/gpt_stdlib.py:smoke', ['model.pos=learned', 'model.tie_embeddings=False']),
+])
+def test_pytorch_references_have_the_jaxbig_models_shapes(spec, overrides):
+  """Same parameter count, except the second bias PyTorch's LSTM and GRU add per gate."""
+  import jax
+  import numpy as np
+  from jaxbig.bench import pytorch
+  config = config_lib.load(spec, overrides)
+  s = train.setup(config)
+  n_jax = sum(np.prod(p.shape) for p in jax.tree.leaves(s.abstract_boxed.params))
+  m = config.model
+  n_torch = sum(p.numel() for p in pytorch.build(config, s.data.meta).parameters())
+  extra = {'lstm': 4, 'gru': 2}[m.name] * m.hidden * m.depth if m.name in ('lstm', 'gru') else 0
+  assert n_torch == n_jax + extra
+
+
+def test_native_only_rows_are_skipped_where_emulated(capsys, tmp_path):
+  suite = _suite(tmp_path, "[{'name': 'cnn-fp8', 'experiment': 'experiments/cnn_digits.py:"
+                           "smoke', 'precision': 'fp8', 'native_only': True}, {'name': 'mlp', "
+                           "'experiment': 'experiments/mlp_diabetes.py:smoke'}]")
+  code, out, _ = _main(capsys, 'bench', suite, '--out', tmp_path / 'out')
+  assert code == 0 and 'cnn-fp8: skipped (fp8 is emulated on cpu)' in out
+  code, out, _ = _main(capsys, 'report', tmp_path / 'out')
+  assert 'Skipped: cnn-fp8 (fp8 is emulated on cpu).' in out
+  assert '| mlp |' in out and '| cnn-fp8 |' not in out
+
+
 @pytest.mark.parametrize('argv, named', [
     (['bench', 'benchmarks/suites/nope.py'], 'nope.py'),
     (['bench', SMOKE, '--only', 'resnet-*'], '--only'),
@@ -123,13 +179,27 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, named, capsys, tmp_path)
   assert not out.exists()
 
 
-def test_a_bad_row_is_named_before_anything_runs(capsys, tmp_path):
-  suite = tmp_path / 'bad.py'
-  suite.write_text("def rows():\n  return [{'name': 'ok', 'experiment': "
-                   "'experiments/cnn_digits.py:smoke'}, {'name': 'typo', 'experiment': "
-                   "'experiments/cnn_digits.py:smoke', 'precision': 'fp64'}]\n")
+@pytest.mark.parametrize('bad, named', [
+    ("'precision': 'fp64'", ['row typo', 'precision']),
+    ("'precison': 'fp16'", ['row typo', "unknown keys ['precison']"]),
+    ("'pytorch': 'fast'", ['row typo', 'pytorch must be']),
+    ("'pytorch': True, 'precision': 'int8'", ['row typo', 'PyTorch reference runs', 'int8']),
+])
+def test_a_bad_row_is_named_before_anything_runs(bad, named, capsys, tmp_path):
+  suite = _suite(tmp_path, "[{'name': 'ok', 'experiment': 'experiments/cnn_digits.py:smoke'}, "
+                           "{'name': 'typo', 'experiment': 'experiments/cnn_digits.py:smoke', "
+                           f"{bad}}}]")
   code, _, err = _main(capsys, 'bench', suite, '--out', tmp_path / 'out')
-  assert code == 2 and 'row typo' in err and 'precision' in err
+  assert code == 2 and err.count('\n') == 1
+  assert all(n in err for n in named), err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_pytorch_row_needs_a_model_with_a_reference(capsys, tmp_path):
+  suite = _suite(tmp_path, "[{'name': 'mlp', 'experiment': 'experiments/mlp_diabetes.py:smoke',"
+                           " 'pytorch': True}]")
+  code, _, err = _main(capsys, 'bench', suite, '--out', tmp_path / 'out')
+  assert code == 2 and 'row mlp: no PyTorch reference for model.name=mlp' in err
   assert not (tmp_path / 'out').exists()
 
 
@@ -160,18 +230,50 @@ def _scaled(row, name, factor, batch=None):
   return r
 
 
-def test_report_renders_every_row_and_the_batch_exponent(rows, capsys, tmp_path):
-  cnn = rows[0]
+def _with(row, name, override, factor):
+  """A copy of `row` with one more override and `factor` times its step time."""
+  r = _scaled(row, name, factor)
+  r['overrides'] = r['overrides'] + [override]
+  return r
+
+
+def test_report_renders_every_row_the_growth_exponents_and_the_plots(rows, capsys, tmp_path):
+  cnn, gpt = rows[0], rows[2]
   grown = [_scaled(cnn, 'b32', 1.0, 32), _scaled(cnn, 'b64', 2.0 ** 0.5, 64),
            _scaled(cnn, 'b128', 2.0, 128)]  # Time grows as batch ** 0.5.
+  # Sequence length: time grows as length ** 1.5; width (another axis) as width ** 2.
+  grown += [_with(gpt, f'l{n}', f'data.seq_len={n}', (n / 16) ** 1.5) for n in (16, 32, 64)]
+  grown += [_with(gpt, f'w{w}', f'model.width={w}', (w / 32) ** 2) for w in (32, 64)]
   folder = _write(tmp_path / 'r', rows + grown)
   code, out, _ = _main(capsys, 'report', folder)
   assert code == 0
   assert (folder / 'report.md').read_text() == out
   table_rows = [l for l in out.splitlines() if l.startswith('| ') and l[2:5] not in ('row', '---')]
-  assert len(table_rows) == len(rows) + 3
+  assert len(table_rows) == len(rows) + len(grown)
   assert 'fp8 (emulated)' in out
-  assert 'b32, b64, b128: batches [32, 64, 128], exponent 0.50' in out
+  # The smoke cnn-fp32 row (batch 32) joins the sweep of its copies.
+  assert 'batch [32, 64, 128]: exponent 0.50 (rows cnn-fp32, b32, b64, b128)' in out
+  assert 'sequence length [16, 32, 64]: exponent 1.50' in out
+  assert 'width [32, 64]: exponent 2.00' in out
+  # cnn-fp32 and cnn-fp8 differ only in precision: a bar plot; each sweep: a log-log plot.
+  for png in ('step_time_by_precision.png', 'sweep_batch.png', 'sweep_sequence_length.png',
+              'sweep_width.png'):
+    assert (folder / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', png
+    assert f']({png})' in out
+  assert 'no samples/J plot: no RAPL' in out  # This machine measures no energy.
+
+
+def test_pytorch_rows_are_paired_in_the_report(rows, capsys, tmp_path):
+  cnn = rows[0]
+  ref = _scaled(cnn, 'cnn-fp32-pytorch', 3.0)
+  ref.update(framework='pytorch', pair=cnn['name'])
+  ref['env'] = {**ref['env'], 'torch': '2.x', 'torch_threads': 2}
+  folder = _write(tmp_path / 'p', [cnn, ref])
+  code, out, _ = _main(capsys, 'report', folder)
+  assert code == 0
+  line = next(l for l in out.splitlines() if l.startswith('| cnn-fp32 | cnn | fp32'))
+  assert '| 3.00 |' in line  # PyTorch / jaxbig step time.
+  assert 'torch 2.x (2 threads)' in out
 
 
 def test_compare_flags_changes_beyond_the_rows_own_spread(rows, capsys, tmp_path):

@@ -1,14 +1,15 @@
 """jaxbig against idiomatic PyTorch on the seed models, timed together.
 
     pip install 'jaxbig[compare]'
-    jaxbig bench benchmarks/suites/seed_vs_pytorch.py --out benchmarks/results/<device>-vs-pytorch
-    jaxbig report benchmarks/results/<device>-vs-pytorch
+    jaxbig bench benchmarks/suites/seed_vs_pytorch.py --out benchmarks/results/<device>/vs_pytorch
+    jaxbig report benchmarks/results/<device>/vs_pytorch
 
 Each row trains the experiment's model with jaxbig and with the PyTorch reference of
-`jaxbig/bench/pytorch.py` (same shapes, loss, AdamW settings, clipping and schedule; eager
-mode) on the same batch, in alternating windows (SETTINGS rounds) so that drift of the
-machine hits both alike. Rows: the seed CNN (digits, batch 64), the byte LSTM and GRU and
-the byte GPT (stdlib, 32 windows of 128 bytes), in fp32 and bf16.
+`jaxbig/bench/pytorch.py` (same shapes, loss, AdamW settings, clipping and schedule) on the
+same batch, in alternating windows (SETTINGS rounds) so that drift of the machine hits both
+alike. Rows: the seed CNN (digits, batch 64), the byte LSTM and GRU and the byte GPT
+(stdlib, 32 windows of 128 bytes), in fp32 and bf16 against eager PyTorch, and in fp32
+against `torch.compile` (its compile time is the row's PyTorch compile_s).
 """
 
 SETTINGS = {'rounds': 4}
@@ -19,6 +20,11 @@ def rows() -> list[dict]:
             ('lstm', 'experiments/lstm_stdlib.py', []),
             ('gru', 'experiments/lstm_stdlib.py', ['model.name=gru']),
             ('gpt', 'experiments/gpt_stdlib.py', []))
-  return [{'name': f'{model}-{p}', 'experiment': path, 'overrides': overrides, 'precision': p,
-           'pytorch': True}
-          for model, path, overrides in models for p in ('fp32', 'bf16')]
+  out = []
+  for model, path, overrides in models:
+    row = {'experiment': path, 'overrides': overrides}
+    out += [{**row, 'name': f'{model}-{p}', 'precision': p, 'pytorch': True}
+            for p in ('fp32', 'bf16')]
+    out.append({**row, 'name': f'{model}-fp32-compiled', 'precision': 'fp32',
+                'pytorch': 'compile'})
+  return out

@@ -1,7 +1,12 @@
 """The benchmark harness: `jaxbig bench SUITE [--out DIR] [--only PATTERN]`.
 
 A suite (`benchmarks/suites/<name>.py`) defines `rows()`: a list of dicts, each naming an
-experiment and its overrides (model size, batch, precision, mesh). For each row, in this
+experiment and its overrides (model size, batch, precision, mesh), and optionally `SETTINGS`
+(DEFAULTS' keys). Row keys (ROW_KEYS): name, experiment, overrides, precision, batch;
+`pytorch` (True or 'eager', or 'compile'): also time the PyTorch reference of
+`jaxbig/bench/pytorch.py` on the same batch, in `rounds` alternating windows (A B, B A, ...)
+so that drift of the machine hits both alike; `native_only`: skip the row (recorded as
+{name, skipped: reason}) where its precision would be emulated. For each row, in this
 process: build the run as `train` would (steps 3-5 of DESIGN.md), put one batch on the
 devices, compile the train step (timed apart), warm up until the step time settles, then
 time a window of at least `min_steps` steps and `min_seconds` seconds with the energy
@@ -10,12 +15,14 @@ own time; the window's edges are those of its first and last step.
 
 One JSON object per row goes to `DIR/results.jsonl` as soon as the row is done:
 
-  suite, name, framework ('jaxbig'), model, precision, emulated, batch, mesh, steps,
-  step_time_s {median, p10, p90, mean}, samples_per_s, tokens_per_s (null without tokens),
-  flops_per_step {analytic, xla, xla_counts_loops_once}, peak_flops_per_s, mfu, mfu_basis,
+  suite, name, framework ('jaxbig' or 'pytorch'), pair (a PyTorch row's jaxbig row), model,
+  precision, emulated, batch, mesh, steps, step_time_s {median, p10, p90, mean}, samples_per_s,
+  tokens_per_s (null without tokens), flops_per_step {analytic, xla, xla_counts_loops_once}, peak_flops_per_s, mfu, mfu_basis,
   peak_memory_bytes {compiled, device}, energy {method, joules_per_step, samples_per_joule,
-  tokens_per_joule, avg_watts, reason}, loss, compile_s, warmup_steps, env {device_kind,
-  num_devices, jax, jaxlib, flax, qwix, python, xla_flags, git_sha}.
+  tokens_per_joule, avg_watts, reason}, loss, compile_s, warmup_steps, warmup_settled (False
+  when warm-up stopped at warmup_max steps or warmup_max_s seconds), rounds, window_s,
+  env {device_kind, num_devices, jax, jaxlib, flax, qwix, python, xla_flags, git_sha; PyTorch
+  rows add torch, torch_threads, torch_device}, command (the `jaxbig bench` command line).
 
 MFU divides the analytic FLOPs (else XLA's) by the step time and the device's dense peak
 for the precision's matmul type (`flops.PEAKS`); on CPUs by the float32 matmul rate measured
@@ -37,7 +44,7 @@ import numpy as np
 from jaxbig.config import ConfigError
 
 DEFAULTS = {'min_steps': 10, 'min_seconds': None, 'warmup_min': 3, 'warmup_max': 50,
-            'settle': 0.1, 'rounds': 4}
+            'warmup_max_s': 60.0, 'settle': 0.1, 'rounds': 4}
 ROW_KEYS = {'name', 'experiment', 'overrides', 'precision', 'batch', 'pytorch', 'native_only'}
 # Seconds of the timed window when neither the suite nor the command sets one: the NVML
 # counter moves about every 100 ms, so a GPU window needs seconds to mean anything.
@@ -173,12 +180,17 @@ def _window(step, meter, min_steps: int, min_seconds: float):
   return times, meter.joules(start, meter.read()), seconds
 
 
-def _warm(step, settings: dict) -> int:
-  """Steps until `settle` holds (or warmup_max); returns how many."""
+def _warm(step, settings: dict) -> tuple[int, bool]:
+  """Steps until `settle` holds, or warmup_max steps or warmup_max_s seconds have passed;
+  returns (steps, whether the step time settled)."""
   warm = []
-  while len(warm) < settings['warmup_max'] and not settle(warm, settings):
+  t0 = time.perf_counter()
+  while not settle(warm, settings):
+    if len(warm) >= settings['warmup_max'] or time.perf_counter() - t0 > settings[
+        'warmup_max_s']:
+      return len(warm), False
     warm.append(step())
-  return len(warm)
+  return len(warm), True
 
 
 class _JaxRunner:
@@ -246,11 +258,17 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) ->
   runners = {'jaxbig': jx}
   compile_s = {'jaxbig': jx.compile_s}
   reference = row.get('pytorch')
+  reference_error = None
   if reference:
     from jaxbig.bench import pytorch
     torch_runner = pytorch.Runner(config, s.data.meta, jx.local, platform_)
-    compile_s['pytorch'] = pytorch.compiled(torch_runner) if reference == 'compile' else None
-    runners['pytorch'] = torch_runner
+    try:  # The first step (compiling, with 'compile'); some kernels exist on some CPUs only.
+      first = torch_runner.step() if reference != 'compile' else pytorch.compiled(torch_runner)
+    except RuntimeError as e:
+      reference_error = f'PyTorch failed: {str(e).splitlines()[0]}'
+    else:
+      compile_s['pytorch'] = first if reference == 'compile' else None
+      runners['pytorch'] = torch_runner
   warm = {name: _warm(r.step, settings) for name, r in runners.items()}
 
   min_seconds = settings['min_seconds'] or MIN_SECONDS.get(platform_, 3.0)
@@ -313,13 +331,17 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) ->
             {'compiled': memory['total_bytes'], 'device': (stats or {}).get('peak_bytes_in_use')}
             if jax_row else {'compiled': None, 'device': runner.peak_memory()}),
         'energy': {'method': meter.method, **t['energy_fields'], 'reason': meter.reason},
-        'loss': runner.final_loss(), 'compile_s': compile_s[name], 'warmup_steps': warm[name],
+        'loss': runner.final_loss(), 'compile_s': compile_s[name],
+        'warmup_steps': warm[name][0], 'warmup_settled': warm[name][1],
         'rounds': rounds, 'window_s': t['window_s'],
         'env': env if jax_row else {**env, **runner.environment()},
     }
     if reference and not jax_row:
       result['pytorch_mode'] = 'compile' if reference == 'compile' else 'eager'
     out.append(result)
+  if reference_error:
+    out.append({'suite': suite, 'name': f"{row['name']}-pytorch", 'framework': 'pytorch',
+                'pair': row['name'], 'skipped': reference_error})
   return out
 
 

@@ -15,6 +15,7 @@ precision), tf32, bf16 and fp16 (autocast; fp16 with a dynamic GradScaler). Need
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -128,6 +129,14 @@ def build(config, meta):
       angles = torch.arange(m.max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
       self.register_buffer('cos', angles.cos(), persistent=False)
       self.register_buffer('sin', angles.sin(), persistent=False)
+      # GPT-2's initialisation, as jaxbig's (and nanoGPT's): N(0, init_std) weights, the
+      # residual-output projections scaled by 1/sqrt(2 depth). PyTorch's defaults (N(0, 1)
+      # embeddings) would start a tied model at a loss near 30.
+      for name, p in self.named_parameters():
+        if p.ndim == 2:
+          std = m.init_std / math.sqrt(2 * m.depth) if name.endswith(
+              ('out.weight', 'mlp.2.weight')) else m.init_std
+          torch.nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens_BxL):
       length = tokens_BxL.shape[1]

@@ -63,11 +63,12 @@ def table(rows: list[dict]) -> str:
     precision = r['precision'] + (' (emulated)' if r.get('emulated') else '')
     lines.append(
         f"| {r['name']} | {r['framework']} | {r['model']} | {precision} | {r['batch']} "
-        f"| {t['median'] * 1e3:.3g} ({t['p10'] * 1e3:.3g}-{t['p90'] * 1e3:.3g}) "
+        f"| {t['median'] * 1e3:.3g} ({t['p10'] * 1e3:.3g}-{t['p90'] * 1e3:.3g})"
+        f"{'' if r.get('warmup_settled', True) else ' unsettled'} "
         f"| {r['samples_per_s']:.4g} | {_num(r['tokens_per_s'], '.4g')} "
         f"| {_num(r['mfu'], '.3f')} | {_bytes(r['peak_memory_bytes']['compiled'])} "
         f"| {_num(e['joules_per_step'], '.3g')} | {_num(e['samples_per_joule'], '.4g')} "
-        f"| {r['loss']:.4f} | {_num(r['compile_s'], '.1f')} |")
+        f"| {r['loss']:.4g} | {_num(r['compile_s'], '.1f')} |")
   return '\n'.join(lines)
 
 
@@ -175,7 +176,7 @@ def plots(rows: list[dict], folder: str) -> tuple[list[tuple[str, str]], str | N
     written.append((title, name))
 
   groups = _precision_groups(rows)
-  metrics = [('step_time_by_precision.png', 'step time (ms)',
+  metrics = [('step_time_by_precision.png', 'step time (ms; bars p10-p90)',
               lambda r: r['step_time_s']['median'] * 1e3)]
   note = None
   if any(r['energy']['samples_per_joule'] for _, m in groups for r in m):
@@ -189,18 +190,22 @@ def plots(rows: list[dict], folder: str) -> tuple[list[tuple[str, str]], str | N
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
     width = 0.8 / len(precisions)
     for i, p in enumerate(precisions):
-      xs, ys = [], []
+      xs, ys, errors = [], [], [[], []]
       for g, (_, members) in enumerate(groups):
         r = next((m for m in members if m['precision'] == p), None)
         if r is not None and value(r) is not None:
           xs.append(g + (i - (len(precisions) - 1) / 2) * width)
           ys.append(value(r))
-      ax.bar(xs, ys, width, label=p)
+          t = r['step_time_s']
+          errors[0].append((t['median'] - t['p10']) * 1e3)
+          errors[1].append((t['p90'] - t['median']) * 1e3)
+      ax.bar(xs, ys, width, label=p, yerr=errors if name.startswith('step') else None,
+             capsize=2)
     ax.set_xticks(range(len(groups)), [label for label, _ in groups])
     ax.set_yscale('log')
     ax.set_ylabel(ylabel)
     ax.legend(fontsize='small')
-    save(fig, name, f'{ylabel} per precision')
+    save(fig, name, f"{ylabel.split(' (')[0]} per precision")
   by_axis: dict[str, list[dict]] = {}
   for sweep in sweeps(rows):
     by_axis.setdefault(sweep['axis'], []).append(sweep)
@@ -211,6 +216,9 @@ def plots(rows: list[dict], folder: str) -> tuple[list[tuple[str, str]], str | N
               label=f"{sweep['label']}: exponent {sweep['exponent']:.2f}")
     ax.set_xscale('log')
     ax.set_yscale('log')
+    ticks = sorted({v for sweep in members for v in sweep['values']})
+    ax.set_xticks(ticks, [str(v) for v in ticks])
+    ax.minorticks_off()
     ax.set_xlabel(axis)
     ax.set_ylabel('step time (ms)')
     ax.legend(fontsize='small')
@@ -248,7 +256,8 @@ def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = No
   found = sweeps(rows)
   if found:
     parts += ['', '## Step time against size (slope on log-log axes)', '']
-    parts += [f"- {s['label']}, {s['axis']} {s['values']}: exponent {s['exponent']:.2f} "
+    parts += [f"- {s['label']}, {s['axis']} {sorted(set(s['values']))}: exponent "
+              f"{s['exponent']:.2f} "
               f"(rows {', '.join(s['rows'])})" for s in found]
   if figures or note:
     parts += ['', '## Plots', '']

@@ -90,10 +90,12 @@ def test_batchnorm_statistics_update_in_training_only():
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), s0.batch_stats, state.batch_stats)
   assert all(jax.tree.leaves(changed)) and jax.tree.leaves(changed)
   x = jnp.asarray(batch['x'])
-  out_a, _ = train._forward(s.model, state.params, state.batch_stats, x, train=False)
-  out_b, _ = train._forward(s.model, state.params, state.batch_stats, x[:1], train=False)
+  # Jitted: a ResNet run op by op takes most of a minute on 2 cores.
+  forward = jax.jit(train._forward, static_argnums=0, static_argnames='train')
+  out_a, _ = forward(s.model, state.params, state.batch_stats, x, train=False)
+  out_b, _ = forward(s.model, state.params, state.batch_stats, x[:1], train=False)
   np.testing.assert_allclose(out_a[:1], out_b, rtol=1e-4, atol=1e-5)  # Eval: per example.
-  out_c, _ = train._forward(s.model, state.params, state.batch_stats, x[:2], train=True)
+  out_c, _ = forward(s.model, state.params, state.batch_stats, x[:2], train=True)
   assert not np.allclose(out_a[:1], out_c[:1], atol=1e-4)  # Train: batch statistics.
 
 

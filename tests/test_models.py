@@ -264,3 +264,22 @@ def test_unknown_model_raises():
 def test_image_models_reject_flat_inputs():
   with pytest.raises(ValueError, match=r"model\.name: 'cnn' needs image inputs"):
     models.build(_cfg('cnn'), Meta(VECTOR, 3))
+
+
+@pytest.mark.parametrize('size', [(8, 8), (7, 5)])
+def test_cnn_max_pool_matches_flax_max_pool_with_gradients(size):
+  """The CNN's reshape max-pool against nn.max_pool(2x2, stride 2, SAME): outputs and
+  gradients on random inputs (no ties), even and odd sizes (SAME keeps the last row)."""
+  from jaxbig.models.cnn import max_pool_2x2
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, *size, 3)), jnp.float32)
+  flax_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+  out_shape = jax.eval_shape(flax_pool, x).shape
+  g = jnp.asarray(np.random.default_rng(1).standard_normal(out_shape), jnp.float32)
+  run = _jit(lambda x: [jax.value_and_grad(lambda x: (f(x) * g).sum())(x)
+                        for f in (max_pool_2x2, flax_pool)])
+  (value, grad), (ref_value, ref_grad) = run(x)
+  assert max_pool_2x2(x).shape == out_shape
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  np.testing.assert_array_equal(grad, ref_grad)
+  # Pooling picks a quarter of the inputs: the gradient is zero elsewhere, not everywhere.
+  assert 0 < np.count_nonzero(grad) < grad.size

@@ -21,6 +21,7 @@ CELLS = rnn.CELLS
 
 # XLA's CPU backend spends longer optimising these tiny graphs than running them.
 _FAST = {'xla_backend_optimization_level': 0}
+_jit_fn = partial(jax.jit, compiler_options=_FAST)
 
 
 @partial(jax.jit, static_argnums=(0, 1), compiler_options=_FAST)
@@ -348,3 +349,50 @@ def test_every_parameter_carries_logical_names(model, x):
 def test_name_check_catches_an_unboxed_parameter():
   with pytest.raises(AssertionError, match='unboxed'):
     _check_names(_boxes(nn.Dense(3), _floats((B, 2))))
+
+
+# --- The hand-written gradient of the recurrence ----------------------------------------
+
+
+@pytest.mark.parametrize('cell', CELLS)
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_fused_scan_matches_autodiff_of_the_plain_scan(cell, dtype):
+  """fused_scan (custom gradient) against autodiff of `_scan`: outputs and every gradient,
+  both directions, on random inputs; the cotangents reach the final carry too."""
+  gates = rnn._GATES[cell]
+  rng = np.random.default_rng(1)
+  params = {'recurrent_kernel': jnp.asarray(0.5 * rng.standard_normal((N, gates, N)),
+                                            jnp.float32)}
+  if cell == 'gru':
+    params['recurrent_bias'] = jnp.asarray(rng.standard_normal(N), jnp.float32)
+  carry = {k: jnp.asarray(rng.standard_normal((B, N)), jnp.float32)
+           for k in rnn.CARRY_KEYS[cell]}
+  zx_LxBxGxN = jnp.asarray(rng.standard_normal((L, B, gates, N)), dtype)
+  dy_LxBxN = jnp.asarray(rng.standard_normal((L, B, N)), jnp.float32)
+
+  @_jit_fn
+  def run(params, carry, zx):
+    out = {}
+    for name, fn in (('plain', rnn._scan), ('fused', rnn.fused_scan)):
+      for reverse in (False, True):
+        def loss(p, c, z):
+          final, h = fn(cell, dtype, reverse, p, c, z)
+          return (h * dy_LxBxN).sum() + sum((v * (k + 2.0)).sum()
+                                            for k, v in enumerate(jax.tree.leaves(final)))
+        out[name, reverse] = jax.value_and_grad(loss, argnums=(0, 1, 2))(params, carry, zx)
+    return out
+
+  with jax.default_matmul_precision('highest'):
+    out = run(params, carry, zx_LxBxGxN)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for reverse in (False, True):
+    plain, fused = out['plain', reverse], out['fused', reverse]
+    np.testing.assert_allclose(fused[0], plain[0], rtol=tol)
+    for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(fused[1])):
+      assert a.dtype == b.dtype
+      scale = float(jnp.abs(a.astype(jnp.float32)).max())
+      np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a, np.float32),
+                                 atol=tol * scale)
+  # The direction matters, so the comparison above can tell one from the other.
+  assert abs(float(out['plain', True][0] - out['plain', False][0])) > 1e-2
+

@@ -13,6 +13,22 @@ import flax.linen as nn
 from jaxbig.models import init as inits
 
 
+def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
+  """2x2 max-pool with stride 2, SAME padding: odd sizes keep their last row (7 -> 4).
+
+  `nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')` as a reshape and a max: its
+  gradient is then a select instead of XLA's select-and-scatter (faster on CPUs). Ties
+  share the gradient where select-and-scatter gives it to one element; after a ReLU the
+  only likely ties are zeros, whose gradient the ReLU stops anyway.
+  """
+  _, h, w, _ = x_BxHxWxC.shape
+  if h % 2 or w % 2:
+    x_BxHxWxC = jnp.pad(x_BxHxWxC, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)),
+                        constant_values=-jnp.inf)
+  b, h, w, c = x_BxHxWxC.shape
+  return x_BxHxWxC.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class CNN(nn.Module):
   """conv 3x3 -> ReLU -> max-pool 2x2, per entry of `features`; dense -> ReLU -> dense."""
 
@@ -39,8 +55,7 @@ class CNN(nn.Module):
           kernel_init=inits.logical(kernel_init, names),
           bias_init=inits.logical(zeros, inits.CONV_BIAS), name=f'conv{i}')(x)
       x = inits.constrain(nn.relu(x), inits.ACT_BxHxWxC)
-      # SAME pads odd sizes (7 -> 4) instead of dropping the last row and column.
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+      x = max_pool_2x2(x)
     x_BxF = inits.constrain(x.reshape(x.shape[0], -1), ('batch', None))
     x_BxN = nn.Dense(
         self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -38,6 +38,7 @@ N hidden units, G gates (4 LSTM, 3 GRU), V vocabulary, K outputs, F float input 
 H height, W width, C channels.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -97,6 +98,130 @@ def recur(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array,
   n = jnp.tanh(zx_BxGxN[:, 2] + r * hn_BxN)
   h_BxN = (1.0 - u) * n + u * h_BxN
   return {'h': h_BxN}, h_BxN
+
+
+def _scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,
+          zx_LxBxGxN: jax.Array) -> tuple[dict, jax.Array]:
+  """`recur` scanned over time: (final carry, float32 h_LxBxN)."""
+  body = lambda c, zx_BxGxN: recur(cell, params, c, zx_BxGxN, dtype)
+  return jax.lax.scan(body, carry, zx_LxBxGxN, reverse=reverse)
+
+
+def _gates(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array, dtype: Any):
+  """One step's new carry, output and what its gradient needs (float32 acts_BxGxN)."""
+  zh_BxGxN = inits.einsum_f32('bn,ngm->bgm', carry['h'].astype(dtype),
+                              params['recurrent_kernel'].astype(dtype))
+  zx_BxGxN = zx_BxGxN.astype(jnp.float32)
+  if cell == 'lstm':
+    z_BxGxN = zx_BxGxN + zh_BxGxN
+    gate_1xGx1 = jnp.arange(4)[None, :, None]
+    acts_BxGxN = jnp.where(gate_1xGx1 == 2, jnp.tanh(z_BxGxN), nn.sigmoid(z_BxGxN))
+    i, f, g, o = (acts_BxGxN[:, k] for k in range(4))
+    c_BxN = f * carry['c'] + i * g
+    h_BxN = o * jnp.tanh(c_BxN)
+    return {'c': c_BxN, 'h': h_BxN}, (acts_BxGxN, c_BxN)
+  r = nn.sigmoid(zx_BxGxN[:, 0] + zh_BxGxN[:, 0])
+  u = nn.sigmoid(zx_BxGxN[:, 1] + zh_BxGxN[:, 1])
+  hn_BxN = zh_BxGxN[:, 2] + params['recurrent_bias'].astype(jnp.float32)
+  n = jnp.tanh(zx_BxGxN[:, 2] + r * hn_BxN)
+  h_BxN = (1.0 - u) * n + u * carry['h']
+  return {'h': h_BxN}, (_by_gate(r, u, n, hn_BxN), None)
+
+
+def _shift(first_BxN: jax.Array, seq_LxBxN: jax.Array, reverse: bool) -> jax.Array:
+  """The value before each step: first_BxN, then seq_LxBxN less its last (reverse: first)."""
+  if reverse:
+    return jnp.concatenate([seq_LxBxN[1:], first_BxN[None]], axis=0)
+  return jnp.concatenate([first_BxN[None], seq_LxBxN[:-1]], axis=0)
+
+
+def _by_gate(*parts_BxN: jax.Array) -> jax.Array:
+  """The (B, G, N) array whose gate k is parts_BxN[k]; selects, which XLA:CPU fuses better
+  than a concatenation inside the loop."""
+  gate_1xGx1 = jnp.arange(len(parts_BxN))[None, :, None]
+  out = parts_BxN[-1][:, None]
+  for k in range(len(parts_BxN) - 2, -1, -1):
+    out = jnp.where(gate_1xGx1 == k, parts_BxN[k][:, None], out)
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def fused_scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,
+               zx_LxBxGxN: jax.Array) -> tuple[dict, jax.Array]:
+  """`_scan` with a hand-written gradient, as fused RNN kernels (cuDNN, oneDNN) do it.
+
+  Autodiff of the scan computes and accumulates the recurrent kernel's gradient inside the
+  backward loop: two small matmuls per step plus an (N, G, N) accumulator that XLA:CPU
+  copies every step. Here the backward loop computes only the gate gradients dz_t and the
+  carried dh (one matmul per step); the kernel's gradient is then one large matmul over all
+  steps, sum_t h_{t-1}^T dz_t. The same function: `tests/test_rnn.py` checks outputs and
+  gradients against `_scan`.
+  """
+  return _scan(cell, dtype, reverse, params, carry, zx_LxBxGxN)
+
+
+def _fused_fwd(cell, dtype, reverse, params, carry, zx_LxBxGxN):
+  def body(c, zx_BxGxN):
+    new, (acts_BxGxN, c_BxN) = _gates(cell, params, c, zx_BxGxN, dtype)
+    return new, (new['h'], acts_BxGxN, c_BxN)
+
+  final, (h_LxBxN, acts_LxBxGxN, c_LxBxN) = jax.lax.scan(body, carry, zx_LxBxGxN,
+                                                          reverse=reverse)
+  # An empty array carries zx's dtype (residuals must be arrays).
+  residuals = (params, carry, jnp.zeros((0,), zx_LxBxGxN.dtype), h_LxBxN, acts_LxBxGxN, c_LxBxN)
+  return (final, h_LxBxN), residuals
+
+
+def _fused_bwd(cell, dtype, reverse, residuals, cotangents):
+  params, carry, zx_0, h_LxBxN, acts_LxBxGxN, c_LxBxN = residuals
+  d_final, dy_LxBxN = cotangents
+  n = h_LxBxN.shape[-1]
+  # Transposed once, outside the loop: dh_{t-1} = dz_t W^T is then a plain matmul.
+  w_GNxN = params['recurrent_kernel'].astype(dtype).reshape(n, -1).T
+  back = lambda dz_BxGxN: jnp.dot(dz_BxGxN.reshape(dz_BxGxN.shape[0], -1).astype(dtype),
+                                  w_GNxN, preferred_element_type=jnp.float32)
+  h_prev_LxBxN = _shift(carry['h'], h_LxBxN, reverse)
+  if cell == 'lstm':
+    c_prev_LxBxN = _shift(carry['c'], c_LxBxN, reverse)
+
+    def body(d, inputs):
+      dy, acts, c, c_prev = inputs
+      i, f, g, o = (acts[:, k] for k in range(4))
+      dh = dy + d['h']
+      tanh_c = jnp.tanh(c)
+      dc = d['c'] + dh * o * (1.0 - tanh_c**2)
+      dz_BxGxN = _by_gate(dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
+                          dc * i * (1.0 - g**2), dh * tanh_c * o * (1.0 - o))
+      return {'c': dc * f, 'h': back(dz_BxGxN)}, dz_BxGxN
+
+    inputs = (dy_LxBxN, acts_LxBxGxN, c_LxBxN, c_prev_LxBxN)
+  else:
+    def body(d, inputs):
+      dy, acts, h_prev = inputs
+      r, u, n, hn = (acts[:, k] for k in range(4))
+      dh = dy + d['h']
+      da = dh * (1.0 - u) * (1.0 - n**2)  # Through n's tanh.
+      dzr = da * hn * r * (1.0 - r)
+      dzu = dh * (h_prev - n) * u * (1.0 - u)
+      dzh_BxGxN = _by_gate(dzr, dzu, da * r)
+      return {'h': dh * u + back(dzh_BxGxN)}, (dzh_BxGxN, _by_gate(dzr, dzu, da))
+
+    inputs = (dy_LxBxN, acts_LxBxGxN, h_prev_LxBxN)
+  d_carry = jax.tree.map(lambda a: a.astype(jnp.float32), d_final)
+  d_carry, dz = jax.lax.scan(body, d_carry, inputs, reverse=not reverse)
+  # LSTM: the gates' gradient is that of zx and of zh alike; GRU: they differ at n.
+  dzh_LxBxGxN, dzx_LxBxGxN = dz if cell == 'gru' else (dz, dz)
+  dw_NxGxN = inits.einsum_f32('lbn,lbgm->ngm', h_prev_LxBxN.astype(dtype),
+                              dzh_LxBxGxN.astype(dtype))
+  d_params = {'recurrent_kernel': dw_NxGxN.astype(params['recurrent_kernel'].dtype)}
+  if cell == 'gru':
+    d_params['recurrent_bias'] = dzh_LxBxGxN[:, :, 2].sum((0, 1)).astype(
+        params['recurrent_bias'].dtype)
+  d_carry = jax.tree.map(lambda d, c: d.astype(c.dtype), d_carry, carry)
+  return d_params, d_carry, dzx_LxBxGxN.astype(zx_0.dtype)
+
+
+fused_scan.defvjp(_fused_fwd, _fused_bwd)
 
 
 def step(cell: str, params: dict, carry: dict, x_BxE: jax.Array,
@@ -193,8 +318,9 @@ class RNNLayer(nn.Module):
     zx_BxLxGxN = inits.constrain(project(params, x_BxLxE, self.dtype),
                                  ('batch', 'length', None, 'mlp'))
     zx_LxBxGxN = jnp.swapaxes(zx_BxLxGxN, 0, 1)
-    body = lambda c, zx_BxGxN: recur(self.cell, params, c, zx_BxGxN, self.dtype)
-    carry, h_LxBxN = jax.lax.scan(body, carry, zx_LxBxGxN, reverse=self.reverse)
+    recurrent = {k: v for k, v in params.items() if k.startswith('recurrent')}
+    carry, h_LxBxN = fused_scan(self.cell, self.dtype, self.reverse, recurrent, carry,
+                                zx_LxBxGxN)
     # init builds an empty cache: the carry after the dummy init input must not leak into it.
     if cache is not None and not self.is_initializing():
       for k, v in cache.items():

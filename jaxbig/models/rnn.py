@@ -73,9 +73,21 @@ def zero_carry(cell: str, batch: int, hidden: int) -> dict[str, jax.Array]:
 
 def project(params: dict, x_BxLxE: jax.Array, dtype: Any) -> jax.Array:
   """The input part of every gate for all time steps: zx_BxLxGxN = x W_x + b."""
+  return jnp.swapaxes(project_time_major(params, jnp.swapaxes(x_BxLxE, 0, 1), dtype), 0, 1)
+
+
+def project_time_major(params: dict, x_LxBxE: jax.Array, dtype: Any) -> jax.Array:
+  """`project` for time-major inputs: zx_LxBxGxN, one (L B, E) x (E, G N) matmul.
+
+  Time-major, so the scan reads zx without a transpose of it (E is usually the smaller);
+  on rows, as in the Transformer: XLA:CPU handles 4-d contractions' gradients slowly.
+  """
+  length, batch, features = x_LxBxE.shape
   w_ExGxN = params['input_kernel'].astype(dtype)
-  zx_BxLxGxN = jnp.einsum('ble,egn->blgn', x_BxLxE.astype(dtype), w_ExGxN)
-  return zx_BxLxGxN + params['input_bias'].astype(dtype)
+  zx_RxGN = jnp.dot(x_LxBxE.reshape(length * batch, features).astype(dtype),
+                    w_ExGxN.reshape(features, -1))
+  zx_LxBxGxN = zx_RxGN.reshape(length, batch, *w_ExGxN.shape[1:])
+  return zx_LxBxGxN + params['input_bias'].astype(dtype)
 
 
 def recur(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array,
@@ -315,9 +327,9 @@ class RNNLayer(nn.Module):
     elif carry is None:
       carry = zero_carry(self.cell, batch, n)
 
-    zx_BxLxGxN = inits.constrain(project(params, x_BxLxE, self.dtype),
-                                 ('batch', 'length', None, 'mlp'))
-    zx_LxBxGxN = jnp.swapaxes(zx_BxLxGxN, 0, 1)
+    zx_LxBxGxN = inits.constrain(
+        project_time_major(params, jnp.swapaxes(x_BxLxE, 0, 1), self.dtype),
+        ('length', 'batch', None, 'mlp'))
     recurrent = {k: v for k, v in params.items() if k.startswith('recurrent')}
     carry, h_LxBxN = fused_scan(self.cell, self.dtype, self.reverse, recurrent, carry,
                                 zx_LxBxGxN)

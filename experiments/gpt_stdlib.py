@@ -72,6 +72,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.train.eval_every = 325  # Steps between validation evaluations (0: only at the end).
   c.train.ckpt_every = 325  # Steps between checkpoints (0: only at the end).
   c.train.keep_checkpoints = 2  # Newest checkpoints kept.
+  c.train.on_nonfinite = 'skip'  # Non-finite loss or gradients: skip (state kept) | abort.
+  c.train.max_consecutive_skips = 25  # skip: more in a row stop the run (exit 3).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel devices (-1: all that remain).

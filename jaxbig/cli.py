@@ -1,6 +1,8 @@
 """The `jaxbig` command: train | eval | predict | generate | plan | quantize | bench | report.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
+Exit codes: 0 done (also after a SIGTERM that saved a checkpoint), 2 bad input, 3 training
+stopped because its loss or gradients stayed non-finite.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def _run(args) -> int:
       raise ConfigError('--workdir: a multi-process run needs one folder that all processes '
                         'name (a shared file system across hosts)')
     workdir = args.workdir or _default_workdir(args.config)
+    # On SIGTERM it saves, returns {'preempted': True, 'step': ...} and we exit 0.
     summary = train.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
       print(json.dumps({'workdir': workdir, **summary}, indent=2))
@@ -163,11 +166,14 @@ def main(argv: list[str] | None = None) -> int:
   args.argv = sys.argv[1:] if argv is None else list(argv)  # For the bench's provenance.
   try:
     return _run(args)
-  except ConfigError as e:
-    if os.environ.get('JAXBIG_DEBUG'):
+  except Exception as e:  # pylint: disable=broad-except
+    # A NonFiniteError comes from jaxbig.faults, imported by then (the CLI stays light).
+    faults = sys.modules.get('jaxbig.faults')
+    stopped = faults is not None and isinstance(e, faults.NonFiniteError)
+    if not (isinstance(e, ConfigError) or stopped) or os.environ.get('JAXBIG_DEBUG'):
       raise
     print(f'jaxbig: error: {e}', file=sys.stderr)
-    return 2
+    return 3 if stopped else 2
 
 
 if __name__ == '__main__':

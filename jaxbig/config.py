@@ -11,6 +11,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -166,6 +167,17 @@ def diff(a: dict, b: dict, prefix: str = '') -> list[str]:
   return out
 
 
+def flatten(d: dict, prefix: str = '') -> dict:
+  """A nested config dict as {dotted key: value}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
 def _require(cond: bool, message: str) -> None:
   if not cond:
     raise ConfigError(message)
@@ -173,6 +185,20 @@ def _require(cond: bool, message: str) -> None:
 
 # xent: classes or next tokens; mse: regression; elbo: VAE; recon: autoencoder.
 LOSSES = ('xent', 'mse', 'elbo', 'recon')
+ON_NONFINITE = ('skip', 'abort')  # What a step with a non-finite loss or gradient does.
+
+
+def _check_finite(config: ml_collections.ConfigDict, prefix: str = '') -> None:
+  """No float field (or float item of a tuple) may be NaN or infinite."""
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, ml_collections.ConfigDict):
+      _check_finite(value, name + '.')
+    elif isinstance(value, float) or (isinstance(value, tuple) and
+                                      any(isinstance(x, float) for x in value)):
+      items = value if isinstance(value, tuple) else (value,)
+      _require(all(math.isfinite(x) for x in items if isinstance(x, float)),
+               f'{name} must be finite, got {value}')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -180,6 +206,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for section in ('seed', 'data', 'model', 'opt', 'train', 'mesh'):
     _require(section in config, f"config: missing section '{section}'")
   _require(config.seed >= 0, f'seed must be >= 0, got {config.seed}')
+  _check_finite(config)
   t = config.train
   _require(t.steps > 0, f'train.steps must be > 0, got {t.steps}')
   _require(t.log_every > 0, f'train.log_every must be > 0, got {t.log_every}')
@@ -190,6 +217,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(t.loss in LOSSES, f"train.loss: unknown loss '{t.loss}'; choose from {', '.join(LOSSES)}")
   _require(0.0 <= t.label_smoothing < 1.0,
            f'train.label_smoothing must be in [0, 1), got {t.label_smoothing}')
+  _require(t.on_nonfinite in ON_NONFINITE, f"train.on_nonfinite: unknown mode "
+           f"'{t.on_nonfinite}'; choose from {', '.join(ON_NONFINITE)}")
+  _require(t.max_consecutive_skips >= 0,
+           f'train.max_consecutive_skips must be >= 0, got {t.max_consecutive_skips}')
   d = config.data
   _require(d.batch_size > 0, f'data.batch_size must be > 0, got {d.batch_size}')
   _require(d.eval_batch_size > 0, f'data.eval_batch_size must be > 0, got {d.eval_batch_size}')

@@ -12,6 +12,10 @@ Three ways to start:
              variables say it all, and `jax.distributed.initialize()` reads them;
   requested  --distributed: `jax.distributed.initialize()` finds the cluster itself (Cloud
              TPU VM pod slices, GKE, and the above).
+
+Once started, JAX's preemption service owns SIGTERM: a notice to any process reaches all of
+them, and they save and stop at one agreed step (jaxbig/faults.py). A single process without
+these flags handles SIGTERM itself and needs no coordinator.
 """
 
 from __future__ import annotations

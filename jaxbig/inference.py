@@ -12,7 +12,8 @@ import os
 import jax
 import numpy as np
 
-from jaxbig import checkpoint, config as config_lib, data as data_lib, precision, sharding, train
+from jaxbig import checkpoint, config as config_lib, data as data_lib, precision
+from jaxbig import sharding, train
 from jaxbig.config import ConfigError
 
 
@@ -32,17 +33,19 @@ def load(workdir: str, step: int | None = None
   s = train.setup(config)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   saved_steps = []
-  if os.path.isdir(ckpt_dir):
-    ckpts = checkpoint.Checkpoints(ckpt_dir, create_dirs=False)
-    saved_steps = ckpts.manager.all_steps()
+  if os.path.isdir(ckpt_dir):  # Read only: checked, but nothing moved or written.
+    ckpts = checkpoint.Checkpoints(ckpt_dir, create_dirs=False, read_only=True)
+    saved_steps = ckpts.steps()
   if not saved_steps:
     raise ConfigError(f'{workdir}: has no checkpoint to load')
   if step is None:
-    step = max(saved_steps)
+    step = ckpts.newest()
   elif step not in saved_steps:
     raise ConfigError(f'{workdir}: has no checkpoint of step {step} (it has '
                       f"{', '.join(map(str, sorted(saved_steps)))})")
-  state, _, meta = ckpts.restore(step, train.abstract_state(s))
+  elif (problem := ckpts.check(step)) is not None:
+    raise ConfigError(f'{workdir}: checkpoint step {step} is corrupt ({problem})')
+  state, _, meta = train.restore(s, ckpts, step)
   ckpts.close()
   return s, state, step, data_lib.DataMeta.from_json(meta)
 

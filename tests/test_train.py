@@ -139,7 +139,8 @@ def test_class_weights_balanced():
 
 
 def test_checkpoints_from_before_loss_scaling_still_restore(tmp_path):
-  """A state saved before TrainState had `loss_scale` restores, with the field empty."""
+  """A state saved before TrainState had `loss_scale` and `skips` restores, with the first
+  empty and no steps skipped."""
   s = train.setup(config_lib.load(CNN_SMOKE, []))
   state = train.init_state(s)
   old = {name: getattr(state, name)
@@ -147,8 +148,9 @@ def test_checkpoints_from_before_loss_scaling_still_restore(tmp_path):
   ckpts = checkpoint.Checkpoints(str(tmp_path))
   ckpts.save(3, old, {}, {})
   ckpts.close()
-  restored, _, _ = checkpoint.Checkpoints(str(tmp_path)).restore(3, train.abstract_state(s))
+  restored, _, _ = train.restore(s, checkpoint.Checkpoints(str(tmp_path)), 3)
   assert restored.loss_scale == {}
+  assert (int(restored.skips.run), int(restored.skips.total)) == (0, 0)
   jax.tree.map(np.testing.assert_array_equal, restored.params, state.params)
   jax.tree.map(np.testing.assert_array_equal, restored.opt_state, state.opt_state)
   # A state that lacks a field holding values does not restore silently.

@@ -103,7 +103,7 @@ def settle(times: list[float], settings: dict) -> bool:
   return abs(last - before) <= settings['settle'] * before
 
 
-def cpu_matmul_roof(n: int = 1024, repeats: int = 5) -> float:
+def cpu_matmul_roof(n: int = 1024, repeats: int = 20) -> float:
   """FLOP/s of the best of `repeats` float32 n x n matmuls on the first CPU device."""
   import jax
   import jax.numpy as jnp

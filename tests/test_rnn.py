@@ -362,7 +362,8 @@ def test_fused_scan_matches_autodiff_of_the_plain_scan(cell, dtype):
   gates = rnn._GATES[cell]
   rng = np.random.default_rng(1)
   params = {'recurrent_kernel': jnp.asarray(0.5 * rng.standard_normal((N, gates, N)),
-                                            jnp.float32)}
+                                            jnp.float32),
+            'input_bias': jnp.asarray(rng.standard_normal((gates, N)), jnp.float32)}
   if cell == 'gru':
     params['recurrent_bias'] = jnp.asarray(rng.standard_normal(N), jnp.float32)
   carry = {k: jnp.asarray(rng.standard_normal((B, N)), jnp.float32)

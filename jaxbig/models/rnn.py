@@ -50,6 +50,8 @@ from jaxbig.models import init as inits
 CELLS = ('lstm', 'gru')
 POOLS = ('last', 'mean')
 _GATES = {'lstm': 4, 'gru': 3}
+# Time steps per loop iteration: 2 took 0.9x the char LSTM's train step on XLA:CPU (4: 0.93x).
+_UNROLL = 2
 # What a layer carries from step to step: LSTM cell state c and output h; GRU only h.
 CARRY_KEYS = {'lstm': ('c', 'h'), 'gru': ('h',)}
 
@@ -119,7 +121,7 @@ def _scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,
           zx_LxBxGxN: jax.Array) -> tuple[dict, jax.Array]:
   """`recur` scanned over time: (final carry, float32 h_LxBxN)."""
   body = lambda c, zx_BxGxN: recur(cell, params, c, zx_BxGxN, dtype)
-  return jax.lax.scan(body, carry, zx_LxBxGxN, reverse=reverse)
+  return jax.lax.scan(body, carry, zx_LxBxGxN, reverse=reverse, unroll=_UNROLL)
 
 
 def _gates(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array, dtype: Any):
@@ -170,7 +172,7 @@ def _fused_fwd(cell, dtype, reverse, params, carry, zx_LxBxGxN):
     return new, (new['h'], acts_BxGxN, c_BxN)
 
   final, (h_LxBxN, acts_LxBxGxN, c_LxBxN) = jax.lax.scan(body, carry, zx_LxBxGxN,
-                                                          reverse=reverse)
+                                                          reverse=reverse, unroll=_UNROLL)
   # An empty array carries zx's dtype (residuals must be arrays).
   residuals = (params, carry, jnp.zeros((0,), zx_LxBxGxN.dtype), h_LxBxN, acts_LxBxGxN, c_LxBxN)
   return (final, h_LxBxN), residuals
@@ -212,7 +214,7 @@ def _fused_bwd(cell, dtype, reverse, residuals, cotangents):
 
     inputs = (dy_LxBxN, acts_LxBxGxN, h_prev_LxBxN)
   d_carry = jax.tree.map(lambda a: a.astype(jnp.float32), d_final)
-  d_carry, dz = jax.lax.scan(body, d_carry, inputs, reverse=not reverse)
+  d_carry, dz = jax.lax.scan(body, d_carry, inputs, reverse=not reverse, unroll=_UNROLL)
   # LSTM: the gates' gradient is that of zx and of zh alike; GRU: they differ at n.
   dzh_LxBxGxN, dzx_LxBxGxN = dz if cell == 'gru' else (dz, dz)
   dw_NxGxN = inits.einsum_f32('lbn,lbgm->ngm', h_prev_LxBxN.astype(dtype),

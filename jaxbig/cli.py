@@ -1,4 +1,4 @@
-"""The `jaxbig` command: train | eval | predict | generate | plan | quantize | bench | report.
+"""The jaxbig command: train | eval | predict | generate | plan | quantize | bench | sweep | report.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 Exit codes: 0 done (also after a SIGTERM that saved a checkpoint), 2 bad input, 3 training
@@ -61,8 +61,15 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument('--min-seconds', type=float, help="timed window's least length in seconds "
                  '(default: the suite\'s, else 10 on GPUs, 3 on CPUs)')
   b.add_argument('--min-steps', type=int, help="timed window's least number of steps")
-  o = sub.add_parser('report', help='Markdown tables of benchmark results (DIR/report.md)')
-  o.add_argument('results', help='a jaxbig bench --out folder, or its results.jsonl')
+  w = sub.add_parser('sweep', help='train every member of a sweep file (e.g. a scaling study), '
+                     'each in OUT/<member>; the same command continues an interrupted sweep')
+  w.add_argument('config', help='sweep file, e.g. experiments/scaling_gpt.py[:variant]')
+  w.add_argument('overrides', nargs='*', help='key=value overrides for every member')
+  w.add_argument('--out', help='output folder (default: runs/sweep/<experiment>-<timestamp>)')
+  o = sub.add_parser('report', help='Markdown tables of benchmark results or of a sweep '
+                     '(DIR/report.md)')
+  o.add_argument('results', help='a jaxbig bench --out folder, or its results.jsonl, or a '
+                 'jaxbig sweep --out folder')
   g = sub.add_parser('generate', help='sample text from a trained language model')
   g.add_argument('workdir')
   g.add_argument('--prompt', default='\n', help='text to continue (default: a newline)')
@@ -145,9 +152,23 @@ def _run(args) -> int:
     command = shlex.join(['jaxbig', *args.argv] + ([] if args.out else ['--out', out]))
     bench.run_suite(args.suite, out, args.only, args.min_seconds, args.min_steps, command)
     print(f"results -> {os.path.join(out, 'results.jsonl')}")
+  elif args.command == 'sweep':
+    from jaxbig import sweep
+    out = args.out or sweep.default_out(args.config)
+    command = shlex.join(['jaxbig', *args.argv] + ([] if args.out else ['--out', out]))
+    state = sweep.run_sweep(args.config, out, args.overrides, command)
+    if state.get('preempted'):
+      print(f"jaxbig: sweep stopped in {state['preempted']}; the same command continues: "
+            f'{command}', file=sys.stderr)
+    else:
+      print(f"sweep -> {out} ({len(state['members'])} members); jaxbig report {out}")
   elif args.command == 'report':
-    from jaxbig.bench import report
-    print(report.report(args.results), end='')
+    from jaxbig import sweep_report
+    if sweep_report.is_sweep(args.results):
+      print(sweep_report.report(args.results), end='')
+    else:
+      from jaxbig.bench import report
+      print(report.report(args.results), end='')
   elif args.command == 'generate':
     from jaxbig import generate
     print(generate.generate(args.workdir, args.prompt, args.tokens, temperature=args.temperature,
@@ -159,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
   # Overrides may also follow --workdir (argparse stops the positional list at an option).
-  if extra and args.command in ('train', 'plan') and not any(e.startswith('-') for e in extra):
+  options = any(e.startswith('-') for e in extra)
+  if extra and args.command in ('train', 'plan', 'sweep') and not options:
     args.overrides += extra
   elif extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")

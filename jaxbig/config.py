@@ -24,9 +24,8 @@ class ConfigError(ValueError):
   """A bad experiment file, override or field value; the message names the culprit."""
 
 
-def load_module_config(spec: str) -> ml_collections.ConfigDict:
-  """Runs `get_config()` of the experiment file named by `spec` (`path.py` or `path.py:arg`)."""
-  path, _, arg = spec.partition(':')
+def load_module(path: str):
+  """Imports an experiment file as a module (its folder importable for variants' bases)."""
   if not os.path.isfile(path):
     raise ConfigError(f'experiment file not found: {path}')
   name = os.path.splitext(os.path.basename(path))[0]
@@ -41,6 +40,13 @@ def load_module_config(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'{path}: cannot be imported: {type(e).__name__}: {e}') from e
   finally:
     sys.path.remove(folder)
+  return module
+
+
+def load_module_config(spec: str) -> ml_collections.ConfigDict:
+  """Runs `get_config()` of the experiment file named by `spec` (`path.py` or `path.py:arg`)."""
+  path, _, arg = spec.partition(':')
+  module = load_module(path)
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'{path}: has no get_config() function')
   try:

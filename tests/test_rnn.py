@@ -397,3 +397,31 @@ def test_fused_scan_matches_autodiff_of_the_plain_scan(cell, dtype):
   # The direction matters, so the comparison above can tell one from the other.
   assert abs(float(out['plain', True][0] - out['plain', False][0])) > 1e-2
 
+
+
+@pytest.mark.parametrize('cell', CELLS)
+def test_embedding_folded_into_the_input_projection_equals_lookup_then_layer(cell):
+  """RNNLayer(tokens, table_VxE=table) (the LM's first layer: rows table W_x gathered by
+  token) against the plain path, table[tokens] into the layer: outputs and the gradients of
+  the layer's parameters and of the table."""
+  layer = rnn.RNNLayer(cell, N)
+  table = jnp.asarray(_floats((V, E), seed=3))
+  tokens = jnp.asarray(_tokens())
+  params = nn.unbox(_init(layer, jnp.take(table, tokens, axis=0)))['params']
+  g = jnp.asarray(_floats((B, L, N), seed=4))
+
+  @_jit_fn
+  def run(params, table):
+    folded = lambda p, t: layer.apply({'params': p}, tokens, table_VxE=t)[1]
+    plain = lambda p, t: layer.apply({'params': p}, jnp.take(t, tokens, axis=0))[1]
+    return [jax.value_and_grad(lambda p, t: (f(p, t) * g).sum(), argnums=(0, 1))(params, table)
+            for f in (folded, plain)]
+
+  with jax.default_matmul_precision('highest'):
+    (value, grads), (ref_value, ref_grads) = run(params, table)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(b, a, atol=1e-5 * np.abs(a).max())
+  # The table's gradient reaches only the rows of tokens that occur.
+  unused = np.setdiff1d(np.arange(V), np.asarray(tokens))
+  assert len(unused) and not np.asarray(grads[1])[unused].any() and np.asarray(grads[1]).any()

@@ -1,0 +1,252 @@
+"""`jaxbig report DIR` on a sweep folder (DIR/sweep.json): a table per member, power-law
+fits of validation loss against size and compute, and PNG plots (with matplotlib).
+
+The fit is L = a * N^(-b) + c by least squares (scipy's curve_fit), with N divided by the
+points' geometric mean N0 while fitting so that the three parameters have like scales;
+a is then converted back (a = A * N0^b). The uncertainties are one standard deviation
+from the fit's covariance (scaled by the residuals unless the points carry their own sigma).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from jaxbig.config import ConfigError
+
+FILE = 'sweep.json'  # In a sweep's folder: its members and what was measured.
+MIN_POINTS = 4  # Three parameters: at least one degree of freedom left for the uncertainty.
+
+
+def is_sweep(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, FILE))
+
+
+def fit_power_law(x, y, sigma=None) -> dict:
+  """Fits y = a * x^(-b) + c; returns a, b, c, their 1-sigma errors (a_err, ...) and x0.
+
+  Raises ValueError (naming the reason) with fewer than MIN_POINTS points, non-positive x,
+  or when the fit does not converge.
+  """
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < MIN_POINTS:
+    raise ValueError(f'a fit of 3 parameters needs at least {MIN_POINTS} points, got {len(x)}')
+  if np.any(x <= 0) or not np.all(np.isfinite(y)):
+    raise ValueError('sizes must be positive and losses finite')
+  x0 = float(np.exp(np.mean(np.log(x))))
+  u = x / x0
+
+  def model(u, big_a, b, c):
+    return big_a * u ** (-b) + c
+
+  # Start from the best b on a grid, with A and c solved linearly for each b.
+  best = None
+  for b in np.linspace(0.01, 3.0, 300):
+    design = np.stack([u ** (-b), np.ones_like(u)], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    sse = float(np.sum((design @ coef - y) ** 2))
+    if best is None or sse < best[0]:
+      best = (sse, coef[0], b, coef[1])
+  try:
+    p, cov = optimize.curve_fit(model, u, y, p0=best[1:], sigma=sigma,
+                                absolute_sigma=sigma is not None, maxfev=20000)
+  except (RuntimeError, optimize.OptimizeWarning) as e:
+    raise ValueError(f'the fit did not converge: {e}') from None
+  big_a, b, c = (float(v) for v in p)
+  err = np.sqrt(np.clip(np.diag(cov), 0, None))
+  # a = A * x0^b: first-order propagation through A and b (their covariance included).
+  scale = x0 ** b
+  grad = np.array([scale, big_a * scale * math.log(x0)])
+  a_err = float(np.sqrt(max(grad @ cov[:2, :2] @ grad, 0.0)))
+  return {'a': big_a * scale, 'b': b, 'c': c, 'a_err': a_err, 'b_err': float(err[1]),
+          'c_err': float(err[2]), 'x0': x0, 'a_at_x0': big_a, 'a_at_x0_err': float(err[0]),
+          'points': len(x)}
+
+
+def read(folder: str) -> tuple[dict, list[dict]]:
+  """sweep.json and one row per member: its entry, plus its summary where it finished."""
+  path = os.path.join(folder, FILE)
+  try:
+    with open(path) as f:
+      sweep = json.load(f)
+  except (OSError, ValueError):
+    raise ConfigError(f'{path}: not a readable sweep file') from None
+  rows = []
+  for m in sweep.get('members', []):
+    row = dict(m)
+    summary_path = os.path.join(folder, m['name'], 'summary.json')
+    if os.path.isfile(summary_path):
+      with open(summary_path) as f:
+        summary = json.load(f)
+      if summary.get('step') == m['steps']:
+        row['summary'] = summary
+    row['units_seen'] = m['steps'] * m['units_per_step']
+    row['compute'] = None if m['flops_per_step'] is None else m['flops_per_step'] * m['steps']
+    if 'summary' in row:
+      row['train_loss'] = row['summary']['train_loss']
+      row['val_loss'] = row['summary']['val'].get('loss')
+      if row['train_loss'] is not None and row['val_loss'] is not None:
+        row['gap'] = row['val_loss'] - row['train_loss']
+    rows.append(row)
+  return sweep, rows
+
+
+def _n(x, fmt: str = '.4g') -> str:
+  return '-' if x is None else format(x, fmt)
+
+
+def _bytes(n) -> str:
+  if n is None:
+    return 'not recorded'
+  return f'{n / 2**20:.1f} MiB'
+
+
+def table(rows: list[dict]) -> str:
+  unit = rows[0]['unit']
+  per = unit[:-1] if unit.endswith('s') else unit
+  head = (f'| member | params | non-embedding params | train FLOPs per {per} | {unit} seen '
+          '| train FLOPs | train loss | val loss | gap (val - train) | wall s | peak memory '
+          '| energy |')
+  lines = [head, '|' + ' --- |' * (head.count(' | ') + 1)]
+  for r in rows:
+    s = r.get('summary')
+    fpu = None if r['flops_per_step'] is None else r['flops_per_step'] / r['units_per_step']
+    energy = f"{r['energy_j']:.4g} J" if 'energy_j' in r else 'not measured'
+    lines.append(
+        f"| {r['name']} | {r['params']:,} | {r['non_embedding_params']:,} | {_n(fpu)} "
+        f"| {r['units_seen']:,} | {_n(r['compute'])} "
+        + (f"| {_n(r.get('train_loss'))} | {_n(r.get('val_loss'))} | {_n(r.get('gap'), '+.4f')} "
+           f"| {s['wall_s']:.1f} | {_bytes(r.get('peak_bytes'))} | {energy} |" if s else
+           '| not finished | | | | | |'))
+  return '\n'.join(lines)
+
+
+def fits(rows: list[dict]) -> dict[str, dict | str]:
+  """{axis: fit dict, or the reason there is none} for non-embedding params and compute."""
+  done = [r for r in rows if r.get('val_loss') is not None]
+  out = {}
+  for axis, key in (('non-embedding params', 'non_embedding_params'), ('train FLOPs', 'compute')):
+    points = [(r[key], r['val_loss']) for r in done if r[key]]
+    xs = [x for x, _ in points]
+    if len(xs) >= MIN_POINTS and max(xs) < 2 * min(xs):
+      out[axis] = 'no fit: the members span less than 2x on this axis (compute-matched?)'
+      continue
+    try:
+      out[axis] = fit_power_law([x for x, _ in points], [y for _, y in points])
+    except ValueError as e:
+      out[axis] = f'no fit: {e}'
+  return out
+
+
+def _fit_line(axis: str, f: dict | str) -> str:
+  if isinstance(f, str):
+    return f'- val loss against {axis}: {f}'
+  x = 'C' if 'FLOPs' in axis else 'N'
+  return (f"- val loss against {axis} ({f['points']} members): L = a * {x}^(-b) + c with "
+          f"a = {f['a']:.4g} +- {f['a_err']:.2g}, b = {f['b']:.4f} +- {f['b_err']:.2g}, "
+          f"c = {f['c']:.4f} +- {f['c_err']:.2g} (at {x}0 = {f['x0']:.4g}: a * {x}0^(-b) = "
+          f"{f['a_at_x0']:.4g} +- {f['a_at_x0_err']:.2g}; 1 sigma)")
+
+
+def plots(rows: list[dict], found: dict, folder: str) -> tuple[list[tuple[str, str]], str | None]:
+  """Writes loss_vs_params.png, loss_vs_compute.png and gap_vs_params.png into `folder`."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return [], "plots need matplotlib: pip install 'jaxbig[plots]'"
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  done = [r for r in rows if r.get('val_loss') is not None]
+  written = []
+  if not done:
+    return [], 'no plots: no member has finished'
+  for name, axis, key in (('loss_vs_params.png', 'non-embedding params', 'non_embedding_params'),
+                          ('loss_vs_compute.png', 'train FLOPs', 'compute')):
+    xs = [r[key] for r in done if r[key]]
+    ys = [r['val_loss'] for r in done if r[key]]
+    if not xs:
+      continue
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, 'o', label='val loss')
+    f = found.get(axis)
+    if isinstance(f, dict):
+      grid = np.geomspace(min(xs), max(xs), 100)
+      ax.plot(grid, f['a'] * grid ** (-f['b']) + f['c'], '-',
+              label=f"fit: b = {f['b']:.3f} +- {f['b_err']:.2g}, c = {f['c']:.3f}")
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel(axis)
+    ax.set_ylabel('validation loss')
+    ax.legend(fontsize='small')
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, name), dpi=100)
+    plt.close(fig)
+    written.append((f'val loss against {axis}', name))
+  gapped = [r for r in done if r.get('gap') is not None]
+  if gapped:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r['non_embedding_params'] for r in gapped], [r['gap'] for r in gapped], 'o-')
+    ax.axhline(0, color='grey', lw=0.5)
+    ax.set_xscale('log')
+    ax.set_xlabel('non-embedding params')
+    ax.set_ylabel('val loss - train loss')
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, 'gap_vs_params.png'), dpi=100)
+    plt.close(fig)
+    written.append(('train/validation gap against size', 'gap_vs_params.png'))
+  return written, None
+
+
+def render(sweep: dict, rows: list[dict], found: dict, figures=(), note=None,
+           folder: str = '') -> str:
+  variant = f":{sweep['variant']}" if sweep.get('variant') else ''
+  parts = [f"# Sweep: {sweep['experiment']}{variant}", '']
+  if sweep.get('command'):
+    parts += ['Reproduce (the same command continues an interrupted sweep):', '',
+              f"    {sweep['command']}", f'    jaxbig report {folder}', '']
+  done = sum(1 for r in rows if 'summary' in r)
+  first = next((r['summary'] for r in rows if 'summary' in r), None)
+  if first:
+    parts += [f"{first['device_kind']} x {first['num_devices']}, precision "
+              f"{first['precision']}. {done} of {len(rows)} members finished.", '']
+  parts += [
+      table(rows), '',
+      'Train loss: the mean over the last logging interval of training (training mode); val '
+      'loss: the final evaluation on the validation split (nats per '
+      f"{rows[0]['unit'][:-1]}). Train FLOPs: analytic matmul FLOPs x 3 (jaxbig/bench/flops.py). "
+      'Peak memory: device 0\'s peak bytes in use in the sweep\'s process where the backend '
+      'counts them (not on CPUs). Energy: '
+      + ('; '.join(sorted({f"{r['name']}: {r['energy_note']}" if 'energy_j' in r
+                           else r['energy_note'] for r in rows if r.get('energy_note')}))
+         or 'not measured') + '.', '',
+      '## Power-law fits', '']
+  parts += [_fit_line(axis, f) for axis, f in found.items()]
+  if figures or note:
+    parts += ['', '## Plots', '']
+    parts += [f'![{title}]({name})' for title, name in figures]
+    if note:
+      parts += ['', f'({note})']
+  return '\n'.join(parts) + '\n'
+
+
+def report(folder: str) -> str:
+  """Writes FOLDER/report.md, fits.json and the plots (replacing older ones: they are
+  derived) and returns the Markdown."""
+  sweep, rows = read(folder)
+  if not rows:
+    raise ConfigError(f'{os.path.join(folder, FILE)}: lists no members')
+  found = fits(rows)
+  figures, note = plots(rows, found, folder)
+  text = render(sweep, rows, found, figures, note, folder)
+  with open(os.path.join(folder, 'fits.json.tmp'), 'w') as f:  # The numbers, for scripts.
+    json.dump(found, f, indent=2)
+  os.replace(os.path.join(folder, 'fits.json.tmp'), os.path.join(folder, 'fits.json'))
+  out = os.path.join(folder, 'report.md')
+  with open(out + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(out + '.tmp', out)
+  return text

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from jaxbig.bench.report import plots_section
 from jaxbig.config import ConfigError
 
 FILE = 'sweep.json'  # In a sweep's folder: its members and what was measured.
@@ -225,12 +226,7 @@ def render(sweep: dict, rows: list[dict], found: dict, figures=(), note=None,
          or 'not measured') + '.', '',
       '## Power-law fits', '']
   parts += [_fit_line(axis, f) for axis, f in found.items()]
-  if figures or note:
-    parts += ['', '## Plots', '']
-    parts += [f'![{title}]({name})' for title, name in figures]
-    if note:
-      parts += ['', f'({note})']
-  return '\n'.join(parts) + '\n'
+  return '\n'.join(parts + plots_section(figures, note)) + '\n'
 
 
 def report(folder: str) -> str:

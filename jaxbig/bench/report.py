@@ -259,12 +259,16 @@ def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = No
     parts += [f"- {s['label']}, {s['axis']} {sorted(set(s['values']))}: exponent "
               f"{s['exponent']:.2f} "
               f"(rows {', '.join(s['rows'])})" for s in found]
-  if figures or note:
-    parts += ['', '## Plots', '']
-    parts += [f'![{title}]({name})' for title, name in figures]
-    if note:
-      parts += ['', f'({note})']
-  return '\n'.join(parts) + '\n'
+  return '\n'.join(parts + plots_section(figures, note)) + '\n'
+
+
+def plots_section(figures: list[tuple[str, str]], note: str | None) -> list[str]:
+  """Markdown lines of a '## Plots' section: the (title, file) figures and why some are
+  missing (`note`); none when there is neither."""
+  if not figures and not note:
+    return []
+  lines = ['', '## Plots', ''] + [f'![{title}]({name})' for title, name in figures]
+  return lines + (['', f'({note})'] if note else [])
 
 
 def report(path: str) -> str:

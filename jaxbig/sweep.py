@@ -103,12 +103,7 @@ def _check_out(out: str, head: dict) -> dict | None:
       raise ConfigError(f'--out {out}: a folder that holds no {FILE} (not a sweep); choose '
                         'another --out')
     return None
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except ValueError:
-    raise ConfigError(f'--out {out}: {FILE} is not valid JSON; restore it or choose another '
-                      '--out') from None
+  saved = workdir_lib.read_json(path, f'--out {out}', 'choose another --out')
   for key in ('experiment', 'variant', 'overrides'):
     if saved.get(key) != head[key]:
       raise ConfigError(f"--out {out}: holds a sweep of {saved.get('experiment')}"

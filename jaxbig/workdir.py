@@ -41,18 +41,24 @@ def check_folder(workdir: str) -> None:
                       'folder)')
 
 
+def read_json(path: str, where: str, fix: str) -> Any:
+  """The JSON in `path`; a one-line ConfigError (`where`: the flag and folder; `fix`: what
+  to do) when it does not parse."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError:
+    raise ConfigError(f'{where}: {os.path.basename(path)} is not valid JSON; restore it or '
+                      f'{fix}') from None
+
+
 def prepare(workdir: str, config) -> None:
   """Creates the workdir and its config.json; a resumed run must keep the same config."""
   check_folder(workdir)
   path = os.path.join(workdir, 'config.json')
   resolved = config_lib.to_dict(config)
   if os.path.exists(path):
-    try:
-      with open(path) as f:
-        saved = json.load(f)
-    except ValueError:
-      raise ConfigError(f'--workdir {workdir}: config.json is not valid JSON; restore it or '
-                        'use a new --workdir') from None
+    saved = read_json(path, f'--workdir {workdir}', 'use a new --workdir')
     changed = [k for k in config_lib.diff(saved, resolved) if k not in RESUMABLE_CHANGES]
     if changed:
       raise ConfigError(f"--workdir {workdir} holds a run with a different config "

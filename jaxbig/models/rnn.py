@@ -99,22 +99,8 @@ def recur(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array,
   one pass less over the (L, B, G, N) projections.
   """
   _check_cell(cell)
-  w_NxGxN = params['recurrent_kernel'].astype(dtype)
-  h_BxN = carry['h']
-  zh_BxGxN = inits.einsum_f32('bn,ngm->bgm', h_BxN.astype(dtype), w_NxGxN)
-  zx_BxGxN = zx_BxGxN.astype(jnp.float32) + params['input_bias'].astype(jnp.float32)
-  if cell == 'lstm':
-    z_BxGxN = zx_BxGxN + zh_BxGxN
-    i, f, g, o = (z_BxGxN[:, k] for k in range(4))
-    c_BxN = nn.sigmoid(f) * carry['c'] + nn.sigmoid(i) * jnp.tanh(g)
-    h_BxN = nn.sigmoid(o) * jnp.tanh(c_BxN)
-    return {'c': c_BxN, 'h': h_BxN}, h_BxN
-  r = nn.sigmoid(zx_BxGxN[:, 0] + zh_BxGxN[:, 0])
-  u = nn.sigmoid(zx_BxGxN[:, 1] + zh_BxGxN[:, 1])
-  hn_BxN = zh_BxGxN[:, 2] + params['recurrent_bias'].astype(jnp.float32)
-  n = jnp.tanh(zx_BxGxN[:, 2] + r * hn_BxN)
-  h_BxN = (1.0 - u) * n + u * h_BxN
-  return {'h': h_BxN}, h_BxN
+  new, _ = _gates(cell, params, carry, zx_BxGxN, dtype)
+  return new, new['h']
 
 
 def _scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,

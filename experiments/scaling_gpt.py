@@ -30,6 +30,14 @@ FAMILIES = {
 }
 
 
+# Peak learning rate = LR_WIDTH / width: Adam's update size per weight is about lr, so a
+# wider layer changes its output by about width * lr; keeping that product fixed keeps the
+# step the same size across widths (the muP rule for hidden layers). Calibrated on d5-w320
+# at the token budget (256 steps): lr 4e-3, 2e-3 and 1e-3 gave val loss 2.038, 1.743 and
+# 1.726, so 1e-3 * 320. With one lr for all (4e-3), the d4 and d5 models did worse than d3.
+LR_WIDTH = 0.32
+
+
 def _parse(arg: str) -> tuple[str, bool]:
   """(family, compute-matched) of a variant such as '', 'compute', 'tiny', 'gpu,compute'."""
   words = [w for w in arg.split(',') if w]
@@ -74,6 +82,7 @@ def sweep(arg: str = '') -> list[tuple[str, list[str]]]:
     steps = max(1, round(member_tokens / per_step))
     members.append((f'd{d}-w{width}', [
         f'model.depth={d}', f'model.width={width}', f'model.heads={d}',
+        f'opt.lr={LR_WIDTH / width:.4g}',
         f'train.steps={steps}',
         f'opt.warmup_steps={max(1, min(50, steps // 10))}',
         f'train.log_every={max(1, min(50, steps // 10))}',

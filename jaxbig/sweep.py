@@ -148,6 +148,14 @@ def run_sweep(spec: str, out: str, overrides: Sequence[str] = (), command: str |
     entry = {'name': name, 'overrides': own, **describe(train.setup(configs[name]))}
     entries.append(entry)
   old = {m['name']: m for m in (saved or {}).get('members', [])}
+  for entry in entries:  # A member trained under other overrides is not silently reused.
+    before = old.get(entry['name'], {}).get('overrides')
+    if before is not None and before != entry['overrides'] and os.path.isdir(
+        os.path.join(out, entry['name'])):
+      changed = sorted(set(entry['overrides']) ^ set(before))
+      raise ConfigError(f"--out {out}: member {entry['name']} was trained with other "
+                        f"overrides ({', '.join(changed)} differ: the sweep file changed); "
+                        'use a new --out')
   for entry in entries:  # What earlier invocations measured.
     for key in ('peak_bytes', 'energy_j', 'energy_note'):
       if key in old.get(entry['name'], {}):

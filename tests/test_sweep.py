@@ -128,12 +128,24 @@ def _foreign_folder(out: pathlib.Path) -> None:
   (out / 'notes.txt').write_text('mine')
 
 
+def _changed_member(out: pathlib.Path) -> None:
+  """A sweep whose first member trained under overrides the sweep file no longer gives."""
+  (name, own), _ = sweep.members(GPT + ':tiny')
+  out.mkdir()
+  (out / 'sweep.json').write_text(json.dumps({
+      'experiment': GPT, 'variant': 'tiny', 'overrides': [],
+      'members': [{'name': name, 'overrides': [*own[:-1], 'opt.lr=0.5']}]}))
+  (out / name).mkdir()
+  (out / name / 'summary.json').write_text('{"step": 8}')
+
+
 @pytest.mark.parametrize('spec, overrides, prepare, named', [
     (GPT + ':huge', [], None, "unknown variant 'huge'"),
     (str(REPO / 'experiments' / 'gpt_stdlib.py'), [], None, 'has no sweep() function'),
     (GPT + ':tiny', ['model.widht=8'], None, "member d1-w16: unknown config key 'model.widht'"),
     (GPT + ':tiny', [], _other_sweep, 'holds a sweep of ' + CNN),
     (GPT + ':tiny', [], _foreign_folder, 'holds no sweep.json'),
+    (GPT + ':tiny', [], _changed_member, 'member d1-w16 was trained with other overrides'),
 ])
 def test_bad_input_exits_2_and_writes_nothing(spec, overrides, prepare, named, capsys, tmp_path):
   out = tmp_path / 'out'

@@ -2,8 +2,9 @@
 
 Command:   jaxbig sweep experiments/scaling_cnn.py[:variant] --out DIR [key=value ...]
            jaxbig report DIR          (table, fits, train/validation gap -> DIR/report.md)
-Variants:  ''    five widths, the same number of training examples each (800 steps of 64)
-           tiny  two tiny widths, a few steps (tests)
+Variants:  ''    five widths x three seeds, the same number of training examples each
+                 (800 steps of 64); the report averages the seeds of each width
+           tiny  two tiny widths, one seed, a few steps (tests)
 Hardware:  any CPU; 2 cores are enough.
 Wall time: not measured yet.
 Expected:  not measured yet; the question is where the train/validation gap opens as the
@@ -18,8 +19,10 @@ import ml_collections
 
 import cnn_digits
 
-# (multipliers, steps, batch) per family.
-FAMILIES = {'': ((0.125, 0.25, 0.5, 1.0, 2.0), 800, 64), 'tiny': ((0.0625, 0.125), 6, 32)}
+# (multipliers, steps, batch, seeds) per family. A seed sets the initialisation and the
+# order of the training batches; the train/validation split stays the same (data.split_seed).
+FAMILIES = {'': ((0.125, 0.25, 0.5, 1.0, 2.0), 800, 64, (0, 1, 2)),
+            'tiny': ((0.0625, 0.125), 6, 32, (0,))}
 
 
 def _family(arg: str) -> str:
@@ -30,7 +33,7 @@ def _family(arg: str) -> str:
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
   """cnn_digits without regularisers, with the family's batch; widths come from sweep()."""
-  _, _, batch = FAMILIES[_family(arg)]
+  _, _, batch, _ = FAMILIES[_family(arg)]
   c = cnn_digits.get_config('smoke' if arg == 'tiny' else '')
   c.data.batch_size = batch  # Images per step.
   c.data.augment_shift = 0  # No shifts: the gap is the model's alone.
@@ -41,14 +44,16 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
 def sweep(arg: str = '') -> list[tuple[str, list[str]]]:
   """The members of the family: (name, overrides), smallest first."""
-  multipliers, steps, _ = FAMILIES[_family(arg)]
+  multipliers, steps, _, seeds = FAMILIES[_family(arg)]
   members = []
   for m in multipliers:
     f1, f2, hidden = max(1, round(64 * m)), max(1, round(128 * m)), max(1, round(1024 * m))
-    members.append((f'x{m:g}', [
-        f'model.features={f1},{f2}', f'model.hidden={hidden}', f'train.steps={steps}',
-        f'opt.warmup_steps={max(1, min(50, steps // 10))}',
-        f'train.log_every={max(1, min(50, steps // 10))}',
-        f'train.ckpt_every={max(1, steps // 4)}',
-    ]))
+    for seed in seeds:
+      members.append((f'x{m:g}' + (f'-s{seed}' if len(seeds) > 1 else ''), [
+          f'model.features={f1},{f2}', f'model.hidden={hidden}', f'seed={seed}',
+          f'train.steps={steps}',
+          f'opt.warmup_steps={max(1, min(50, steps // 10))}',
+          f'train.log_every={max(1, min(50, steps // 10))}',
+          f'train.ckpt_every={max(1, steps // 4)}',
+      ]))
   return members

@@ -126,6 +126,35 @@ def table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def by_size(rows: list[dict]) -> list[dict]:
+  """The finished members grouped by non-embedding parameters (seeds of one size), smallest
+  first: size, members, and the mean and sample standard deviation of val loss and gap."""
+  groups: dict[int, list[dict]] = {}
+  for r in rows:
+    if r.get('val_loss') is not None:
+      groups.setdefault(r['non_embedding_params'], []).append(r)
+  out = []
+  for size, members in sorted(groups.items()):
+    entry = {'size': size, 'members': [r['name'] for r in members]}
+    for key in ('train_loss', 'val_loss', 'gap'):
+      values = np.array([r[key] for r in members if r.get(key) is not None], np.float64)
+      entry[key] = float(values.mean()) if len(values) else None
+      entry[key + '_sd'] = float(values.std(ddof=1)) if len(values) > 1 else None
+    out.append(entry)
+  return out
+
+
+def size_table(groups: list[dict]) -> str:
+  """Mean +- sample standard deviation per size, for sweeps with several members per size."""
+  lines = ['| non-embedding params | members | train loss | val loss | gap (val - train) |',
+           '| --- | --- | --- | --- | --- |']
+  for g in groups:
+    cells = [f"{_n(g[k])} +- {_n(g[k + '_sd'], '.2g')}" if g[k + '_sd'] is not None
+             else _n(g[k]) for k in ('train_loss', 'val_loss', 'gap')]
+    lines.append(f"| {g['size']:,} | {len(g['members'])} | " + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
 def fits(rows: list[dict]) -> dict[str, dict | str]:
   """{axis: fit dict, or the reason there is none} for non-embedding params and compute."""
   done = [r for r in rows if r.get('val_loss') is not None]
@@ -187,10 +216,11 @@ def plots(rows: list[dict], found: dict, folder: str) -> tuple[list[tuple[str, s
     fig.savefig(os.path.join(folder, name), dpi=100)
     plt.close(fig)
     written.append((f'val loss against {axis}', name))
-  gapped = [r for r in done if r.get('gap') is not None]
+  gapped = [g for g in by_size(rows) if g['gap'] is not None]
   if gapped:
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r['non_embedding_params'] for r in gapped], [r['gap'] for r in gapped], 'o-')
+    ax.errorbar([g['size'] for g in gapped], [g['gap'] for g in gapped],
+                yerr=[g['gap_sd'] or 0.0 for g in gapped], fmt='o-', capsize=3)
     ax.axhline(0, color='grey', lw=0.5)
     ax.set_xscale('log')
     ax.set_xlabel('non-embedding params')
@@ -223,8 +253,13 @@ def render(sweep: dict, rows: list[dict], found: dict, figures=(), note=None,
       'counts them (not on CPUs). Energy: '
       + ('; '.join(sorted({f"{r['name']}: {r['energy_note']}" if 'energy_j' in r
                            else r['energy_note'] for r in rows if r.get('energy_note')}))
-         or 'not measured') + '.', '',
-      '## Power-law fits', '']
+         or 'not measured') + '.', '']
+  groups = by_size(rows)
+  if any(len(g['members']) > 1 for g in groups):
+    parts += ['## Per size', '', size_table(groups), '',
+              'Mean +- sample standard deviation over the members of each size (seeds); the '
+              'fits below use every member.', '']
+  parts += ['## Power-law fits', '']
   parts += [_fit_line(axis, f) for axis, f in found.items()]
   return '\n'.join(parts + plots_section(figures, note)) + '\n'
 

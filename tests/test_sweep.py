@@ -7,6 +7,7 @@ be trained again. Bad input ends in exit 2 and one line, before anything is writ
 """
 
 import json
+import math
 import os
 import re
 import pathlib
@@ -68,7 +69,11 @@ def test_size_rules_span_30x_and_load():
     assert len(found) >= 5
     configs = [config_lib.load(spec, own) for _, own in found]
     widths = [c.model.width if 'width' in c.model else c.model.hidden for c in configs]
-    assert widths == sorted(widths) and len(set(widths)) == len(widths)
+    assert widths == sorted(widths) and len(set(widths)) >= 5
+    seeds = {}  # Members of one size differ in their seed, and only there.
+    for width, c in zip(widths, configs):
+      seeds.setdefault(width, []).append(c.seed)
+    assert all(len(set(s)) == len(s) for s in seeds.values()), seeds
     ends = [sweep.describe(train.setup(c))['non_embedding_params']
             for c in (configs[0], configs[-1])]
     assert ends[1] / ends[0] >= 30, (spec, ends)
@@ -76,8 +81,11 @@ def test_size_rules_span_30x_and_load():
   configs = [config_lib.load(GPT + ':compute', own) for _, own in sweep.members(GPT + ':compute')]
   compute = [6 * rule(c.model.depth, c.model.width) * c.train.steps for c in configs]
   assert max(compute) / min(compute) < 1.05, compute  # Rounding of steps only.
-  plain = [config_lib.load(GPT, own).train.steps for _, own in sweep.members(GPT)]
-  assert len(set(plain)) == 1
+  plain = [config_lib.load(GPT, own) for _, own in sweep.members(GPT)]
+  assert len({c.train.steps for c in plain}) == 1
+  # One learning-rate rule: lr * width is the same for every size.
+  assert len({round(c.opt.lr * c.model.width, 3) for c in plain}) == 1
+  assert len({c.opt.lr for c in plain}) == len(plain)
 
 
 def _files(folder: pathlib.Path) -> dict:
@@ -206,3 +214,33 @@ def test_report_fits_five_members_and_says_why_not_for_matched_compute(capsys, t
   assert code == 0, err
   assert 'against train FLOPs: no fit: the members span less than 2x' in text
   assert 'against non-embedding params (5 members)' in text
+
+
+def test_report_averages_the_seeds_of_a_size(capsys, tmp_path):
+  """Two members per size: the per-size table holds their mean and sample deviation."""
+  _fake_sweep(tmp_path, [100] * 5)
+  saved = json.loads((tmp_path / 'sweep.json').read_text())
+  extra = []
+  for m in saved['members']:
+    twin = dict(m, name=m['name'] + '-s1')
+    summary = json.loads((tmp_path / m['name'] / 'summary.json').read_text())
+    summary['val']['loss'] += 0.1  # The twin's val loss is 0.1 higher, its train loss equal.
+    (tmp_path / twin['name']).mkdir()
+    (tmp_path / twin['name'] / 'summary.json').write_text(json.dumps(summary))
+    extra.append(twin)
+  saved['members'] += extra
+  (tmp_path / 'sweep.json').write_text(json.dumps(saved))
+  _, rows = sweep_report.read(str(tmp_path))
+  groups = sweep_report.by_size(rows)
+  assert [len(g['members']) for g in groups] == [2] * 5
+  first = rows[0]
+  assert groups[0]['val_loss'] == pytest.approx(first['val_loss'] + 0.05)
+  assert groups[0]['val_loss_sd'] == pytest.approx(0.1 / math.sqrt(2))
+  assert groups[0]['gap'] == pytest.approx(first['gap'] + 0.05)
+  code, text, err = conftest.run_cli(capsys, 'report', tmp_path)
+  assert code == 0, err
+  assert '## Per size' in text and '(10 members)' in text
+  # One member per size (the plain fake sweep) has no per-size table.
+  _fake_sweep(tmp_path / 'single', [100] * 5)
+  code, text, err = conftest.run_cli(capsys, 'report', tmp_path / 'single')
+  assert code == 0 and '## Per size' not in text

@@ -6,9 +6,9 @@ Variants:  ''    five widths x three seeds, the same number of training examples
                  (800 steps of 64); the report averages the seeds of each width
            tiny  two tiny widths, one seed, a few steps (tests)
 Hardware:  any CPU; 2 cores are enough.
-Wall time: not measured yet.
-Expected:  not measured yet; the question is where the train/validation gap opens as the
-           model grows on 1,257 training images.
+Wall time: '' 2.5 min on a 2-core Intel Xeon VM.
+Expected:  every width fits the 1,257 training images; mean val loss 0.082 at x1 and 0.118
+           at x2, where the train/validation gap opens (benchmarks/results/scaling/cnn).
 
 The size rule: multiplier m scales every width: features (64 m, 128 m), hidden 1024 m;
 parameters grow about as m^2, so 1/8..2 spans about 200x. No dropout and no shifts here

@@ -9,13 +9,15 @@ Variants:  ''       five sizes, the same token budget each (2^20 tokens: 256 ste
            gpu      a larger family for one GPU or TPU host: depths 2-12, 2^27 tokens,
                     bf16; add ',compute' (gpu,compute) for its compute-matched variant
 Hardware:  '' and compute: any CPU, sized for 2 cores; gpu: one accelerator.
-Wall time: '' 9.5 min and compute 15 min, measured on a 2-core Intel Xeon VM; gpu not run.
-Expected:  '' : val loss lowest at d3 (1.858 nats/byte), d5 2.038 (undertrained at 2^20
-           tokens); compute: best at d2 (1.506). benchmarks/results/scaling/gpt*.
+Wall time: '' 10 min and compute 11 min, measured on a 2-core Intel Xeon VM; gpu not run.
+Expected:  '' : val loss falls with size, 2.166 (d1) to 1.726 nats/byte (d5); the fit
+           L = a N^-b + c gives b = 0.152 +- 0.05. compute: best at d2 (1.530) and d1
+           (1.539), rising to 2.813 at d5. benchmarks/results/scaling/gpt*.
 
 The size rule: depth d, width 64 * d (head_width * d for tiny), d heads of 64 features,
-feed-forward 4x; non-embedding parameters about 12 * d * width^2, so depths 1..5 span
-about 125x. Every member's folder is DIR/<member>; an interrupted sweep continues there.
+feed-forward 4x, peak learning rate LR_WIDTH / width; non-embedding parameters about
+12 * d * width^2, so depths 1..5 span about 125x. Every member's folder is DIR/<member>;
+an interrupted sweep continues there.
 """
 
 import ml_collections

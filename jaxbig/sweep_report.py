@@ -166,9 +166,14 @@ def fits(rows: list[dict]) -> dict[str, dict | str]:
       out[axis] = 'no fit: the members span less than 2x on this axis (compute-matched?)'
       continue
     try:
-      out[axis] = fit_power_law([x for x, _ in points], [y for _, y in points])
+      found = fit_power_law([x for x, _ in points], [y for _, y in points])
     except ValueError as e:
       out[axis] = f'no fit: {e}'
+      continue
+    # a <= 0 is a curve that rises (or is flat) with size: not a law of diminishing loss.
+    out[axis] = found if found['a'] > 0 else (
+        f"no fit: the loss does not fall with {axis} here (the best curve has a = "
+        f"{found['a']:.3g} <= 0); see the table")
   return out
 
 

@@ -244,3 +244,20 @@ def test_report_averages_the_seeds_of_a_size(capsys, tmp_path):
   _fake_sweep(tmp_path / 'single', [100] * 5)
   code, text, err = conftest.run_cli(capsys, 'report', tmp_path / 'single')
   assert code == 0 and '## Per size' not in text
+
+
+def test_report_states_no_law_when_the_loss_rises_with_size(capsys, tmp_path):
+  """Losses that grow with size (a compute-matched sweep past its best size) get no power
+  law, with the reason; the same points falling with size get one."""
+  _fake_sweep(tmp_path / 'falls', [100] * 5)
+  _fake_sweep(tmp_path / 'rises', [100] * 5)
+  for m in json.loads((tmp_path / 'rises' / 'sweep.json').read_text())['members']:
+    path = tmp_path / 'rises' / m['name'] / 'summary.json'
+    summary = json.loads(path.read_text())
+    summary['val']['loss'] = 1.0 + 0.1 * math.log(m['non_embedding_params'])
+    path.write_text(json.dumps(summary))
+  code, text, err = conftest.run_cli(capsys, 'report', tmp_path / 'rises')
+  assert code == 0, err
+  assert 'against non-embedding params: no fit: the loss does not fall with' in text
+  _, rows = sweep_report.read(str(tmp_path / 'falls'))
+  assert isinstance(sweep_report.fits(rows)['non-embedding params'], dict)

@@ -49,6 +49,28 @@ class Steps:
   unplace: Callable  # the steps' state -> mesh layout (what checkpoints hold)
   rows: Callable  # global batch size -> (lo, hi): this process's rows
   compile_s: float
+  train_bytes: int | None = None  # XLA's memory analysis of the train step (jit), `memory`.
+
+
+def memory(compiled) -> dict[str, int | None]:
+  """XLA's memory analysis of a compiled step, in bytes (`total_bytes`: what it needs)."""
+  m = compiled.memory_analysis()
+  args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
+  alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
+  peak = getattr(m, 'peak_memory_in_bytes', 0) or None
+  return {
+      'arguments_bytes': int(args),
+      'outputs_bytes': int(outs),
+      'aliased_bytes': int(alias),  # Outputs written into donated arguments (the new state).
+      'temporaries_bytes': int(temp),
+      'code_bytes': int(m.generated_code_size_in_bytes),
+      # The state is donated, so the new state reuses the old one's buffers: an aliased output
+      # is counted once, as an argument. The usual AOT sum (MaxText's, too).
+      'total_bytes': int(args + outs - alias + temp),
+      # XLA's own peak of live buffers. On TPU it may exceed the total (small programs) or fall
+      # below it; `fits` takes the larger. On CPU it leaves out the temporaries.
+      'peak_bytes': None if peak is None else int(peak),
+  }
 
 
 @contextlib.contextmanager
@@ -75,7 +97,8 @@ def jit_steps(s, train_c, eval_c, compile_s: float) -> Steps:
     return eval_c(state, sharding.to_global(local, batch_sh, size))
 
   same = lambda state: state
-  return Steps(train, evaluate, same, same, rows, compile_s)
+  train_bytes = memory(train_c)['total_bytes'] if train_c is not None else None
+  return Steps(train, evaluate, same, same, rows, compile_s, train_bytes)
 
 
 def pmap_steps(s, state, train_step: Callable | None, eval_step: Callable | None) -> Steps:

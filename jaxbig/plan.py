@@ -18,7 +18,7 @@ import re
 import time
 from typing import Any
 
-from jaxbig import train
+from jaxbig import parallel, train
 from jaxbig.config import ConfigError
 
 GiB = 1024**3
@@ -123,26 +123,6 @@ def _hbm_bytes(device) -> int | None:
     return int(stats['bytes_limit'])
   generation = GENERATIONS.get(device.device_kind)
   return HBM_BYTES.get(generation)
-
-
-def memory(compiled) -> dict[str, int | None]:
-  m = compiled.memory_analysis()
-  args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
-  alias, temp = m.alias_size_in_bytes, m.temp_size_in_bytes
-  peak = getattr(m, 'peak_memory_in_bytes', 0) or None
-  return {
-      'arguments_bytes': int(args),
-      'outputs_bytes': int(outs),
-      'aliased_bytes': int(alias),  # Outputs written into donated arguments (the new state).
-      'temporaries_bytes': int(temp),
-      'code_bytes': int(m.generated_code_size_in_bytes),
-      # The state is donated, so the new state reuses the old one's buffers: an aliased output
-      # is counted once, as an argument. The usual AOT sum (MaxText's, too).
-      'total_bytes': int(args + outs - alias + temp),
-      # XLA's own peak of live buffers. On TPU it may exceed the total (small programs) or fall
-      # below it; `fits` takes the larger. On CPU it leaves out the temporaries.
-      'peak_bytes': None if peak is None else int(peak),
-  }
 
 
 def xla_flops(compiled) -> float | None:
@@ -276,7 +256,7 @@ def plan(config, topology: str | None = None) -> dict[str, Any]:
                compile_s=time.perf_counter() - t0)
     return out
   out['compile_s'] = time.perf_counter() - t0
-  mem = memory(compiled)
+  mem = parallel.memory(compiled)
   out['memory_per_device'] = mem
   if out['hbm_bytes'] is not None:  # Nominal HBM; over XLA:TPU's own limit, compile fails.
     needed = max(mem['total_bytes'], mem['peak_bytes'] or 0)

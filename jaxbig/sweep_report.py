@@ -106,6 +106,14 @@ def _bytes(n) -> str:
   return f'{n / 2**20:.1f} MiB'
 
 
+def _memory(row: dict) -> str:
+  """The device's measured peak, else XLA's analysis of the compiled train step."""
+  if row.get('peak_bytes') is not None:
+    return _bytes(row['peak_bytes'])
+  estimate = (row.get('summary') or {}).get('train_step_bytes')
+  return 'not recorded' if estimate is None else f'{_bytes(estimate)} (XLA)'
+
+
 def table(rows: list[dict]) -> str:
   unit = rows[0]['unit']
   per = unit[:-1] if unit.endswith('s') else unit
@@ -121,7 +129,7 @@ def table(rows: list[dict]) -> str:
         f"| {r['name']} | {r['params']:,} | {r['non_embedding_params']:,} | {_n(fpu)} "
         f"| {r['units_seen']:,} | {_n(r['compute'])} "
         + (f"| {_n(r.get('train_loss'))} | {_n(r.get('val_loss'))} | {_n(r.get('gap'), '+.4f')} "
-           f"| {s['wall_s']:.1f} | {_bytes(r.get('peak_bytes'))} | {energy} |" if s else
+           f"| {s['wall_s']:.1f} | {_memory(r)} | {energy} |" if s else
            '| not finished | | | | | |'))
   return '\n'.join(lines)
 
@@ -255,7 +263,8 @@ def render(sweep: dict, rows: list[dict], found: dict, figures=(), note=None,
       'loss: the final evaluation on the validation split (nats per '
       f"{rows[0]['unit'][:-1]}). Train FLOPs: analytic matmul FLOPs x 3 (jaxbig/bench/flops.py). "
       'Peak memory: device 0\'s peak bytes in use in the sweep\'s process where the backend '
-      'counts them (not on CPUs). Energy: '
+      'counts them; elsewhere (CPUs) XLA\'s memory analysis of the compiled train step '
+      '(state, batch and temporaries), marked XLA. Energy: '
       + ('; '.join(sorted({f"{r['name']}: {r['energy_note']}" if 'energy_j' in r
                            else r['energy_note'] for r in rows if r.get('energy_note')}))
          or 'not measured') + '.', '']

@@ -488,6 +488,8 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
       'val': val,
       'wall_s': time.perf_counter() - t_start,
       'compile_s': steps.compile_s,
+      # XLA's memory analysis of the compiled train step (jit): state, batch, temporaries.
+      'train_step_bytes': steps.train_bytes,
       'steps_per_s': (cfg.steps - start) / train_s if cfg.steps > start else None,
       'resumed_from': start or None,
       'num_params': num_params(s),

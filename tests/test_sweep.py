@@ -118,9 +118,12 @@ def test_an_interrupted_sweep_continues_without_retraining(capsys, tmp_path):
   code, text, err = conftest.run_cli(capsys, 'report', out)
   assert code == 0, err
   assert (out / 'report.md').read_text() == text
+  memory = []
   for name in (first, second):
     row = next(line for line in text.splitlines() if line.startswith(f'| {name} |'))
-    assert 'not finished' not in row
+    assert 'not finished' not in row and 'MiB (XLA)' in row  # No device counter on CPUs.
+    memory.append(json.loads((out / name / 'summary.json').read_text())['train_step_bytes'])
+  assert 0 < memory[0] < memory[1]  # The wider member's step needs more.
   assert 'needs at least 4 points, got 2' in text
   assert '2,048' in text  # Tokens seen: 8 steps of 8 windows of 32 bytes.
 

@@ -247,7 +247,7 @@ def _timing(times: list[float], joules, seconds: float, batch: int, tokens) -> d
 def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) -> list[dict]:
   """Builds, compiles, warms up and times one row; returns its result objects: one, or two
   when the row also runs the PyTorch reference (timed in alternating windows)."""
-  from jaxbig import plan, precision
+  from jaxbig import parallel, plan, precision
   from jaxbig.bench import energy, flops
 
   config, overrides = row_config(row)
@@ -300,7 +300,7 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) ->
     if peak is None:
       basis = f'no {policy.name} peak tabled for {devices[0].device_kind}'
   env = environment(devices)
-  memory = plan.memory(jx.compiled)
+  memory = parallel.memory(jx.compiled)
   stats = devices[0].memory_stats() if hasattr(devices[0], 'memory_stats') else None
   out = []
   for name, runner in runners.items():

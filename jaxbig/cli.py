@@ -177,6 +177,9 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # The command itself (not a call from Python): huge pages for XLA:CPU.
+    from jaxbig import hostmem  # pylint: disable=g-import-not-at-top
+    hostmem.reexec(sys.argv[1:])
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
   # Overrides may also follow --workdir (argparse stops the positional list at an option).

@@ -21,7 +21,7 @@ One JSON object per row goes to `DIR/results.jsonl` as soon as the row is done:
   peak_memory_bytes {compiled, device}, energy {method, joules_per_step, samples_per_joule,
   tokens_per_joule, avg_watts, reason}, loss, compile_s, warmup_steps, warmup_settled (False
   when warm-up stopped at warmup_max steps or warmup_max_s seconds), rounds, window_s,
-  env {device_kind, num_devices, jax, jaxlib, flax, qwix, python, xla_flags, git_sha; PyTorch
+  env {device_kind, num_devices, jax, jaxlib, flax, qwix, python, xla_flags, glibc_tunables, git_sha; PyTorch
   rows add torch, torch_threads, torch_device}, command (the `jaxbig bench` command line).
 
 MFU divides the analytic FLOPs (else XLA's) by the step time and the device's dense peak
@@ -140,7 +140,8 @@ def environment(devices) -> dict:
   return {'device_kind': devices[0].device_kind, 'platform': devices[0].platform,
           'num_devices': len(devices), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
           'flax': flax.__version__, 'qwix': qwix_version, 'python': platform.python_version(),
-          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'git_sha': git_sha()}
+          'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''), 'git_sha': git_sha()}
 
 
 def row_config(row: dict):

@@ -241,8 +241,9 @@ def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = No
       f"{env['device_kind']} x {env['num_devices']}; jax {env['jax']}, flax {env['flax']}"
       + (f", torch {torch_env['torch']} ({torch_env['torch_threads']} threads)"
          if torch_env else '')
-      + f"; git {env['git_sha'] or 'unknown'}; XLA_FLAGS='{env['xla_flags']}'. MFU basis: "
-      f"{rows[0]['mfu_basis']}. Energy: {rows[0]['energy']['method']}"
+      + f"; git {env['git_sha'] or 'unknown'}; XLA_FLAGS='{env['xla_flags']}'"
+      + (f"; GLIBC_TUNABLES='{env['glibc_tunables']}'" if env.get('glibc_tunables') else '')
+      + f". MFU basis: {rows[0]['mfu_basis']}. Energy: {rows[0]['energy']['method']}"
       + (f" ({rows[0]['energy']['reason']})" if rows[0]['energy']['reason'] else '') + '.',
       '',
       table(rows),

@@ -6,7 +6,7 @@ Variants:  ''    five widths x three seeds, the same number of training examples
                  (800 steps of 64); the report averages the seeds of each width
            tiny  two tiny widths, one seed, a few steps (tests)
 Hardware:  any CPU; 2 cores are enough.
-Wall time: '' 2.5 min on a 2-core Intel Xeon VM.
+Wall time: '' 2.4 min on a 2-core Intel Xeon VM.
 Expected:  every width fits the 1,257 training images; mean val loss 0.082 at x1 and 0.118
            at x2, where the train/validation gap opens (benchmarks/results/scaling/cnn).
 

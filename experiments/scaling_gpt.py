@@ -9,7 +9,7 @@ Variants:  ''       five sizes, the same token budget each (2^20 tokens: 256 ste
            gpu      a larger family for one GPU or TPU host: depths 2-12, 2^27 tokens,
                     bf16; add ',compute' (gpu,compute) for its compute-matched variant
 Hardware:  '' and compute: any CPU, sized for 2 cores; gpu: one accelerator.
-Wall time: '' 10 min and compute 11 min, measured on a 2-core Intel Xeon VM; gpu not run.
+Wall time: '' 8.6 min and compute 8.5 min, measured on a 2-core Intel Xeon VM; gpu not run.
 Expected:  '' : val loss falls with size, 2.166 (d1) to 1.726 nats/byte (d5); the fit
            L = a N^-b + c gives b = 0.152 +- 0.05. compute: best at d2 (1.530) and d1
            (1.539), rising to 2.813 at d5. benchmarks/results/scaling/gpt*.

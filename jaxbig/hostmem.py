@@ -4,12 +4,14 @@ XLA:CPU allocates a program's temporaries (tens to hundreds of MiB for a train s
 malloc at every execution and frees them after. glibc serves blocks above its mmap
 threshold (at most 32 MiB) with a fresh mmap, so every step faults its whole temporary
 buffer in again, 4 KiB at a time. For the small GPT of benchmarks/suites/perf_cpu.py on a
-2-core Xeon that is 75,600 minor faults (295 MiB) and 115 ms of kernel time per step.
+2-core Xeon that is 75,600 minor faults (295 MiB) and 113-124 ms of kernel time per step
+(getrusage around 10 steps).
 
 With the tunable glibc.malloc.hugetlb=1 (glibc 2.35 and later), malloc asks for transparent
-huge pages on what it maps: 2 MiB per fault. Measured in one process per setting
-(benchmarks/results/cpu-xeon/perf_cpu): the GPT step took 270 ms instead of 285 ms and the
-char LSTM 84 ms instead of 94 ms; the digits CNN and its compile times did not change.
+huge pages on what it maps: 2 MiB per fault. In `jaxbig bench benchmarks/suites/perf_cpu.py`
+with and without it, back to back (benchmarks/results/cpu-xeon/perf_cpu/hugepages*), the GPT
+step took 243 ms instead of 289 ms and the char LSTM 85.8 ms instead of 96.9 ms; the digits
+CNN's step (6.19 and 6.13 ms) and the digits run's compile did not change measurably.
 
 Tunables are read when a process starts, so the `jaxbig` command starts itself again with
 GLIBC_TUNABLES extended (`reexec`, before anything else happens) where that helps: Linux

@@ -136,7 +136,8 @@ def table(rows: list[dict]) -> str:
 
 def by_size(rows: list[dict]) -> list[dict]:
   """The finished members grouped by non-embedding parameters (seeds of one size), smallest
-  first: size, members, and the mean and sample standard deviation of val loss and gap."""
+  first: size, members, and the mean and sample standard deviation of train loss, val loss
+  and gap."""
   groups: dict[int, list[dict]] = {}
   for r in rows:
     if r.get('val_loss') is not None:

@@ -425,3 +425,15 @@ def test_embedding_folded_into_the_input_projection_equals_lookup_then_layer(cel
   # The table's gradient reaches only the rows of tokens that occur.
   unused = np.setdiff1d(np.arange(V), np.asarray(tokens))
   assert len(unused) and not np.asarray(grads[1])[unused].any() and np.asarray(grads[1]).any()
+
+
+def test_lstm_gate_activations_are_sigmoids_and_a_tanh_far_into_the_tails():
+  """`_lstm_acts` computes all four gates with one tanh: it must equal sigmoid for i, f, o
+  and tanh for g, including where the sigmoid saturates."""
+  z_BxGxN = jnp.asarray(np.linspace(-30.0, 30.0, 4 * 4 * 301).reshape(4, 4, 301), jnp.float32)
+  acts = np.asarray(rnn._lstm_acts(z_BxGxN))
+  z = np.asarray(z_BxGxN, np.float64)
+  for k in (0, 1, 3):
+    np.testing.assert_allclose(acts[:, k], _sigmoid(z[:, k]), atol=3e-7)
+  np.testing.assert_allclose(acts[:, 2], np.tanh(z[:, 2]), atol=3e-7)  # 2 ulps at 1.
+  assert acts[:, 2].min() < -0.99 and acts[:, 0].min() < 1e-6  # Both ranges reached.

@@ -6,7 +6,8 @@ experiment and its overrides (model size, batch, precision, mesh), and optionall
 `pytorch` (True or 'eager', or 'compile'): also time the PyTorch reference of
 `jaxbig/bench/pytorch.py` on the same batch, in `rounds` alternating windows (A B, B A, ...)
 so that drift of the machine hits both alike; `native_only`: skip the row (recorded as
-{name, skipped: reason}) where its precision would be emulated. For each row, in this
+{name, skipped: reason}) where its precision would be emulated; `loop` (a step count): also
+run the training loop itself for that many steps (`loop_time`) and report its host overhead. For each row, in this
 process: build the run as `train` would (steps 3-5 of DESIGN.md), put one batch on the
 devices, compile the train step (timed apart), warm up until the step time settles, then
 time a window of at least `min_steps` steps and `min_seconds` seconds with the energy
@@ -22,7 +23,8 @@ One JSON object per row goes to `DIR/results.jsonl` as soon as the row is done:
   tokens_per_joule, avg_watts, reason}, loss, compile_s, warmup_steps, warmup_settled (False
   when warm-up stopped at warmup_max steps or warmup_max_s seconds), rounds, window_s,
   env {device_kind, num_devices, jax, jaxlib, flax, qwix, python, xla_flags, glibc_tunables, git_sha; PyTorch
-  rows add torch, torch_threads, torch_device}, command (the `jaxbig bench` command line).
+  rows add torch, torch_threads, torch_device}, command (the `jaxbig bench` command line);
+  rows with `loop` add loop {steps, log_every, step_time_s, host_overhead}.
 
 MFU divides the analytic FLOPs (else XLA's) by the step time and the device's dense peak
 for the precision's matmul type (`flops.PEAKS`); on CPUs by the float32 matmul rate measured
@@ -45,7 +47,10 @@ from jaxbig.config import ConfigError
 
 DEFAULTS = {'min_steps': 10, 'min_seconds': None, 'warmup_min': 3, 'warmup_max': 50,
             'warmup_max_s': 60.0, 'settle': 0.1, 'rounds': 4}
-ROW_KEYS = {'name', 'experiment', 'overrides', 'precision', 'batch', 'pytorch', 'native_only'}
+ROW_KEYS = {'name', 'experiment', 'overrides', 'precision', 'batch', 'pytorch', 'native_only',
+            'loop'}
+# Log intervals of a row's training-loop run (`loop`); the first half is its warm-up.
+LOOP_INTERVALS = 10
 # Seconds of the timed window when neither the suite nor the command sets one: the NVML
 # counter moves about every 100 ms, so a GPU window needs seconds to mean anything.
 MIN_SECONDS = {'gpu': 10.0, 'tpu': 5.0, 'cpu': 3.0}
@@ -160,6 +165,11 @@ def row_config(row: dict):
   if config.get('parallel') is not None and config.parallel.mode != 'jit':
     raise ConfigError(f"row {row['name']}: bench times the jit step; parallel.mode="
                       f'{config.parallel.mode} is not supported')
+  loop = row.get('loop')
+  if loop is not None and (isinstance(loop, bool) or not isinstance(loop, int)
+                           or loop < 2 * LOOP_INTERVALS):
+    raise ConfigError(f"row {row['name']}: loop must be a step count of at least "
+                      f'{2 * LOOP_INTERVALS}, got {loop!r}')
   reference = row.get('pytorch', False)
   if reference not in (False, True, 'eager', 'compile'):
     raise ConfigError(f"row {row['name']}: pytorch must be True, 'eager' or 'compile', got "
@@ -245,6 +255,33 @@ def _timing(times: list[float], joules, seconds: float, batch: int, tokens) -> d
   }
 
 
+def loop_time(config, steps: int) -> dict:
+  """The training loop's time per step, run as `jaxbig train` runs it.
+
+  `steps` steps of `train_and_evaluate` in a temporary workdir: the real input pipeline,
+  a fresh batch every step, metrics fetched and logged every `steps // LOOP_INTERVALS`
+  steps, TensorBoard and progress output; no evaluation, no checkpoint (the run stops
+  before its last step, as an interrupted one). The time per step is the median over the
+  second half of the log intervals: the first ones hold the first executions, and on
+  XLA:CPU the step takes some 30 steps to settle (the allocator's pages).
+  """
+  import tempfile
+  from jaxbig import config as config_lib, train
+  log_every = steps // LOOP_INTERVALS
+  d = config_lib.to_dict(config)
+  # Stopped after `steps` of at least steps + 1 (the run's own schedule where it is longer):
+  # no final evaluation or save.
+  d['train'].update(steps=max(d['train']['steps'], steps + 1), log_every=log_every,
+                    eval_every=0, ckpt_every=0)
+  config = config_lib.from_dict(d)
+  with tempfile.TemporaryDirectory(prefix='jaxbig-loop-') as workdir:
+    train.train_and_evaluate(config, workdir, stop_after=steps)
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rates = [json.loads(line)['steps_per_s'] for line in f if line.strip()]
+  return {'steps': steps, 'log_every': log_every,
+          'step_time_s': float(np.median([1.0 / r for r in rates[len(rates) // 2:]]))}
+
+
 def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) -> list[dict]:
   """Builds, compiles, warms up and times one row; returns its result objects: one, or two
   when the row also runs the PyTorch reference (timed in alternating windows)."""
@@ -284,6 +321,15 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) ->
       windows[name][0].extend(times)
       windows[name][1].append(joules)
       windows[name][2].append(seconds)
+
+  loop = None
+  if row.get('loop'):
+    loop = loop_time(config, row['loop'])
+    step_s = _percentile(windows['jaxbig'][0], 50)
+    # The share of the loop's step that the step itself does not take: input, logging and
+    # dispatch. The timed step waits for its result each time, the loop does not, so a
+    # loop that hides all of it measures a little below zero.
+    loop['host_overhead'] = 1.0 - step_s / loop['step_time_s']
 
   batch_size = config.data.batch_size
   meta = s.data.meta
@@ -339,6 +385,8 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) ->
     }
     if reference and not jax_row:
       result['pytorch_mode'] = 'compile' if reference == 'compile' else 'eager'
+    if loop and jax_row:
+      result['loop'] = loop
     out.append(result)
   if reference_error:
     out.append({'suite': suite, 'name': f"{row['name']}-pytorch", 'framework': 'pytorch',

@@ -254,6 +254,16 @@ def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = No
   if pairs(rows):
     parts += ['', '## jaxbig and PyTorch, timed in alternating windows', '',
               'Ratios above 1: PyTorch takes longer per step.', '', pair_table(rows)]
+  looped = [r for r in rows if r.get('loop')]
+  if looped:
+    parts += ['', '## The training loop against the bare step', '',
+              'The loop runs as `jaxbig train` does (input pipeline, logging), median over the '
+              'second half of its log intervals; host overhead = 1 - step / loop step.', '',
+              '| row | step ms | loop step ms | loop steps | host overhead |',
+              '| --- | --- | --- | --- | --- |']
+    parts += [f"| {r['name']} | {r['step_time_s']['median'] * 1e3:.3g} "
+              f"| {r['loop']['step_time_s'] * 1e3:.3g} | {r['loop']['steps']} "
+              f"| {r['loop']['host_overhead']:.1%} |" for r in looped]
   found = sweeps(rows)
   if found:
     parts += ['', '## Step time against size (slope on log-log axes)', '']

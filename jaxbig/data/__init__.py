@@ -154,8 +154,7 @@ class Data:
     gather = _Gather(x, y, rows, self.cfg.augment_shift, self.cfg.augment_flip)
     ds = (grain.MapDataset.range(len(x)).shuffle(seed=self.seed).repeat()
           .batch(self.cfg.batch_size, drop_remainder=True).random_map(gather, seed=self.seed + 1))
-    # Batches are cheap numpy gathers; threads would only add nondeterministic timing.
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    return iter(ds.to_iter_dataset(text.READ_OPTIONS))
 
   def batch_spec(self, size: int, with_mask: bool) -> dict:
     """Shapes and dtypes of a batch of `size` examples (what the steps are compiled for)."""

@@ -4,6 +4,7 @@ analytic FLOPs against XLA's count, the energy meters, and bad input.
 No assertion is about how fast anything is: speed targets live in the suites' tables.
 """
 
+import glob
 import json
 import math
 
@@ -323,3 +324,13 @@ def test_report_and_compare_need_results(capsys, tmp_path):
   assert code == 2 and 'no benchmark results' in err and err.count('\n') == 1
   code, _, err = _main(capsys, 'bench', 'compare', tmp_path)
   assert code == 2 and 'OLD and NEW' in err
+
+
+@pytest.mark.parametrize('suite', sorted(glob.glob('benchmarks/suites/*.py')))
+def test_every_committed_suite_and_row_loads(suite):
+  """A typo in a suite that only runs on a lent GPU would otherwise show there, in its time."""
+  from jaxbig import bench
+  _, rows, _ = bench.load_suite(suite)
+  assert rows
+  for row in rows:
+    bench.row_config(row)

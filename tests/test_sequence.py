@@ -191,9 +191,11 @@ def test_reconstruction_losses_need_reconstruction_models(capsys, tmp_path, over
   assert code == 2 and named in err, err
 
 
-@pytest.mark.parametrize('variant', ['transformer', 'gru'])
-def test_sequence_classifiers_learn_digits_from_rows(tmp_path, variant):
+# The smoke Transformer learns slower: 0.61-0.75 test accuracy after 150 steps over seeds
+# 0-2, 0.76-0.84 after 250 (the GRU: 0.98 after 150).
+@pytest.mark.parametrize('variant, steps', [('transformer', 250), ('gru', 150)])
+def test_sequence_classifiers_learn_digits_from_rows(tmp_path, variant, steps):
   """The encoder Transformer and a bidirectional GRU read digits row by row as sequences."""
   spec = str(EXPERIMENTS / 'seq_digits.py') + f':{variant},smoke'
-  summary = _train(spec, tmp_path / variant, 'train.steps=150', 'opt.lr=3e-3')
+  summary = _train(spec, tmp_path / variant, f'train.steps={steps}', 'opt.lr=3e-3')
   assert summary['eval']['accuracy'] > 0.7, summary['eval']

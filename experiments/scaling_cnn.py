@@ -6,9 +6,10 @@ Variants:  ''    five widths x three seeds, the same number of training examples
                  (800 steps of 64); the report averages the seeds of each width
            tiny  two tiny widths, one seed, a few steps (tests)
 Hardware:  any CPU; 2 cores are enough.
-Wall time: '' 2.4 min on a 2-core Intel Xeon VM.
-Expected:  every width fits the 1,257 training images; mean val loss 0.082 at x1 and 0.118
-           at x2, where the train/validation gap opens (benchmarks/results/scaling/cnn).
+Wall time: '' 2.2 min on a 2-core Intel Xeon VM.
+Expected:  every width fits the 1,257 training images; mean val loss 0.091 at x1/2, 0.145
+           at x1 and 0.161 at x2: the train/validation gap opens above x1/2
+           (benchmarks/results/scaling/cnn).
 
 The size rule: multiplier m scales every width: features (64 m, 128 m), hidden 1024 m;
 parameters grow about as m^2, so 1/8..2 spans about 200x. No dropout and no shifts here

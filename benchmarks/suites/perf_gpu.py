@@ -1,4 +1,4 @@
-"""Issue 7's GPU targets, for one NVIDIA H100/H200: one command, about 5 minutes of device time.
+"""Issue 7's GPU targets, for one NVIDIA H100/H200, in one command (not yet run on a GPU).
 
     jaxbig bench benchmarks/suites/perf_gpu.py --out benchmarks/results/<device>/perf_gpu
     jaxbig report benchmarks/results/<device>/perf_gpu

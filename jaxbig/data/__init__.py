@@ -105,9 +105,6 @@ class _ShuffledBatches(grain.MapDataset):
   def __len__(self) -> int:
     return sys.maxsize
 
-  def _perm(self, epoch: int) -> np.ndarray:
-    return _epoch_order(self.n, self.seed, epoch)
-
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
@@ -117,7 +114,7 @@ class _ShuffledBatches(grain.MapDataset):
     while start < stop:
       epoch, pos = divmod(start, self.n)
       take = min(stop - start, self.n - pos)
-      parts.append(self._perm(epoch)[pos:pos + take])
+      parts.append(_epoch_order(self.n, self.seed, epoch)[pos:pos + take])
       start += take
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 

@@ -9,11 +9,6 @@ Smoke:     jaxbig train experiments/seq_digits.py:gru,smoke   (a few steps, for 
 Hardware:  any CPU.
 Wall time: 15 s (transformer), 25 s (gru), 27 s (lstm) on a 2-core Intel Xeon VM.
 Expected:  eval.accuracy 0.994 (transformer), 0.994 (gru), 0.992 (lstm) on the test split.
-Known:     on XLA:CPU (jax 0.10.2, 2 cores) the :lstm run's parameter initialisation hangs in
-           some processes (4 of 22 here, in `init_state`'s block_until_ready; 0 of 6 each
-           with depth 1 or one direction). With the XLA flag
-           --xla_cpu_enable_concurrency_optimized_scheduler=false in XLA_FLAGS it did not
-           hang in 24 of 24. Not yet fixed in jaxbig.
 """
 
 import ml_collections

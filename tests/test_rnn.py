@@ -5,6 +5,7 @@ K outputs.
 """
 
 from functools import partial
+import re
 
 import jax
 import jax.numpy as jnp
@@ -123,6 +124,18 @@ def test_lstm_forget_bias_starts_at_one_and_recurrent_kernels_are_orthogonal():
     np.testing.assert_allclose(w.T @ w, np.eye(N), atol=1e-5)
   gru = nn.unbox(_init(rnn.RNNLayer('gru', N), _floats((B, L, E))))['params']
   np.testing.assert_array_equal(gru['input_bias'], np.zeros((3, N)))
+
+
+def test_recurrent_init_runs_no_batched_qr():
+  # jaxlib's CPU QR (0.10.2) runs a batch of matrices on the intra-op pool and waits there:
+  # two batched QRs at once (a bidirectional depth-2 LSTM's init) hung 2-core machines.
+  x_BxLxE = _floats((B, L, E))
+  hlo = jax.jit(lambda x: rnn.RNNLayer('lstm', N).init(jax.random.key(0), x)).lower(
+      x_BxLxE).as_text()
+  batch_dims = re.findall(r'geqrf.*?num_batch_dims = "(\d+)"', hlo)
+  assert batch_dims and set(batch_dims) == {'0'}, batch_dims
+  w = nn.unbox(_init(rnn.RNNLayer('lstm', N), x_BxLxE))['params']['recurrent_kernel']
+  assert not np.allclose(w[:, 0], w[:, 1], atol=1e-3)  # Each gate its own matrix.
 
 
 def test_reverse_layer_reads_the_sequence_backwards():

@@ -252,8 +252,11 @@ def _orthogonal_per_gate(key, shape, dtype=jnp.float32):
   """An independent orthogonal N x N matrix for every gate of a (N, G, N) kernel."""
   n, gates, m = shape
   orth = lambda k: jax.nn.initializers.orthogonal()(k, (n, m), dtype)
-  # One batched QR rather than one per gate: far less for XLA to compile.
-  return jnp.swapaxes(jax.vmap(orth)(jax.random.split(key, gates)), 0, 1)
+  # One QR in a loop over the gates: little for XLA to compile. Not vmap: jaxlib's CPU QR
+  # (jax 0.10.2) runs a batch on the intra-op thread pool and waits for it there, so two
+  # batched QRs running at once (the layers of a deep or bidirectional net) could take every
+  # thread of a 2-core pool and hang the init. lax.map gives the same bits (checked).
+  return jnp.swapaxes(jax.lax.map(orth, jax.random.split(key, gates)), 0, 1)
 
 
 def _gate_bias_init(cell: str):

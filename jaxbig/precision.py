@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from jaxbig import models
 from jaxbig.config import ConfigError
 
 
@@ -86,7 +87,7 @@ def quantize(model: nn.Module, policy: Policy) -> nn.Module:
       qwix.QtRule(op_names=('conv_general_dilated',), **fwd),
       qwix.QtRule(bwd_qtype=policy.bwd_qtype, **fwd),
   ]
-  return qwix.quantize_model(model, qwix.QtProvider(rules))
+  return qwix.quantize_model(models.with_xla_convolutions(model), qwix.QtProvider(rules))
 
 
 def emulated(policy: Policy, device: jax.Device) -> bool:

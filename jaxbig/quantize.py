@@ -42,7 +42,7 @@ def _ptq_model(s: train.Setup, to: str) -> tuple[nn.Module, dict]:
   import qwix
   base = models.build(s.config.model, s.data.meta, jnp.float32)
   rule = qwix.QuantizationRule(module_path='.*', weight_qtype=to, act_qtype=to)
-  model = qwix.quantize_model(base, qwix.PtqProvider([rule]))
+  model = qwix.quantize_model(models.with_xla_convolutions(base), qwix.PtqProvider([rule]))
   meta = s.data.meta
   x = jnp.zeros((1, *meta.input_shape), jnp.int32 if meta.vocab_size else jnp.float32)
   rngs = {name: jax.random.key(0) for name in ('params', 'dropout', 'sample')}

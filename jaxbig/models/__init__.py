@@ -168,3 +168,9 @@ def has_batch_stats(name: str) -> bool:
   """Whether the model keeps a 'batch_stats' collection (apply it with mutable=...)."""
   _check_name(name)
   return name in _WITH_BATCH_STATS
+
+
+def with_xla_convolutions(model: nn.Module) -> nn.Module:
+  """The model with XLA's convolutions wherever it has a faster rewrite (the CNN's Winograd
+  path): qwix quantizes `conv_general_dilated`, not the matmuls a rewrite computes."""
+  return model.clone(conv='xla') if getattr(model, 'conv', None) == 'auto' else model

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxbig.models import init as inits
+from jaxbig.models import winograd
 
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
@@ -40,6 +41,9 @@ class CNN(nn.Module):
   features: tuple[int, ...] = (64, 128)
   hidden: int = 1024
   dropout: float = 0.0
+  # 'auto': on CPUs, float32 3x3 convolutions as Winograd F(2x2, 3x3) where that applies
+  # (winograd.py); 'xla': always lax.conv_general_dilated.
+  conv: str = 'auto'
   # Not `init`: that would shadow nn.Module.init.
   init_name: str = 'he'
   init_std: float = 0.02
@@ -52,12 +56,15 @@ class CNN(nn.Module):
     kernel_init = inits.initializer(self.init_name, self.init_std)
     zeros = nn.initializers.zeros_init()
     x = x_BxHxWxC.astype(self.dtype)
+    fast = self.conv == 'auto' and jax.default_backend() == 'cpu'
+    conv_fn = winograd.conv_general_dilated if fast else None  # None: Flax's own.
     for i, width in enumerate(self.features):
       names = inits.STEM_KERNEL if i == 0 else inits.CONV_KERNEL
       x = nn.Conv(
           width, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype,
           kernel_init=inits.logical(kernel_init, names),
-          bias_init=inits.logical(zeros, inits.CONV_BIAS), name=f'conv{i}')(x)
+          bias_init=inits.logical(zeros, inits.CONV_BIAS), conv_general_dilated=conv_fn,
+          name=f'conv{i}')(x)
       x = inits.constrain(nn.relu(x), inits.ACT_BxHxWxC)
       x = max_pool_2x2(x)
     x_BxF = inits.constrain(x.reshape(x.shape[0], -1), ('batch', None))

@@ -1,0 +1,94 @@
+"""Tests for jaxbig.models.winograd: F(2x2, 3x3) against XLA's convolution, and when it applies.
+
+Shape letters: B batch, H height, W width, C input channels, O output channels.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxbig.models import cnn, winograd
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _normal(seed: int, shape) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _xla_conv(x, kernel, strides=(1, 1), padding='SAME', **kw):
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC, **kw)
+
+
+def _value_and_grads(conv, x, kernel, g):
+  return jax.jit(jax.value_and_grad(lambda x, k: (conv(x, k) * g).sum(), argnums=(0, 1)))(
+      x, kernel)
+
+
+@pytest.mark.parametrize('b,h,w,c,o', [(2, 4, 4, 8, 16), (3, 6, 8, 16, 5), (1, 2, 2, 9, 3)])
+def test_winograd_conv_matches_xla_convolution_with_gradients(b, h, w, c, o):
+  x, kernel, g = _normal(0, (b, h, w, c)), _normal(1, (3, 3, c, o)), _normal(2, (b, h, w, o))
+  np.testing.assert_allclose(winograd.winograd_conv(x, kernel), _xla_conv(x, kernel),
+                             atol=2e-5 * np.sqrt(9 * c))
+  value, (dx, dk) = _value_and_grads(winograd.winograd_conv, x, kernel, g)
+  ref_value, (ref_dx, ref_dk) = _value_and_grads(_xla_conv, x, kernel, g)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  np.testing.assert_allclose(dx, ref_dx, atol=2e-5 * np.sqrt(9 * o))
+  np.testing.assert_allclose(dk, ref_dk, atol=2e-5 * np.sqrt(b * h * w))
+
+
+def _convs(fn, *args) -> int:
+  """How many XLA convolutions `fn(*args)` traces to."""
+  return str(jax.make_jaxpr(fn)(*args)).count('conv_general_dilated')
+
+
+CASES = {  # name: (x shape, kernel shape, conv_general_dilated keywords), none of them F(2, 3).
+    'odd height': ((2, 5, 4, 8), (3, 3, 8, 4), {}),
+    'stride 2': ((2, 4, 4, 8), (3, 3, 8, 4), {'window_strides': (2, 2)}),
+    'VALID': ((2, 4, 4, 8), (3, 3, 8, 4), {'padding': 'VALID'}),
+    'few channels': ((2, 4, 4, winograd.MIN_CHANNELS - 1), (3, 3, winograd.MIN_CHANNELS - 1, 4),
+                     {}),
+    '5x5 kernel': ((2, 4, 4, 8), (5, 5, 8, 4), {}),
+    'dilated': ((2, 8, 8, 8), (3, 3, 8, 4), {'rhs_dilation': (2, 2), 'padding': ((2, 2),) * 2}),
+    'NCHW': ((2, 8, 4, 4), (3, 3, 8, 4), {'dimension_numbers': ('NCHW', 'HWIO', 'NCHW')}),
+}
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_other_convolutions_go_to_xla_unchanged(case):
+  x_shape, kernel_shape, kw = CASES[case]
+  kw = {'window_strides': (1, 1), 'padding': 'SAME', 'dimension_numbers': NHWC, **kw}
+  x, kernel = _normal(0, x_shape), _normal(1, kernel_shape)
+  fast = partial(winograd.conv_general_dilated, **kw)
+  assert _convs(fast, x, kernel) == 1
+  np.testing.assert_array_equal(fast(x, kernel), lax.conv_general_dilated(x, kernel, **kw))
+
+
+def test_float32_3x3_same_convolutions_take_winograd_and_bfloat16_ones_do_not():
+  x, kernel = _normal(0, (2, 4, 6, 8)), _normal(1, (3, 3, 8, 4))
+  fast = partial(winograd.conv_general_dilated, window_strides=(1, 1), dimension_numbers=NHWC)
+  assert _convs(partial(fast, padding='SAME'), x, kernel) == 0
+  assert _convs(partial(fast, padding=((1, 1), (1, 1))), x, kernel) == 0
+  assert _convs(partial(fast, padding='SAME'), x.astype(jnp.bfloat16),
+                kernel.astype(jnp.bfloat16)) == 1
+
+
+def test_seed_cnn_with_winograd_equals_xla_convolutions():
+  """The seed CNN on digits-shaped inputs: conv='auto' (its 64 -> 128 layer by F(2, 3)
+  on this CPU) against conv='xla', with the same parameters: logits and gradients."""
+  x = _normal(0, (4, 8, 8, 1))
+  auto, xla = cnn.CNN(10), cnn.CNN(10, conv='xla')
+  params = jax.jit(xla.init, static_argnames='train')(jax.random.key(0), x, train=False)
+  loss = lambda model: jax.jit(jax.value_and_grad(
+      lambda p: (model.apply(p, x, train=False) ** 2).sum()))
+  assert _convs(partial(auto.apply, train=False), params, x) == 1  # conv0 has one channel.
+  assert _convs(partial(xla.apply, train=False), params, x) == 2
+  value, grads = loss(auto)(params)
+  ref_value, ref_grads = loss(xla)(params)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * abs(b).max()),
+               grads, ref_grads)

@@ -12,6 +12,7 @@ import pytest
 from jax import lax
 
 from jaxbig.models import cnn, winograd
+from jaxbig.models.resnet import ResNetTiny
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -89,6 +90,24 @@ def test_seed_cnn_with_winograd_equals_xla_convolutions():
   assert _convs(partial(xla.apply, train=False), params, x) == 2
   value, grads = loss(auto)(params)
   ref_value, ref_grads = loss(xla)(params)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * abs(b).max()),
+               grads, ref_grads)
+
+
+def test_resnet_with_winograd_equals_xla_convolutions():
+  """ResNetTiny (width 8 at 8x8, then 16 at 4x4): its 3x3 stride-1 convolutions by F(2, 3)
+  against XLA's, with the same parameters: logits and gradients (BatchNorm in eval mode)."""
+  x = _normal(0, (4, 8, 8, 1))
+  auto, xla = ResNetTiny(num_outputs=10), ResNetTiny(num_outputs=10, conv='xla')
+  variables = jax.jit(xla.init, static_argnames='train')(jax.random.key(0), x, train=False)
+  apply = lambda model: partial(model.apply, train=False)
+  # The stem (one channel) and the stride-2 and 1x1 convolutions stay XLA's.
+  assert _convs(apply(auto), variables, x) == 3 < _convs(apply(xla), variables, x) == 6
+  loss = lambda model: jax.jit(jax.value_and_grad(
+      lambda p: (apply(model)({**variables, 'params': p}, x) ** 2).sum()))
+  value, grads = loss(auto)(variables['params'])
+  ref_value, ref_grads = loss(xla)(variables['params'])
   np.testing.assert_allclose(value, ref_value, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * abs(b).max()),
                grads, ref_grads)

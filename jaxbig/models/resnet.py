@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxbig.models import init as inits
+from jaxbig.models import winograd
 
 ModuleDef = Any
 
@@ -81,6 +82,9 @@ class ResNet(nn.Module):
   width: int = 64
   # True: 3x3 stride-1 stem and no max-pool, for 8x8 or 32x32 images.
   small_input: bool = False
+  # 'auto': on CPUs, float32 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) where that
+  # applies (winograd.py); 'xla': always lax.conv_general_dilated.
+  conv: str = 'auto'
   # Not `init`: that would shadow nn.Module.init.
   init_name: str = 'he'
   init_std: float = 0.02
@@ -97,8 +101,10 @@ class ResNet(nn.Module):
       raise ValueError(
           f"ResNet.block: unknown block '{self.block}'; choose from {', '.join(_BLOCKS)}")
     block_cls = _BLOCKS[self.block]
+    fast = self.conv == 'auto' and jax.default_backend() == 'cpu'
     conv = partial(
         nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        conv_general_dilated=winograd.conv_general_dilated if fast else None,
         kernel_init=inits.logical(
             inits.initializer(self.init_name, self.init_std), inits.CONV_KERNEL))
     # dtype is only the output dtype: Flax computes the mean, variance and the

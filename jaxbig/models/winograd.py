@@ -14,7 +14,8 @@ fp16, fp8 and int8 policies keep XLA's convolution, which qwix quantizes).
 Why: on the 2-core Xeon VM, XLA:CPU's convolution for the seed CNN's second layer (256 x 4
 x 4 x 64 -> 128) took 3.75 ms forward and 9.47 ms for both gradients, this way 3.11 and
 5.94 ms (medians of 12 alternating rounds in one process); the CNN's step times are in
-benchmarks/results/cpu-xeon/perf_cpu/README.md.
+benchmarks/results/cpu-xeon/perf_cpu/README.md. The cost is compile time: about a second
+more per layer on that machine.
 
 Shape letters: B batch, H height, W width, C input channels, O output channels, P the 16
 transformed positions, T tiles (B H/2 W/2).

@@ -283,3 +283,17 @@ def test_cnn_max_pool_matches_flax_max_pool_with_gradients(size):
   np.testing.assert_array_equal(grad, ref_grad)
   # Pooling picks a quarter of the inputs: the gradient is zero elsewhere, not everywhere.
   assert 0 < np.count_nonzero(grad) < grad.size
+
+
+def test_cnn_pools_before_its_relu_with_the_same_values_and_gradients():
+  """The CNN computes ReLU-then-pool as pool-then-ReLU (cheaper): equal on random inputs,
+  forward and gradients, including windows whose four inputs are all negative."""
+  from jaxbig.models.cnn import max_pool_2x2
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 6, 3)), jnp.float32)
+  g = jnp.asarray(np.random.default_rng(1).standard_normal((2, 4, 3, 3)), jnp.float32)
+  run = _jit(lambda x: [jax.value_and_grad(lambda x: (f(x) * g).sum())(x) for f in (
+      lambda x: nn.relu(max_pool_2x2(x)), lambda x: max_pool_2x2(nn.relu(x)))])
+  (value, grad), (ref_value, ref_grad) = run(x)
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  np.testing.assert_array_equal(grad, ref_grad)
+  assert (max_pool_2x2(x) < 0).any() and (max_pool_2x2(x) > 0).any()

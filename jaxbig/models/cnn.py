@@ -35,7 +35,8 @@ def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
 
 
 class CNN(nn.Module):
-  """conv 3x3 -> ReLU -> max-pool 2x2, per entry of `features`; dense -> ReLU -> dense."""
+  """conv 3x3 -> ReLU -> max-pool 2x2 (computed as pool, then ReLU), per entry of `features`;
+  dense -> ReLU -> dense."""
 
   num_outputs: int
   features: tuple[int, ...] = (64, 128)
@@ -65,8 +66,9 @@ class CNN(nn.Module):
           kernel_init=inits.logical(kernel_init, names),
           bias_init=inits.logical(zeros, inits.CONV_BIAS), conv_general_dilated=conv_fn,
           name=f'conv{i}')(x)
-      x = inits.constrain(nn.relu(x), inits.ACT_BxHxWxC)
-      x = max_pool_2x2(x)
+      # Pool, then ReLU: the same function as ReLU then pool (both are monotone), on a
+      # quarter of the elements. On XLA:CPU the seed CNN's step took about 0.93x the time.
+      x = inits.constrain(nn.relu(max_pool_2x2(x)), inits.ACT_BxHxWxC)
     x_BxF = inits.constrain(x.reshape(x.shape[0], -1), ('batch', None))
     x_BxN = nn.Dense(
         self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,

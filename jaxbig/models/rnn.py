@@ -50,8 +50,9 @@ from jaxbig.models import init as inits
 CELLS = ('lstm', 'gru')
 POOLS = ('last', 'mean')
 _GATES = {'lstm': 4, 'gru': 3}
-# Time steps per loop iteration: 2 took 0.9x the char LSTM's train step on XLA:CPU (4: 0.93x).
-_UNROLL = 2
+# Time steps per loop iteration. On XLA:CPU 2 took 0.9x the char LSTM's train step of 1
+# (4: 0.93x); after the one-tanh gates 4 took 0.97x of 2 (three A/B runs, 0.2 s more compile).
+_UNROLL = 4
 # What a layer carries from step to step: LSTM cell state c and output h; GRU only h.
 CARRY_KEYS = {'lstm': ('c', 'h'), 'gru': ('h',)}
 

@@ -171,6 +171,6 @@ def has_batch_stats(name: str) -> bool:
 
 
 def with_xla_convolutions(model: nn.Module) -> nn.Module:
-  """The model with XLA's convolutions wherever it has a faster rewrite (the CNN's Winograd
-  path): qwix quantizes `conv_general_dilated`, not the matmuls a rewrite computes."""
+  """The model with XLA's convolutions where it has a faster rewrite (the CNN's and ResNet's
+  Winograd path): qwix quantizes `conv_general_dilated`, not the matmuls a rewrite computes."""
   return model.clone(conv='xla') if getattr(model, 'conv', None) == 'auto' else model

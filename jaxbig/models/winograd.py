@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 MIN_CHANNELS = 8  # Below this the 16 matmuls are too thin to beat XLA's convolution.
-GROUPS = 2  # The 16 matmuls as 2 batched products: XLA:CPU runs each on one thread.
+GROUPS = 2  # The 16 matmuls as 2 batched products: on 2 cores they ran side by side.
 
 
 def _input_rows(d0, d1, d2, d3):
@@ -72,9 +72,10 @@ def winograd_conv(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array,
   m = [mi.reshape(b, h // 2, w // 2, o) for mi in m]
   by_col = [_output_rows(*m[4 * k:4 * k + 4]) for k in range(4)]  # [row k][column a]
   y = [_output_rows(*(by_col[k][a] for k in range(4))) for a in range(2)]  # [column a][row r]
-  y_Bx2x2 = jnp.stack([jnp.stack([y[a][r] for a in range(2)], axis=3) for r in range(2)],
-                      axis=2)  # (B, H/2, row r, W/2, column a, O)
-  return y_Bx2x2.reshape(b, h, w, o)
+  # (B, H/2, row r in the tile, W/2, column a, O): the output's rows and columns, in order.
+  y_tiles = jnp.stack([jnp.stack([y[a][r] for a in range(2)], axis=3) for r in range(2)],
+                      axis=2)
+  return y_tiles.reshape(b, h, w, o)
 
 
 def applies(x_shape, kernel_shape, dtype, strides, padding, lhs_dilation, rhs_dilation,

@@ -57,8 +57,7 @@ class CNN(nn.Module):
     kernel_init = inits.initializer(self.init_name, self.init_std)
     zeros = nn.initializers.zeros_init()
     x = x_BxHxWxC.astype(self.dtype)
-    fast = self.conv == 'auto' and jax.default_backend() == 'cpu'
-    conv_fn = winograd.conv_general_dilated if fast else None  # None: Flax's own.
+    conv_fn = winograd.conv_fn(self.conv, 'CNN')
     for i, width in enumerate(self.features):
       names = inits.STEM_KERNEL if i == 0 else inits.CONV_KERNEL
       x = nn.Conv(

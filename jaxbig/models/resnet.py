@@ -101,10 +101,9 @@ class ResNet(nn.Module):
       raise ValueError(
           f"ResNet.block: unknown block '{self.block}'; choose from {', '.join(_BLOCKS)}")
     block_cls = _BLOCKS[self.block]
-    fast = self.conv == 'auto' and jax.default_backend() == 'cpu'
     conv = partial(
         nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        conv_general_dilated=winograd.conv_general_dilated if fast else None,
+        conv_general_dilated=winograd.conv_fn(self.conv, 'ResNet'),
         kernel_init=inits.logical(
             inits.initializer(self.init_name, self.init_std), inits.CONV_KERNEL))
     # dtype is only the output dtype: Flax computes the mean, variance and the

@@ -78,6 +78,16 @@ def winograd_conv(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array,
   return y_tiles.reshape(b, h, w, o)
 
 
+IMPLS = ('auto', 'xla')  # The `conv` attribute of the CNN and the ResNet.
+
+
+def conv_fn(impl: str, owner: str):
+  """Flax's `conv_general_dilated` for a model's `conv` attribute (None: lax's own)."""
+  if impl not in IMPLS:
+    raise ValueError(f"{owner}.conv: unknown '{impl}'; choose from {', '.join(IMPLS)}")
+  return conv_general_dilated if impl == 'auto' and jax.default_backend() == 'cpu' else None
+
+
 def applies(x_shape, kernel_shape, dtype, strides, padding, lhs_dilation, rhs_dilation,
             dimension_numbers, feature_group_count) -> bool:
   """Whether `conv_general_dilated` with these arguments takes the Winograd path."""

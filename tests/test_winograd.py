@@ -15,6 +15,8 @@ from jaxbig.models import cnn, winograd
 from jaxbig.models.resnet import ResNetTiny
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
+# The model tests compile small graphs whose LLVM optimisation takes longer than running them.
+_jit_fast = partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
 
 def _normal(seed: int, shape) -> jax.Array:
@@ -26,7 +28,7 @@ def _xla_conv(x, kernel, strides=(1, 1), padding='SAME', **kw):
 
 
 def _value_and_grads(conv, x, kernel, g):
-  return jax.jit(jax.value_and_grad(lambda x, k: (conv(x, k) * g).sum(), argnums=(0, 1)))(
+  return _jit_fast(jax.value_and_grad(lambda x, k: (conv(x, k) * g).sum(), argnums=(0, 1)))(
       x, kernel)
 
 
@@ -83,8 +85,8 @@ def test_seed_cnn_with_winograd_equals_xla_convolutions():
   on this CPU) against conv='xla', with the same parameters: logits and gradients."""
   x = _normal(0, (4, 8, 8, 1))
   auto, xla = cnn.CNN(10), cnn.CNN(10, conv='xla')
-  params = jax.jit(xla.init, static_argnames='train')(jax.random.key(0), x, train=False)
-  loss = lambda model: jax.jit(jax.value_and_grad(
+  params = _jit_fast(xla.init, static_argnames='train')(jax.random.key(0), x, train=False)
+  loss = lambda model: _jit_fast(jax.value_and_grad(
       lambda p: (model.apply(p, x, train=False) ** 2).sum()))
   assert _convs(partial(auto.apply, train=False), params, x) == 1  # conv0 has one channel.
   assert _convs(partial(xla.apply, train=False), params, x) == 2
@@ -100,11 +102,11 @@ def test_resnet_with_winograd_equals_xla_convolutions():
   against XLA's, with the same parameters: logits and gradients (BatchNorm in eval mode)."""
   x = _normal(0, (4, 8, 8, 1))
   auto, xla = ResNetTiny(num_outputs=10), ResNetTiny(num_outputs=10, conv='xla')
-  variables = jax.jit(xla.init, static_argnames='train')(jax.random.key(0), x, train=False)
+  variables = _jit_fast(xla.init, static_argnames='train')(jax.random.key(0), x, train=False)
   apply = lambda model: partial(model.apply, train=False)
   # The stem (one channel) and the stride-2 and 1x1 convolutions stay XLA's.
   assert _convs(apply(auto), variables, x) == 3 < _convs(apply(xla), variables, x) == 6
-  loss = lambda model: jax.jit(jax.value_and_grad(
+  loss = lambda model: _jit_fast(jax.value_and_grad(
       lambda p: (apply(model)({**variables, 'params': p}, x) ** 2).sum()))
   value, grads = loss(auto)(variables['params'])
   ref_value, ref_grads = loss(xla)(variables['params'])

@@ -115,7 +115,9 @@ def test_resnet_with_winograd_equals_xla_convolutions():
                grads, ref_grads)
 
 
-@pytest.mark.parametrize('model', [cnn.CNN(10, conv='fast'), ResNetTiny(num_outputs=10, conv='fast')])
+@pytest.mark.parametrize('model', [cnn.CNN(10, conv='fast'),
+                                   ResNetTiny(num_outputs=10, conv='fast')])
 def test_unknown_conv_implementation_is_named(model):
-  with pytest.raises(ValueError, match=r"(CNN|ResNet)\.conv: unknown 'fast'; choose from auto, xla"):
+  with pytest.raises(ValueError,
+                     match=r"(CNN|ResNet)\.conv: unknown 'fast'; choose from auto, xla"):
     model.init(jax.random.key(0), _normal(0, (1, 8, 8, 1)), train=False)

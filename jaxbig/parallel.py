@@ -76,8 +76,10 @@ def memory(compiled) -> dict[str, int | None]:
 @contextlib.contextmanager
 def tracing(s):
   """The context in which to trace a jitted step of setup `s`: activations' logical
-  constraints apply, and the precision policy's matmul precision."""
-  with jax.set_mesh(s.mesh), inits.activation_rules(s.rules), precision.tracing(s.policy):
+  constraints apply, the precision policy's matmul precision, and the models see the mesh's
+  platform (`inits.platform`)."""
+  with (jax.set_mesh(s.mesh), inits.activation_rules(s.rules), precision.tracing(s.policy),
+        inits.compiling_for(s.mesh.devices.flat[0].platform)):
     yield
 
 

@@ -26,6 +26,7 @@ from flax import struct
 from jaxbig import checkpoint, data as data_lib, faults, losses, models, optim
 from jaxbig import metrics as metrics_lib, parallel, precision, sharding, workdir as workdir_lib
 from jaxbig.config import ConfigError
+from jaxbig.models import init as inits
 
 
 @struct.dataclass
@@ -115,7 +116,8 @@ def setup(config, devices=None) -> Setup:
   init = functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape,
                            tokens=meta.vocab_size > 0, scaling=scaling)
   try:
-    abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
+    with inits.compiling_for(mesh.devices.flat[0].platform):  # As the steps will be traced.
+      abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
   except (TypeError, ValueError) as e:
     first = str(e).splitlines()[0]
     if re.match(r'(model|data|opt|train)\.', first):  # Already names its field.

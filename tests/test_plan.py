@@ -153,3 +153,21 @@ def test_loops_without_matmuls_do_not_count():
   ])
   assert plan.loops_with_matmuls(hlo)
   assert not plan.loops_with_matmuls(hlo.replace('dot(', 'add('))
+
+
+def test_tpu_plans_trace_the_tpu_paths_not_the_cpu_fast_paths(monkeypatch):
+  """A TPU plan runs on a CPU host: the models must still take their TPU paths (XLA's
+  convolutions and attention), not the CPU-only rewrites, or the plan costs another program."""
+  _tpu_or_skip('v5e:1x1')
+  from jaxbig.models import transformer, winograd
+
+  def cpu_only(*args, **kwargs):
+    raise AssertionError('a CPU-only fast path was traced for a TPU')
+
+  monkeypatch.setattr(winograd, 'winograd_conv', cpu_only)
+  monkeypatch.setattr(transformer, 'heads_major_attention', cpu_only)
+  for experiment in (CNN_SMOKE, 'experiments/gpt_stdlib.py:smoke'):
+    d = plan.plan(config_lib.load(experiment, ['mesh.data=1']), 'v5e:1x1')
+    assert d['device_kind'] == 'TPU v5 lite' and d['flops_per_step'] > 0
+  with pytest.raises(AssertionError, match='CPU-only fast path'):  # Locally, on this CPU.
+    plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=1']))

@@ -104,6 +104,26 @@ def activation_rules(rules):
     _RULES.reset(token)
 
 
+_PLATFORM: contextvars.ContextVar = contextvars.ContextVar('platform', default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within this context `platform()` is `platform` ('cpu', 'gpu', 'tpu'): the devices a
+  step is traced for, which an ahead-of-time TPU plan on a CPU host does not run on."""
+  token = _PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
+
+
+def platform() -> str:
+  """The platform the model is traced for: `compiling_for`'s, else JAX's default backend.
+  The CPU-only fast paths (winograd.py, heads-major attention) ask this."""
+  return _PLATFORM.get() or jax.default_backend()
+
+
 def lookup(embed: nn.Embed, tokens: jax.Array) -> jax.Array:
   """`embed(tokens)`, with the table's width gathered whole first.
 
@@ -125,7 +145,7 @@ def upcast_f16_on_cpu(*xs: jax.Array) -> tuple:
 
   Elsewhere (and for every other dtype) the operands are returned as they are.
   """
-  if xs[0].dtype == jnp.float16 and jax.default_backend() == 'cpu':
+  if xs[0].dtype == jnp.float16 and platform() == 'cpu':
     return tuple(x.astype(jnp.float32) for x in xs)
   return xs
 

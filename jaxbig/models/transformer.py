@@ -165,7 +165,7 @@ class Attention(nn.Module):
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (inits.constrain(to_BxLxHxD(n), inits.ACT_BxLxHxD)
                                        for n in ('query', 'key', 'value'))
     # On CPUs RoPE is applied after the heads-major move (faster there).
-    if not self.decode and self.attention != 'cudnn' and jax.default_backend() == 'cpu':
+    if not self.decode and self.attention != 'cudnn' and inits.platform() == 'cpu':
       q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = inits.upcast_f16_on_cpu(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
       out_BxLxHxD = heads_major_attention(
           q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, self.causal,

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbig.models import init as inits
+
 MIN_CHANNELS = 8  # Below this the 16 matmuls are too thin to beat XLA's convolution.
 GROUPS = 2  # The 16 matmuls as 2 batched products: on 2 cores they ran side by side.
 
@@ -85,7 +87,7 @@ def conv_fn(impl: str, owner: str):
   """Flax's `conv_general_dilated` for a model's `conv` attribute (None: lax's own)."""
   if impl not in IMPLS:
     raise ValueError(f"{owner}.conv: unknown '{impl}'; choose from {', '.join(IMPLS)}")
-  return conv_general_dilated if impl == 'auto' and jax.default_backend() == 'cpu' else None
+  return conv_general_dilated if impl == 'auto' and inits.platform() == 'cpu' else None
 
 
 def applies(x_shape, kernel_shape, dtype, strides, padding, lhs_dilation, rhs_dilation,

@@ -79,7 +79,7 @@ def tracing(s):
   constraints apply, the precision policy's matmul precision, and the models see the mesh's
   platform (`inits.platform`)."""
   with (jax.set_mesh(s.mesh), inits.activation_rules(s.rules), precision.tracing(s.policy),
-        inits.compiling_for(s.mesh.devices.flat[0].platform)):
+        inits.compiling_for(s.mesh)):
     yield
 
 

@@ -116,7 +116,7 @@ def setup(config, devices=None) -> Setup:
   init = functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape,
                            tokens=meta.vocab_size > 0, scaling=scaling)
   try:
-    with inits.compiling_for(mesh.devices.flat[0].platform):  # As the steps will be traced.
+    with inits.compiling_for(mesh):  # As the steps will be traced.
       abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
   except (TypeError, ValueError) as e:
     first = str(e).splitlines()[0]

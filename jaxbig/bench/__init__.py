@@ -11,8 +11,9 @@ run the training loop itself for that many steps (`loop_time`) and report its ho
 overhead. For each row, in this process: build the run as `train` would (steps 3-5 of
 DESIGN.md), put one batch on the devices, compile the train step (timed apart), warm up
 until the step time settles, then time a window of at least `min_steps` steps and
-`min_seconds` seconds with the energy meter read at its edges. Every step is synchronised (`block_until_ready`) so each one has its
-own time; the window's edges are those of its first and last step.
+`min_seconds` seconds with the energy meter read at its edges. Every step is synchronised
+(`block_until_ready`) so each one has its own time; the window's edges are those of its
+first and last step.
 
 One JSON object per row goes to `DIR/results.jsonl` as soon as the row is done:
 

@@ -95,27 +95,26 @@ _RULES: contextvars.ContextVar = contextvars.ContextVar('activation_rules', defa
 
 
 @contextlib.contextmanager
-def activation_rules(rules):
-  """Within this context `constrain` maps logical names to mesh axes by `rules`."""
-  token = _RULES.set(tuple(rules))
+def _bound(var: contextvars.ContextVar, value):
+  token = var.set(value)
   try:
     yield
   finally:
-    _RULES.reset(token)
+    var.reset(token)
+
+
+def activation_rules(rules):
+  """Within this context `constrain` maps logical names to mesh axes by `rules`."""
+  return _bound(_RULES, tuple(rules))
 
 
 _PLATFORM: contextvars.ContextVar = contextvars.ContextVar('platform', default=None)
 
 
-@contextlib.contextmanager
-def compiling_for(platform: str):
-  """Within this context `platform()` is `platform` ('cpu', 'gpu', 'tpu'): the devices a
-  step is traced for, which an ahead-of-time TPU plan on a CPU host does not run on."""
-  token = _PLATFORM.set(platform)
-  try:
-    yield
-  finally:
-    _PLATFORM.reset(token)
+def compiling_for(mesh: jax.sharding.Mesh):
+  """Within this context `platform()` is that of `mesh`'s devices ('cpu', 'gpu', 'tpu'): the
+  devices a step is traced for, which an ahead-of-time TPU plan on a CPU host does not run on."""
+  return _bound(_PLATFORM, mesh.devices.flat[0].platform)
 
 
 def platform() -> str:

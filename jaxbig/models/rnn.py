@@ -50,8 +50,9 @@ from jaxbig.models import init as inits
 CELLS = ('lstm', 'gru')
 POOLS = ('last', 'mean')
 _GATES = {'lstm': 4, 'gru': 3}
-# Time steps per loop iteration. On XLA:CPU 2 took 0.9x the char LSTM's train step of 1
-# (4: 0.93x); after the one-tanh gates 4 took 0.97x of 2 (three A/B runs, 0.2 s more compile).
+# Time steps per iteration of the forward loop. On XLA:CPU 2 took 0.9x the char LSTM's train
+# step of 1 (4: 0.93x); after the one-tanh gates 4 took 0.97x of 2 (three A/B runs, 0.2 s
+# more compile). The backward loop is not unrolled (see `_fused_bwd`).
 _UNROLL = 4
 # What a layer carries from step to step: LSTM cell state c and output h; GRU only h.
 CARRY_KEYS = {'lstm': ('c', 'h'), 'gru': ('h',)}
@@ -112,7 +113,12 @@ def _scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,
 
 
 def _gates(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array, dtype: Any):
-  """One step's new carry, output and what its gradient needs (float32 acts_BxGxN)."""
+  """One step's new carry and what its gradient needs: float32 (B, N) arrays, one per gate.
+
+  Separate arrays, not the (B, G, N) block: XLA:CPU reads a gate's rows of one time step of
+  an (L, B, G, N) residual several times slower than a whole (L, B, N) step, and the
+  backward loop reads them all (see `_fused_bwd`).
+  """
   zh_BxGxN = inits.einsum_f32('bn,ngm->bgm', carry['h'].astype(dtype),
                               params['recurrent_kernel'].astype(dtype))
   zx_BxGxN = zx_BxGxN.astype(jnp.float32) + params['input_bias'].astype(jnp.float32)
@@ -121,13 +127,13 @@ def _gates(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array, dtype: Any
     i, f, g, o = (acts_BxGxN[:, k] for k in range(4))
     c_BxN = f * carry['c'] + i * g
     h_BxN = o * jnp.tanh(c_BxN)
-    return {'c': c_BxN, 'h': h_BxN}, (acts_BxGxN, c_BxN)
+    return {'c': c_BxN, 'h': h_BxN}, (i, f, g, o, c_BxN)
   ru_Bx2xN = nn.sigmoid(zx_BxGxN[:, :2] + zh_BxGxN[:, :2])  # One pass, as _lstm_acts.
   r, u = ru_Bx2xN[:, 0], ru_Bx2xN[:, 1]
   hn_BxN = zh_BxGxN[:, 2] + params['recurrent_bias'].astype(jnp.float32)
   n = jnp.tanh(zx_BxGxN[:, 2] + r * hn_BxN)
   h_BxN = (1.0 - u) * n + u * carry['h']
-  return {'h': h_BxN}, (jnp.stack([r, u, n, hn_BxN], axis=1), None)
+  return {'h': h_BxN}, (r, u, n, hn_BxN)
 
 
 # The LSTM's gate g is a tanh, the other three sigmoids: sig(z) = (1 + tanh(z / 2)) / 2.
@@ -169,56 +175,63 @@ def fused_scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,
 
 def _fused_fwd(cell, dtype, reverse, params, carry, zx_LxBxGxN):
   def body(c, zx_BxGxN):
-    new, (acts_BxGxN, c_BxN) = _gates(cell, params, c, zx_BxGxN, dtype)
-    return new, (new['h'], acts_BxGxN, c_BxN)
+    new, saved = _gates(cell, params, c, zx_BxGxN, dtype)
+    return new, (new['h'], saved)
 
-  final, (h_LxBxN, acts_LxBxGxN, c_LxBxN) = jax.lax.scan(body, carry, zx_LxBxGxN,
-                                                          reverse=reverse, unroll=_UNROLL)
+  final, (h_LxBxN, saved_LxBxN) = jax.lax.scan(body, carry, zx_LxBxGxN, reverse=reverse,
+                                               unroll=_UNROLL)
   # An empty array carries zx's dtype (residuals must be arrays).
-  residuals = (params, carry, jnp.zeros((0,), zx_LxBxGxN.dtype), h_LxBxN, acts_LxBxGxN, c_LxBxN)
+  residuals = (params, carry, jnp.zeros((0,), zx_LxBxGxN.dtype), h_LxBxN, saved_LxBxN)
   return (final, h_LxBxN), residuals
 
 
 def _fused_bwd(cell, dtype, reverse, residuals, cotangents):
-  params, carry, zx_0, h_LxBxN, acts_LxBxGxN, c_LxBxN = residuals
+  """The backward loop: per step only the gate gradients dz_t and dh_{t-1} = dz_t W^T.
+
+  Each gate's dz is its own (B, N) array until one concatenation gives the (B, G N) matmul
+  input. Against gates read as slices of a (B, G, N) block and dz built as one stack, on
+  XLA:CPU the char LSTM's backward loop alone took 21 ms instead of 25-30, its train step
+  71.0 ms instead of 74.5 (best of 8 rounds), the GRU's 63 instead of 75. The loop is not
+  unrolled: unrolled copies recomputed the carried dc (2 and 4 steps were slower).
+  """
+  params, carry, zx_0, h_LxBxN, saved_LxBxN = residuals
   d_final, dy_LxBxN = cotangents
   n = h_LxBxN.shape[-1]
   # Transposed once, outside the loop: dh_{t-1} = dz_t W^T is then a plain matmul.
   w_GNxN = params['recurrent_kernel'].astype(dtype).reshape(n, -1).T
-  back = lambda dz_BxGxN: jnp.dot(dz_BxGxN.reshape(dz_BxGxN.shape[0], -1).astype(dtype),
-                                  w_GNxN, preferred_element_type=jnp.float32)
+  back = lambda dz_BxGN: jnp.dot(dz_BxGN.astype(dtype), w_GNxN,
+                                 preferred_element_type=jnp.float32)
   h_prev_LxBxN = _shift(carry['h'], h_LxBxN, reverse)
   if cell == 'lstm':
-    c_prev_LxBxN = _shift(carry['c'], c_LxBxN, reverse)
+    c_prev_LxBxN = _shift(carry['c'], saved_LxBxN[4], reverse)
 
     def body(d, inputs):
-      dy, acts, c, c_prev = inputs
-      i, f, g, o = (acts[:, k] for k in range(4))
+      dy, (i, f, g, o, c), c_prev = inputs
       dh = dy + d['h']
       tanh_c = jnp.tanh(c)
-      dc = d['c'] + dh * o * (1.0 - tanh_c**2)
-      # d act / dz: a (1 - a) for the sigmoids, (1 - a)(1 + a) for the tanh, in one pass.
-      dact_BxGxN = jnp.stack([dc * g, dc * c_prev, dc * i, dh * tanh_c], axis=1)
-      dz_BxGxN = dact_BxGxN * (1.0 - acts) * (acts + _IS_G_Gx1)
-      return {'c': dc * f, 'h': back(dz_BxGxN)}, dz_BxGxN
+      dc = d['c'] + dh * o * (1.0 - tanh_c * tanh_c)
+      # d act / dz: a (1 - a) for the sigmoids, 1 - a^2 for the tanh.
+      dz_BxGN = jnp.concatenate([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
+                                 dc * i * (1.0 - g * g), dh * tanh_c * o * (1.0 - o)], axis=1)
+      return {'c': dc * f, 'h': back(dz_BxGN)}, dz_BxGN
 
-    inputs = (dy_LxBxN, acts_LxBxGxN, c_LxBxN, c_prev_LxBxN)
+    inputs = (dy_LxBxN, saved_LxBxN, c_prev_LxBxN)
   else:
     def body(d, inputs):
-      dy, acts, h_prev = inputs
-      r, u, n, hn = (acts[:, k] for k in range(4))
+      dy, (r, u, cand, hn), h_prev = inputs  # cand: the candidate n.
       dh = dy + d['h']
-      da = dh * (1.0 - u) * (1.0 - n**2)  # Through n's tanh.
+      da = dh * (1.0 - u) * (1.0 - cand * cand)  # Through n's tanh.
       dzr = da * hn * r * (1.0 - r)
-      dzu = dh * (h_prev - n) * u * (1.0 - u)
-      dzh_BxGxN = jnp.stack([dzr, dzu, da * r], axis=1)
-      return {'h': dh * u + back(dzh_BxGxN)}, (dzh_BxGxN, jnp.stack([dzr, dzu, da], axis=1))
+      dzu = dh * (h_prev - cand) * u * (1.0 - u)
+      dzh_BxGN = jnp.concatenate([dzr, dzu, da * r], axis=1)
+      return {'h': dh * u + back(dzh_BxGN)}, (dzh_BxGN, jnp.concatenate([dzr, dzu, da], axis=1))
 
-    inputs = (dy_LxBxN, acts_LxBxGxN, h_prev_LxBxN)
+    inputs = (dy_LxBxN, saved_LxBxN, h_prev_LxBxN)
   d_carry = jax.tree.map(lambda a: a.astype(jnp.float32), d_final)
-  d_carry, dz = jax.lax.scan(body, d_carry, inputs, reverse=not reverse, unroll=_UNROLL)
+  d_carry, dz = jax.lax.scan(body, d_carry, inputs, reverse=not reverse)
   # LSTM: the gates' gradient is that of zx and of zh alike; GRU: they differ at n.
-  dzh_LxBxGxN, dzx_LxBxGxN = dz if cell == 'gru' else (dz, dz)
+  gate_shape = lambda dz_LxBxGN: dz_LxBxGN.reshape(*dz_LxBxGN.shape[:2], -1, n)
+  dzh_LxBxGxN, dzx_LxBxGxN = map(gate_shape, dz if cell == 'gru' else (dz, dz))
   dw_NxGxN = inits.einsum_f32('lbn,lbgm->ngm', h_prev_LxBxN.astype(dtype),
                               dzh_LxBxGxN.astype(dtype))
   d_params = {'recurrent_kernel': dw_NxGxN.astype(params['recurrent_kernel'].dtype),

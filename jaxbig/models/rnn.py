@@ -113,9 +113,10 @@ def _scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,
 
 
 def _gates(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array, dtype: Any):
-  """One step's new carry and what its gradient needs: float32 (B, N) arrays, one per gate.
+  """One step's new carry and what its gradient needs, float32 (B, N) arrays: the LSTM's
+  gates i, f, g, o and its c; the GRU's r, u, n and hn (h W_hn + b_hn).
 
-  Separate arrays, not the (B, G, N) block: XLA:CPU reads a gate's rows of one time step of
+  Separate arrays, not one (B, G, N) block: XLA:CPU reads a gate's rows of one time step of
   an (L, B, G, N) residual several times slower than a whole (L, B, N) step, and the
   backward loop reads them all (see `_fused_bwd`).
   """
@@ -191,7 +192,7 @@ def _fused_bwd(cell, dtype, reverse, residuals, cotangents):
   Each gate's dz is its own (B, N) array until one concatenation gives the (B, G N) matmul
   input. Against gates read as slices of a (B, G, N) block and dz built as one stack, on
   XLA:CPU the char LSTM's backward loop alone took 21 ms instead of 25-30, its train step
-  71.0 ms instead of 74.5 (best of 8 rounds), the GRU's 63 instead of 75. The loop is not
+  71.0 ms instead of 74.5 (best of 8 rounds), the GRU's 64 instead of 75-78 (median). Not
   unrolled: unrolled copies recomputed the carried dc (2 and 4 steps were slower).
   """
   params, carry, zx_0, h_LxBxN, saved_LxBxN = residuals
@@ -203,7 +204,8 @@ def _fused_bwd(cell, dtype, reverse, residuals, cotangents):
                                  preferred_element_type=jnp.float32)
   h_prev_LxBxN = _shift(carry['h'], h_LxBxN, reverse)
   if cell == 'lstm':
-    c_prev_LxBxN = _shift(carry['c'], saved_LxBxN[4], reverse)
+    c_LxBxN = saved_LxBxN[4]
+    c_prev_LxBxN = _shift(carry['c'], c_LxBxN, reverse)
 
     def body(d, inputs):
       dy, (i, f, g, o, c), c_prev = inputs

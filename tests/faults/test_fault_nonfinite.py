@@ -13,13 +13,18 @@ from jaxbig import config as config_lib, faults, train
 RUN = ['train.log_every=1', 'train.ckpt_every=5', 'train.eval_every=0']
 
 
-@pytest.fixture(scope='module')
-def compiled():
+@pytest.fixture(scope='module', params=['branch', 'select'])
+def compiled(request):
   """The smoke CNN's setup, a fresh state on the host and the compiled steps (no augmentation,
-  no warmup). The steps donate their state: give each call a copy on the device."""
+  no warmup), with the guard of CPUs (lax.cond) or of the other platforms (jnp.where). The
+  steps donate their state: give each call a copy on the device."""
   s = train.setup(config_lib.load(fh.CNN, ['data.augment_shift=0', 'opt.warmup_steps=0']))
   state = train.init_state(s)
-  steps = train.compile_steps(s, state, with_eval=False)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(train, 'GUARD_BY_BRANCH', ('cpu',) if request.param == 'branch' else ())
+    steps = train.compile_steps(s, state, with_eval=False)
+    branches = 'stablehlo.case' in train.lower_train_step(s).as_text()
+  assert branches == (request.param == 'branch')
   return s, jax.device_get(state), steps
 
 

@@ -24,7 +24,8 @@ from flax import linen as nn
 from flax import struct
 
 from jaxbig import checkpoint, data as data_lib, faults, losses, models, optim
-from jaxbig import metrics as metrics_lib, parallel, precision, sharding, workdir as workdir_lib
+from jaxbig import metrics as metrics_lib, parallel, precision, prng, sharding
+from jaxbig import workdir as workdir_lib
 from jaxbig.config import ConfigError
 from jaxbig.models import init as inits
 
@@ -215,7 +216,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
   `state.skips` (see jaxbig/faults.py).
   """
   scale = state.loss_scale.scale if scaling else None
-  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  rng = jax.random.fold_in(prng.wrap(state.rng, inits.platform()), state.step)
   total = lambda x: x
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # Own dropout per device.

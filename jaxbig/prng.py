@@ -1,0 +1,76 @@
+"""The train step's random keys: JAX's Threefry-2x32, with its bits computed unrolled on CPUs.
+
+`jax.random`'s default key (`threefry2x32`) lowers its hash on XLA:CPU as a rolled loop of
+five iterations (smaller programs, quicker compiles), and XLA:CPU then runs every
+iteration as its own pass over the whole array: a dropout mask of 256 x 1024 took 2.0 ms
+alone, and its ops 3.3 of the 30.6 ms of the seed CNN's batch-256 train step (jax 0.10.2,
+`jax.profiler`, op times summed over threads).
+`UNROLLED` is the same generator as a JAX PRNG implementation (`jax.extend.random`) whose
+`random_bits` computes the 20 rounds as straight-line elementwise code, which XLA fuses
+into the consumer: 0.2 ms for that mask alone. Keys, `split` and `fold_in` are Threefry's own,
+and the bits are Threefry's bit for bit (tests/test_prng.py), so a run's dropout masks,
+samples and results do not depend on which of the two a platform uses.
+"""
+
+import math
+
+import jax
+import jax.extend.random as jex_random
+import numpy as np
+from jax import lax
+
+# Platforms whose train step draws its bits through `UNROLLED`. GPUs have a Threefry kernel
+# of their own and TPUs get the unrolled lowering already.
+UNROLLED_ON = ('cpu',)
+
+_THREEFRY = jex_random.threefry_prng_impl
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32's, alternating per 4 rounds.
+_PARITY = np.uint32(0x1BD11BDA)  # Threefry's key-schedule constant.
+
+
+def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
+  return lax.shift_left(x, np.uint32(bits)) | lax.shift_right_logical(x, np.uint32(32 - bits))
+
+
+def threefry_2x32_hash(k1: jax.Array, k2: jax.Array, x1: jax.Array,
+                       x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Threefry-2x32 (20 rounds) of the counter words (x1, x2) under the key (k1, k2)."""
+  schedule = (k1, k2, k1 ^ k2 ^ _PARITY)
+  x1, x2 = x1 + schedule[0], x2 + schedule[1]
+  for i in range(5):  # Five groups of four rounds, each followed by a key injection.
+    for rotation in _ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = _rotate_left(x2, rotation) ^ x1
+    x1 = x1 + schedule[(i + 1) % 3]
+    x2 = x2 + schedule[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def _random_bits(key: jax.Array, bit_width: int, shape: tuple[int, ...]) -> jax.Array:
+  """Threefry's `random_bits` in its partitionable form: element i hashes the 64-bit counter
+  i (row-major), high word first; 32-bit outputs xor the two words."""
+  size = math.prod(shape)
+  if size >= 2 ** 32 or not getattr(jax.config, 'jax_threefry_partitionable', True):
+    return _THREEFRY.random_bits(key, bit_width, shape)  # Counters past one word: JAX's own.
+  strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+  counter = np.zeros(shape, np.uint32)
+  for d, stride in enumerate(strides):
+    counter = counter + lax.broadcasted_iota(np.uint32, shape, d) * np.uint32(stride)
+  bits1, bits2 = threefry_2x32_hash(key[0], key[1], np.zeros(shape, np.uint32), counter)
+  if bit_width == 64:
+    hi, lo = (lax.convert_element_type(b, np.uint64) for b in (bits1, bits2))
+    return lax.shift_left(hi, np.uint64(32)) | lo
+  return lax.convert_element_type(bits1 ^ bits2, {8: np.uint8, 16: np.uint16,
+                                                  32: np.uint32}[bit_width])
+
+
+UNROLLED = jex_random.define_prng_impl(
+    key_shape=_THREEFRY.key_shape, seed=_THREEFRY.seed, split=_THREEFRY.split,
+    random_bits=_random_bits, fold_in=_THREEFRY.fold_in, name='threefry2x32_unrolled',
+    tag='fry_u')
+
+
+def wrap(key_data: jax.Array, platform: str) -> jax.Array:
+  """A typed key from Threefry key data, drawing its bits unrolled on `UNROLLED_ON`."""
+  return jax.random.wrap_key_data(key_data, impl=UNROLLED if platform in UNROLLED_ON
+                                  else 'threefry2x32')

@@ -25,6 +25,17 @@ def _per_position(mask_B: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
   return jnp.broadcast_to(mask_B.reshape(mask_B.shape + (1,) * (like.ndim - 1)), like.shape)
 
 
+def argmax_is(logits_BxK: jnp.ndarray, labels_B: jnp.ndarray) -> jnp.ndarray:
+  """`argmax(logits, -1) == labels` for finite logits (ties go to the first index), without
+  the argmax: the label's logit is the largest and no earlier logit equals it. XLA:CPU's
+  argmax (a reduction over value-index pairs) took 2.1 ms for the char LSTM's 32 x 128 x 256
+  logits, these two max-reductions 0.8 ms. A NaN logit counts as wrong."""
+  label_logit = jnp.take_along_axis(logits_BxK, labels_B[..., None], -1)[..., 0]
+  before_label = jnp.arange(logits_BxK.shape[-1]) < labels_B[..., None]
+  first_before = jnp.max(jnp.where(before_label, logits_BxK, -jnp.inf), -1)
+  return (label_logit == jnp.max(logits_BxK, -1)) & (first_before < label_logit)
+
+
 def cross_entropy(logits_BxK: jnp.ndarray, labels_B: jnp.ndarray, mask_B: jnp.ndarray, *,
                   label_smoothing: float = 0.0,
                   class_weights_K: jnp.ndarray | None = None) -> tuple[jnp.ndarray, Metrics]:
@@ -41,7 +52,7 @@ def cross_entropy(logits_BxK: jnp.ndarray, labels_B: jnp.ndarray, mask_B: jnp.nd
   mask = _per_position(mask_B, per_example_B)
   weights_B = mask if class_weights_K is None else mask * class_weights_K[labels_B]
   loss_sum = jnp.sum(per_example_B * weights_B)
-  correct = jnp.sum((jnp.argmax(logits_BxK, -1) == labels_B) * mask)
+  correct = jnp.sum(argmax_is(logits_BxK, labels_B) * mask)
   return loss_sum, {'loss': loss_sum, 'correct': correct, 'count': jnp.sum(mask)}
 
 

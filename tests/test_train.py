@@ -129,6 +129,18 @@ def test_cross_entropy_matches_reference():
   assert abs(float(plain) - expected) > 1e-3  # Smoothing and weights change it.
 
 
+def test_argmax_is_argmax_equality_with_ties():
+  """Ties (small integers: many) go to the first index, as in argmax; also per position."""
+  rng = np.random.default_rng(1)
+  logits = rng.integers(0, 3, (40, 7, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, (40, 7))
+  got = np.asarray(losses.argmax_is(jnp.asarray(logits), jnp.asarray(labels)))
+  np.testing.assert_array_equal(got, logits.argmax(-1) == labels)
+  maxima = logits == logits.max(-1, keepdims=True)
+  tied_label = np.take_along_axis(maxima, labels[..., None], -1)[..., 0] & (maxima.sum(-1) > 1)
+  assert got[tied_label].any() and not got[tied_label].all()  # Ties both ways were tested.
+
+
 def test_class_weights_balanced():
   cfg = config_lib.load(CNN_SMOKE, ['train.balance_classes=true']).train
   w = train.class_weights(cfg, np.array([0, 0, 0, 1]), 2)

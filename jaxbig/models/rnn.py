@@ -234,8 +234,11 @@ def _fused_bwd(cell, dtype, reverse, residuals, cotangents):
   # LSTM: the gates' gradient is that of zx and of zh alike; GRU: they differ at n.
   gate_shape = lambda dz_LxBxGN: dz_LxBxGN.reshape(*dz_LxBxGN.shape[:2], -1, n)
   dzh_LxBxGxN, dzx_LxBxGxN = map(gate_shape, dz if cell == 'gru' else (dz, dz))
-  dw_NxGxN = inits.einsum_f32('lbn,lbgm->ngm', h_prev_LxBxN.astype(dtype),
-                              dzh_LxBxGxN.astype(dtype))
+  # Over (L B) rows as one matrix dimension: XLA:CPU took 10-12 ms for the char LSTM's
+  # product, against 12-16 ms contracting l and b as two dimensions (einsum 'lbn,lbgm->ngm').
+  rows = h_prev_LxBxN.shape[0] * h_prev_LxBxN.shape[1]
+  dw_NxGxN = inits.einsum_f32('tn,tm->nm', h_prev_LxBxN.reshape(rows, n).astype(dtype),
+                              dzh_LxBxGxN.reshape(rows, -1).astype(dtype)).reshape(n, -1, n)
   d_params = {'recurrent_kernel': dw_NxGxN.astype(params['recurrent_kernel'].dtype),
               'input_bias': dzx_LxBxGxN.sum((0, 1)).astype(params['input_bias'].dtype)}
   if cell == 'gru':

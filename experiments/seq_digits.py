@@ -7,8 +7,8 @@ of gpt_stdlib.py and lstm_stdlib.py, with a pooled classifier head.
 Command:   jaxbig train experiments/seq_digits.py[:transformer|:lstm|:gru] [key=value ...]
 Smoke:     jaxbig train experiments/seq_digits.py:gru,smoke   (a few steps, for tests)
 Hardware:  any CPU.
-Wall time: 15 s (transformer), 25 s (gru), 27 s (lstm) on a 2-core Intel Xeon VM.
-Expected:  eval.accuracy 0.994 (transformer), 0.994 (gru), 0.992 (lstm) on the test split.
+Wall time: 15 s (transformer), 26 s (gru), 27 s (lstm) on a 2-core Intel Xeon VM.
+Expected:  eval.accuracy 0.989 (transformer), 0.994 (gru), 0.992 (lstm) on the test split.
 """
 
 import ml_collections

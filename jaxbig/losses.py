@@ -26,14 +26,16 @@ def _per_position(mask_B: jnp.ndarray, like: jnp.ndarray) -> jnp.ndarray:
 
 
 def argmax_is(logits_BxK: jnp.ndarray, labels_B: jnp.ndarray) -> jnp.ndarray:
-  """`argmax(logits, -1) == labels` for finite logits (ties go to the first index), without
-  the argmax: the label's logit is the largest and no earlier logit equals it. XLA:CPU's
+  """`argmax(logits, -1) == labels` (ties go to the first index) without the argmax: the
+  label is a class, its logit is the largest and no earlier logit reaches it. XLA:CPU's
   argmax (a reduction over value-index pairs) took 2.1 ms for the char LSTM's 32 x 128 x 256
-  logits, these two max-reductions 0.8 ms. A NaN logit counts as wrong."""
+  logits, these reductions 0.4 ms. Where argmax picks a NaN, this counts as wrong."""
+  classes = logits_BxK.shape[-1]
   label_logit = jnp.take_along_axis(logits_BxK, labels_B[..., None], -1)[..., 0]
-  before_label = jnp.arange(logits_BxK.shape[-1]) < labels_B[..., None]
-  first_before = jnp.max(jnp.where(before_label, logits_BxK, -jnp.inf), -1)
-  return (label_logit == jnp.max(logits_BxK, -1)) & (first_before < label_logit)
+  before_label = jnp.arange(classes) < labels_B[..., None]
+  tied_before = jnp.any(before_label & (logits_BxK >= label_logit[..., None]), -1)
+  is_class = (labels_B >= 0) & (labels_B < classes)
+  return is_class & (label_logit == jnp.max(logits_BxK, -1)) & ~tied_before
 
 
 def cross_entropy(logits_BxK: jnp.ndarray, labels_B: jnp.ndarray, mask_B: jnp.ndarray, *,

@@ -19,8 +19,8 @@ import jax.extend.random as jex_random
 import numpy as np
 from jax import lax
 
-# Platforms whose train step draws its bits through `UNROLLED`. GPUs have a Threefry kernel
-# of their own and TPUs get the unrolled lowering already.
+# Platforms whose train step draws its bits through `UNROLLED`. JAX lowers Threefry unrolled
+# already everywhere else (GPUs, TPUs).
 UNROLLED_ON = ('cpu',)
 
 _THREEFRY = jex_random.threefry_prng_impl

@@ -32,6 +32,14 @@ def test_unrolled_bits_are_threefrys(shape, bits):
     assert len(np.unique(np.asarray(got))) > 1
 
 
+def test_batched_keys_and_empty_draws_are_threefrys():
+  ref, fast = _pair(5)
+  keys_ref, keys_fast = jax.random.split(ref, 3), jax.random.split(fast, 3)
+  draw = jax.vmap(lambda k: jax.random.bits(k, (4, 6)))
+  np.testing.assert_array_equal(jax.jit(draw)(keys_fast), draw(keys_ref))
+  assert jax.random.bits(fast, (3, 0)).shape == (3, 0)
+
+
 def test_unrolled_64_bit_draws_are_threefrys():
   with jax.enable_x64(True):
     ref, fast = _pair(3)

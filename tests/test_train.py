@@ -139,6 +139,11 @@ def test_argmax_is_argmax_equality_with_ties():
   maxima = logits == logits.max(-1, keepdims=True)
   tied_label = np.take_along_axis(maxima, labels[..., None], -1)[..., 0] & (maxima.sum(-1) > 1)
   assert got[tied_label].any() and not got[tied_label].all()  # Ties both ways were tested.
+  # A row of -inf (argmax: class 0), and labels that are no class (never correct).
+  edge = np.array([[-np.inf] * 3] * 2 + [[1.0, 2.0, 3.0]] * 2, np.float32)
+  edge_labels = np.array([0, 1, -1, 3])
+  np.testing.assert_array_equal(losses.argmax_is(jnp.asarray(edge), jnp.asarray(edge_labels)),
+                                [True, False, False, False])
 
 
 def test_class_weights_balanced():

@@ -232,13 +232,16 @@ def _fused_bwd(cell, dtype, reverse, residuals, cotangents):
   d_carry = jax.tree.map(lambda a: a.astype(jnp.float32), d_final)
   d_carry, dz = jax.lax.scan(body, d_carry, inputs, reverse=not reverse)
   # LSTM: the gates' gradient is that of zx and of zh alike; GRU: they differ at n.
-  gate_shape = lambda dz_LxBxGN: dz_LxBxGN.reshape(*dz_LxBxGN.shape[:2], -1, n)
+  gate_shape = lambda dz_LxBxGN: dz_LxBxGN.reshape(*dz_LxBxGN.shape[:2],
+                                                   dz_LxBxGN.shape[-1] // n, n)
   dzh_LxBxGxN, dzx_LxBxGxN = map(gate_shape, dz if cell == 'gru' else (dz, dz))
   # Over (L B) rows as one matrix dimension: XLA:CPU took 10-12 ms for the char LSTM's
   # product, against 12-16 ms contracting l and b as two dimensions (einsum 'lbn,lbgm->ngm').
   rows = h_prev_LxBxN.shape[0] * h_prev_LxBxN.shape[1]
+  gates = dzh_LxBxGxN.shape[2]  # Explicit sizes: reshapes with -1 fail on 0 rows.
   dw_NxGxN = inits.einsum_f32('tn,tm->nm', h_prev_LxBxN.reshape(rows, n).astype(dtype),
-                              dzh_LxBxGxN.reshape(rows, -1).astype(dtype)).reshape(n, -1, n)
+                              dzh_LxBxGxN.reshape(rows, gates * n).astype(dtype))
+  dw_NxGxN = dw_NxGxN.reshape(n, gates, n)
   d_params = {'recurrent_kernel': dw_NxGxN.astype(params['recurrent_kernel'].dtype),
               'input_bias': dzx_LxBxGxN.sum((0, 1)).astype(params['input_bias'].dtype)}
   if cell == 'gru':

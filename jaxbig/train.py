@@ -270,14 +270,14 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
   finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
   old = (state.params, state.batch_stats, state.opt_state)
 
-  def update(_):
+  def update():
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return optax.apply_updates(state.params, updates), batch_stats, opt_state
 
   if inits.platform() in GUARD_BY_BRANCH:
-    kept = jax.lax.cond(finite, update, lambda _: old, None)
+    kept = jax.lax.cond(finite, update, lambda: old)
   else:
-    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(None), old)
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(), old)
   skips = faults.count(state.skips, finite)
   new_state = state.replace(step=state.step + 1, params=kept[0], batch_stats=kept[1],
                             opt_state=kept[2], skips=skips)

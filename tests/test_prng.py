@@ -59,8 +59,7 @@ def test_derived_keys_and_distributions_match():
 def test_keys_of_other_platforms_stay_threefry():
   data = jax.random.key_data(jax.random.key(0))
   assert str(jax.random.key_impl(prng.wrap(data, 'gpu'))) == 'threefry2x32'
-  assert jax.random.key_impl(prng.wrap(data, 'cpu')) != jax.random.key_impl(
-      prng.wrap(data, 'gpu'))
+  assert str(jax.random.key_impl(prng.wrap(data, 'cpu'))) != 'threefry2x32'
 
 
 def test_train_step_is_the_same_with_either_draw(monkeypatch):

@@ -63,14 +63,19 @@ class Setup:
 
 def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: bool,
           scaling: precision.LossScaling | None) -> TrainState:
-  params_rng, dropout_rng, rng = jax.random.split(rng, 3)
+  # The train step's key type (prng.py): the same bits as Threefry's, drawn unrolled on CPUs,
+  # where XLA:CPU then compiles the init in a third to a half of the time (the seed CNN's
+  # 1.8 s -> 0.6 s, the ResNet's 5.6 s -> 2.2 s); the parameters are bit-identical.
+  key = prng.wrap(rng, inits.platform())
+  params_key, dropout_key, key = jax.random.split(key, 3)
   x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
-  variables = model.init({'params': params_rng, 'dropout': dropout_rng, 'sample': dropout_rng},
+  variables = model.init({'params': params_key, 'dropout': dropout_key, 'sample': dropout_key},
                          x, train=False)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=rng, loss_scale=scaling.init_state() if scaling else {},
+                    rng=jax.random.key_data(key),
+                    loss_scale=scaling.init_state() if scaling else {},
                     skips=faults.init_skips())
 
 

@@ -1,6 +1,7 @@
 """jaxbig.prng: the unrolled Threefry draws JAX's Threefry bits, and the train step's result
 does not depend on which of the two draws them."""
 
+import functools
 import pathlib
 
 import jax
@@ -78,4 +79,22 @@ def test_train_step_is_the_same_with_either_draw(monkeypatch):
       state, _ = steps.train(state, batch)
     results.append(jax.device_get(state.params))
   jax.tree.map(np.testing.assert_array_equal, *results)
+  assert loops[0] < loops[1]
+
+
+@pytest.mark.parametrize('spec', [CNN + ':smoke', 'experiments/seq_digits.py:gru,smoke'])
+def test_init_state_is_the_same_with_either_draw(monkeypatch, spec):
+  """Every leaf of a fresh state (parameters, optimizer state, key) bit for bit; only the
+  reference's init program holds Threefry's rolled loops for its random draws."""
+  s = train.setup(config_lib.load(spec, []))
+  states, loops = [], []
+  for platforms in (('cpu',), ()):
+    monkeypatch.setattr(prng, 'UNROLLED_ON', platforms)
+    states.append(jax.device_get(train.init_state(s)))
+    init = functools.partial(train._init, model=s.model, tx=s.tx,
+                             input_shape=s.data.meta.input_shape,
+                             tokens=s.data.meta.vocab_size > 0, scaling=s.scaling)
+    loops.append(jax.jit(init).lower(jax.random.key_data(jax.random.key(0))).as_text()
+                 .count('stablehlo.while'))
+  jax.tree.map(np.testing.assert_array_equal, *states)
   assert loops[0] < loops[1]

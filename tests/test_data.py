@@ -63,6 +63,26 @@ def test_digits_splits_are_deterministic_and_partition_the_data():
   assert len(rows['train'] | rows['val'] | rows['test']) == NUM_DIGITS
 
 
+def test_digits_are_sklearns_and_load_without_importing_it(monkeypatch):
+  """The same arrays as sklearn's loader, read from its file; and with that file missing,
+  from sklearn's loader itself."""
+  import subprocess
+  import sys
+  from sklearn.datasets import load_digits
+  from jaxbig.data import sources
+  want = load_digits()
+  for found in (True, False):
+    if not found:
+      monkeypatch.setattr(sources, '_sklearn_data_file', lambda name: None)
+    got = sources.digits()
+    np.testing.assert_array_equal(got.x[..., 0], want.images.astype(np.float32))
+    np.testing.assert_array_equal(got.y, want.target)
+    assert got.x.shape == (1797, 8, 8, 1) and got.x.dtype == np.float32
+  code = ('import sys; from jaxbig.data import sources; sources.digits(); '
+          'assert "sklearn" not in sys.modules, "sklearn imported"')
+  subprocess.run([sys.executable, '-c', code], check=True)
+
+
 def test_split_seed_changes_the_splits():
   a, b = _data(DIGITS, 'data.split_seed=0'), _data(DIGITS, 'data.split_seed=1')
   assert b.meta.sizes == a.meta.sizes

@@ -109,6 +109,23 @@ def test_train_writes_tensorboard_events(trained):
     assert losses[step] == pytest.approx(loss, rel=1e-6)
 
 
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch, where installed, for a type hint. A stand-in torch package
+  that records each import of it shows that the writer leaves it alone, and that torch
+  still imports afterwards."""
+  fake = tmp_path / 'site' / 'torch'
+  fake.mkdir(parents=True)
+  marker = tmp_path / 'imports'
+  (fake / '__init__.py').write_text(f'open({str(marker)!r}, "a").write("x")\nTensor = object\n')
+  code = ('import sys; from jaxbig import metrics; w = metrics.Writer(sys.argv[1], enabled=True); '
+          'w.write(1, {"loss": 1.0}); w.close(); assert "torch" not in sys.modules; import torch')
+  path = os.pathsep.join(p for p in (str(tmp_path / 'site'), os.environ.get('PYTHONPATH')) if p)
+  subprocess.run([sys.executable, '-c', code, str(tmp_path)], check=True,
+                 env={**os.environ, 'PYTHONPATH': path})
+  assert marker.read_text() == 'x'  # Once: the last `import torch`, not tensorboardX's.
+  assert len(_read_events(next((tmp_path / 'tb').glob('events.*')))) > 1
+
+
 def test_train_writes_checkpoints_and_summary(trained):
   workdir, summary, stdout = trained
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())

@@ -63,9 +63,7 @@ class Setup:
 
 def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: bool,
           scaling: precision.LossScaling | None) -> TrainState:
-  # The train step's key type (prng.py): the same bits as Threefry's, drawn unrolled on CPUs,
-  # where XLA:CPU then compiles the init in a third to a half of the time (the seed CNN's
-  # 1.8 s -> 0.6 s, the ResNet's 5.6 s -> 2.2 s); the parameters are bit-identical.
+  # The train step's key type: Threefry's bits, compiled faster on CPUs (see prng.py).
   key = prng.wrap(rng, inits.platform())
   params_key, dropout_key, key = jax.random.split(key, 3)
   x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
@@ -149,10 +147,15 @@ def _check_finite_data(config, data) -> None:
                           f'{len(bad)} examples (the first: {bad[0]}); clean the data')
 
 
+def init_fn(s: Setup) -> Callable[[jax.Array], TrainState]:
+  """The boxed fresh state as a function of the seed's Threefry key data."""
+  return functools.partial(_init, model=s.model, tx=s.tx, input_shape=s.data.meta.input_shape,
+                           tokens=s.data.meta.vocab_size > 0, scaling=s.scaling)
+
+
 def init_state(s: Setup) -> TrainState:
   """A fresh state, each leaf created directly with its sharding."""
-  init = functools.partial(_init, model=s.model, tx=s.tx, input_shape=s.data.meta.input_shape,
-                           tokens=s.data.meta.vocab_size > 0, scaling=s.scaling)
+  init = init_fn(s)
   init_unboxed = lambda rng: nn.meta.unbox(init(rng))
   rng = jax.random.key_data(jax.random.key(s.config.seed))
   state = jax.jit(init_unboxed, out_shardings=s.shardings)(rng)

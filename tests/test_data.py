@@ -5,12 +5,15 @@ eval batches are checked by comparing sets of image rows.
 """
 
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from jaxbig import config as config_lib
 from jaxbig import data as data_lib
+from jaxbig.data import sources
 from jaxbig.config import ConfigError
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
@@ -66,10 +69,7 @@ def test_digits_splits_are_deterministic_and_partition_the_data():
 def test_digits_are_sklearns_and_load_without_importing_it(monkeypatch):
   """The same arrays as sklearn's loader, read from its file; and with that file missing,
   from sklearn's loader itself."""
-  import subprocess
-  import sys
   from sklearn.datasets import load_digits
-  from jaxbig.data import sources
   want = load_digits()
   for found in (True, False):
     if not found:

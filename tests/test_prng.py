@@ -1,7 +1,6 @@
 """jaxbig.prng: the unrolled Threefry draws JAX's Threefry bits, and the train step's result
 does not depend on which of the two draws them."""
 
-import functools
 import pathlib
 
 import jax
@@ -91,10 +90,7 @@ def test_init_state_is_the_same_with_either_draw(monkeypatch, spec):
   for platforms in (('cpu',), ()):
     monkeypatch.setattr(prng, 'UNROLLED_ON', platforms)
     states.append(jax.device_get(train.init_state(s)))
-    init = functools.partial(train._init, model=s.model, tx=s.tx,
-                             input_shape=s.data.meta.input_shape,
-                             tokens=s.data.meta.vocab_size > 0, scaling=s.scaling)
-    loops.append(jax.jit(init).lower(jax.random.key_data(jax.random.key(0))).as_text()
+    loops.append(jax.jit(train.init_fn(s)).lower(jax.random.key_data(jax.random.key(0))).as_text()
                  .count('stablehlo.while'))
   jax.tree.map(np.testing.assert_array_equal, *states)
   assert loops[0] < loops[1]

@@ -1,7 +1,13 @@
 """`python -m jaxbig` is the `jaxbig` command."""
 
+import os
 import sys
 
-from jaxbig.cli import main
+# `python -m` put the current folder first on sys.path. jaxbig itself is imported by now;
+# nothing else may come from that folder (an `optax.py` there would shadow the real one).
+if not sys.flags.safe_path and sys.path and sys.path[0] in ('', os.getcwd()):
+  del sys.path[0]
+
+from jaxbig.cli import main  # pylint: disable=g-import-not-at-top
 
 sys.exit(main())

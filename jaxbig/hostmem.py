@@ -15,8 +15,13 @@ CNN's step (6.19 and 6.13 ms) and the digits run's compile did not change measur
 
 Tunables are read when a process starts, so the `jaxbig` command starts itself again with
 GLIBC_TUNABLES extended (`reexec`, before anything else happens) where that helps: Linux
-with glibc >= 2.35. JAXBIG_MALLOC=default leaves the process alone. Library calls
+with glibc >= 2.35, on hosts where JAX runs on the CPU (no GPU or TPU device nodes, or
+JAX_PLATFORMS=cpu). JAXBIG_MALLOC=default leaves the process alone. Library calls
 (`import jaxbig`) change nothing; set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 there yourself.
+
+The restarted interpreter keeps the first one's isolation flags and never puts the current
+folder on sys.path (`-P`): it imports the jaxbig that is running now, never a `jaxbig/` or
+`optax.py` that happens to lie in the folder the command was started from.
 
 Not done, measured: glibc's other settings that end the faults altogether (no mmap, one
 arena, no trimming: 232 ms for the GPT) make every thread share one arena, which cost the
@@ -25,6 +30,7 @@ digits CNN 5-8% per step and its compile 47%.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
@@ -58,11 +64,46 @@ def tuned_environ(environ: dict[str, str], version: tuple[int, int] | None) -> d
   return {**environ, 'GLIBC_TUNABLES': f'{tunables}:{TUNABLE}' if tunables else TUNABLE}
 
 
+# Device nodes of NVIDIA GPUs and of TPUs (accel: v4 and older; vfio: v5 and newer).
+ACCELERATOR_NODES = ('/dev/nvidiactl', '/dev/nvidia[0-9]*', '/dev/accel[0-9]*',
+                     '/dev/vfio/[0-9]*')
+
+
+def cpu_only(environ: dict[str, str]) -> bool:
+  """Whether JAX will run on the CPU: JAX_PLATFORMS says so, or no accelerator is present."""
+  platforms = environ.get('JAX_PLATFORMS', '')
+  if platforms:
+    return {p.strip() for p in platforms.split(',') if p.strip()} == {'cpu'}
+  return not any(glob.glob(pattern) for pattern in ACCELERATOR_NODES)
+
+
+def interpreter_flags() -> list[str]:
+  """Flags that give a new interpreter this one's isolation, plus -P (no current folder)."""
+  f = sys.flags
+  if f.isolated:
+    return ['-I', '-B'] if f.dont_write_bytecode else ['-I']
+  flags = [flag for flag, on in (('-E', f.ignore_environment), ('-s', f.no_user_site),
+                                 ('-B', f.dont_write_bytecode)) if on]
+  return flags + ['-P']
+
+
+def restart_argv(argv: list[str]) -> list[str]:
+  """The command line of the restarted `jaxbig ARGV`.
+
+  `-c` instead of `-m jaxbig`: `-m` searches sys.path for the package, this imports the one
+  that is running (its folder is appended last, for a checkout that is not installed).
+  """
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = (f'import sys; sys.path.append({root!r}); from jaxbig.cli import main; '
+          'sys.exit(main())')
+  return [sys.executable, *interpreter_flags(), '-c', code, *argv]
+
+
 def reexec(argv: list[str]) -> None:
-  """Replaces this process by `python -m jaxbig ARGV` with the tunable, where it applies."""
+  """Replaces this process by `jaxbig ARGV` with the tunable, where it applies."""
   env = tuned_environ(dict(os.environ), glibc_version())
-  if env is None:
+  if env is None or not cpu_only(env):
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, '-m', 'jaxbig', *argv], env)
+  os.execve(sys.executable, restart_argv(argv), env)

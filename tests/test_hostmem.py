@@ -51,10 +51,12 @@ def test_the_command_restarts_itself_and_a_python_call_does_not(monkeypatch):
   monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
   monkeypatch.delenv(hostmem.ENV, raising=False)
   monkeypatch.setattr(sys, 'argv', ['jaxbig', 'report', 'somewhere'])
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   with pytest.raises(SystemExit):
     cli.main()
   (path, argv, env), = calls
-  assert path == sys.executable and argv[1:] == ['-m', 'jaxbig', 'report', 'somewhere']
+  assert path == sys.executable and argv[-2:] == ['report', 'somewhere']
+  assert '-P' in argv or '-I' in argv  # Never the current folder on sys.path.
   assert env['GLIBC_TUNABLES'] == hostmem.TUNABLE
   assert cli.main(['report', '/nonexistent/folder']) == 2  # No restart: an error instead.
   assert len(calls) == 1
@@ -76,3 +78,45 @@ def test_the_tunable_cuts_page_faults_of_a_large_temporary():
   # 32 MiB in 4 KiB pages is 8,192 faults per run; in 2 MiB pages, 16.
   assert faults['plain'] > 4_000, faults
   assert faults['tuned'] < faults['plain'] / 10, faults
+
+
+def test_no_restart_where_jax_runs_on_an_accelerator(monkeypatch):
+  monkeypatch.setattr(hostmem.glob, 'glob', lambda pattern: [])
+  assert hostmem.cpu_only({}) and hostmem.cpu_only({'JAX_PLATFORMS': 'cpu'})
+  assert not hostmem.cpu_only({'JAX_PLATFORMS': 'cuda'})
+  assert not hostmem.cpu_only({'JAX_PLATFORMS': 'tpu,cpu'})
+  monkeypatch.setattr(hostmem.glob, 'glob',
+                      lambda pattern: ['/dev/nvidia0'] if 'nvidia[' in pattern else [])
+  assert not hostmem.cpu_only({})  # A GPU is there: JAX takes it, leave malloc alone.
+  assert hostmem.cpu_only({'JAX_PLATFORMS': 'cpu'})
+
+
+_DECOY = 'import pathlib; pathlib.Path({marker!r}).write_text("decoy ran")\n'
+
+
+@pytest.mark.parametrize('how', ['command', 'python -m'])
+def test_code_in_the_current_folder_never_runs(how, tmp_path):
+  """A folder holding a decoy `jaxbig/` package and an `optax.py`: the command (which
+  restarts itself on glibc >= 2.35) and `python -m jaxbig` run the real jaxbig."""
+  marker = tmp_path / 'marker.txt'
+  folder = tmp_path / 'here'
+  (folder / 'jaxbig').mkdir(parents=True)
+  for name in ('jaxbig/__init__.py', 'jaxbig/__main__.py', 'jaxbig/cli.py', 'optax.py'):
+    (folder / name).write_text(_DECOY.format(marker=str(marker)))
+  if how == 'command':
+    command = [str(pathlib.Path(sys.executable).parent / 'jaxbig')]
+    if not os.path.exists(command[0]):
+      pytest.skip(f'no jaxbig command beside {sys.executable} (package not pip-installed)')
+  else:
+    (folder / 'jaxbig').rename(tmp_path / 'moved')  # `-m` itself takes ./jaxbig first.
+    command = [sys.executable, '-m', 'jaxbig']
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', hostmem.ENV)}
+  env['JAX_PLATFORMS'] = 'cpu'
+  if how == 'python -m':
+    env[hostmem.ENV] = 'default'  # No restart: the module itself must drop the folder.
+  env['PYTHONPATH'] = str(pathlib.Path(__file__).resolve().parents[1])
+  # `eval` imports optax (through jaxbig.train) before it finds that the workdir is missing.
+  out = subprocess.run([*command, 'eval', str(tmp_path / 'missing')], cwd=folder, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert not marker.exists(), 'code from the current folder ran'
+  assert out.returncode == 2 and 'not a jaxbig workdir' in out.stderr, out.stderr

@@ -18,7 +18,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.name = 'digits'  # digits | diabetes | npz | synthetic.
   c.data.path = ''  # The .npz file when name=npz (arrays x, y; see the README).
   c.data.shape = (8, 8, 1)  # Per-example input shape when name=synthetic.
-  c.data.num_classes = 10  # Classes when name=synthetic (0: regression).
+  c.data.num_classes = 10  # Classes: synthetic's count; npz labels must be below it (0: any).
   c.data.size = 0  # Number of examples when name=synthetic.
   c.data.split_seed = 0  # Seed of the fixed train/val/test permutation.
   c.data.val_fraction = 0.1  # Share of the examples held out for validation.

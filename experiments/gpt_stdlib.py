@@ -30,6 +30,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.batch_size = 32  # Windows per step.
   c.data.eval_batch_size = 64  # Windows per evaluation batch.
   c.data.eval_windows = 512  # Windows per evaluation, spread evenly over the split.
+  c.data.max_file_mb = 256  # Refuse a file larger than this (MiB); raise it for larger ones.
+  c.data.max_total_mb = 4096  # Refuse more text than this in all (MiB), e.g. a wrong data.path.
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'transformer'  # transformer | lstm | gru (an LM on text data).

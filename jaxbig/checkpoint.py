@@ -20,22 +20,36 @@ stderr and the next older one is tried; with none left the run stops rather than
 A committed step without a manifest (killed between the two commits, or saved by a jaxbig
 from before manifests) is adopted: its manifest is written then, without a fingerprint.
 
+Only what jaxbig wrote counts: a step is a folder named by its number holding our manifest or
+Orbax's `_CHECKPOINT_METADATA`. Anything else in `checkpoints/` (a user's `2023/`, an empty
+`30/`) is left alone and reported once.
+
 Old steps are deleted here, not by Orbax: after each manifest, all but the newest `keep`
-steps that have manifests. A step still being written never counts, and a corrupt step is
-moved away before any save, so neither can get the last good step deleted. Paths are those
-of a (shared) POSIX file system.
+steps that have manifests, each first renamed out of the way and then removed. A step still
+being written never counts, and a corrupt step is moved away before any save, so neither can
+get the last good step deleted.
+
+Readers (`eval`, `predict`, `generate`, `quantize`) never read a step in place while a run
+may delete it: `pinned()` hard-links the step's files into `WORKDIR/.readers/<id>/` and reads
+the links, which keep the data alive whatever the run deletes meanwhile; a rename that
+happens while linking makes it fail, and it tries the newest step again. Training never
+waits for a reader. Paths are those of a (shared) POSIX file system.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -45,6 +59,13 @@ from jaxbig.config import ConfigError
 
 ITEMS = ('state', 'data', 'meta')
 MANIFEST = 'jaxbig_manifest.json'
+ORBAX_METADATA = '_CHECKPOINT_METADATA'  # Orbax writes it into every step it saves.
+DELETING = '.jaxbig-deleting'  # A step renamed for deletion: `<step>.jaxbig-deleting`.
+READERS = '.readers'  # WORKDIR/.readers/<id>/: a reader's hard links to the step it reads.
+# What jaxbig (through Orbax) names inside checkpoints/: steps, Orbax's temporary folders of
+# a save in progress, and steps being deleted.
+_OURS = re.compile(r'\d+(' + re.escape(ocp.step.TMP_DIR_SUFFIX) + r'.*|' + re.escape(DELETING)
+                   + r')?')
 
 
 def abstract_like(abstract_tree, shardings):
@@ -53,12 +74,13 @@ def abstract_like(abstract_tree, shardings):
                       abstract_tree, shardings)
 
 
-def fingerprint(config: dict, abstract_state) -> dict:
-  """What a checkpoint must match to be resumed: flat config fields and the leaves' shapes."""
+def fingerprint(config: dict, abstract_state, data: dict | None = None) -> dict:
+  """What a checkpoint must match to be resumed: flat config fields, the leaves' shapes and
+  the data's identity (files, sizes, hashes: `jaxbig.data`)."""
   leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
   shapes = {jax.tree_util.keystr(p): f'{np.dtype(x.dtype).name}{list(x.shape)}'
             for p, x in leaves}
-  return {'config': config, 'shapes': shapes}
+  return {'config': config, 'shapes': shapes, 'data': data}
 
 
 def _digest(obj) -> str:
@@ -129,6 +151,41 @@ def verify(path: str) -> str | None:
   return f'{extra[0]} was not part of the save' if extra else None
 
 
+def is_step(path: str) -> bool:
+  """Whether `path` is a step folder that jaxbig wrote (not just a folder with a number)."""
+  return (os.path.basename(path).isdigit() and os.path.isdir(path) and
+          (os.path.exists(os.path.join(path, MANIFEST)) or
+           os.path.exists(os.path.join(path, ORBAX_METADATA))))
+
+
+def _link_tree(src: str, dest: str) -> None:
+  """Hard-links every file of `src` into `dest` (made here); FileNotFoundError if `src` is
+  renamed or removed meanwhile."""
+  os.makedirs(dest)
+  for root, dirs, names in os.walk(src):
+    rel = os.path.relpath(root, src)
+    for d in dirs:
+      os.makedirs(os.path.join(dest, rel, d), exist_ok=True)
+    for name in names:
+      os.link(os.path.join(root, name), os.path.join(dest, rel, name))
+  if not os.path.isdir(src):  # Renamed away before the walk started: it saw nothing.
+    raise FileNotFoundError(src)
+
+
+def _remove_dead_readers(readers: str) -> None:
+  """Removes the link folders of readers that ended without removing them (killed)."""
+  if not os.path.isdir(readers):
+    return
+  for name in os.listdir(readers):
+    path = os.path.join(readers, name, 'lock')
+    try:
+      with open(path) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Fails while its reader lives.
+    except OSError:
+      continue
+    shutil.rmtree(os.path.join(readers, name), ignore_errors=True)
+
+
 def _empty(value) -> bool:
   return isinstance(value, dict) and not value
 
@@ -145,44 +202,83 @@ class Checkpoints:
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
-               create_dirs: bool = True, fingerprint: dict | None = None,
-               read_only: bool = False):
+               fingerprint: dict | None = None, read_only: bool = False):
+    """Touches nothing: a writer's folder is made and tidied by `open_for_writing()`."""
     self.directory = os.path.abspath(directory)
     self.keep, self.fingerprint, self.read_only = keep, fingerprint, read_only
+    self.async_save = async_save
     self.primary = jax.process_index() == 0
-    self._thread, self._error = None, None
-    if self.primary and not read_only and os.path.isdir(self.directory):
-      self._remove_temporary()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, enable_async_checkpointing=async_save,
-        create=create_dirs and not read_only, read_only=read_only)
-    handlers = {'state': ocp.StandardCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
-                'meta': ocp.JsonCheckpointHandler()}
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._thread, self._error, self._manager, self._reported = None, None, None, False
+
+  @property
+  def manager(self) -> ocp.CheckpointManager:
+    """Orbax's manager, made on first use (it creates nothing: see `open_for_writing`)."""
+    if self._manager is None:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=None, enable_async_checkpointing=self.async_save, create=False,
+          read_only=self.read_only)
+      handlers = {'state': ocp.StandardCheckpointHandler(),
+                  'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+      self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                            item_handlers=handlers)
+    return self._manager
 
   def _path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
+  def open_for_writing(self, corrupt: list[int] = ()) -> None:
+    """Makes the folder, moves the `corrupt` steps away and removes what killed saves and
+    readers left behind. Called once a run has passed every check (process 0 writes)."""
+    if self.read_only:
+      raise ValueError('read-only checkpoints')
+    if self.primary:
+      os.makedirs(self.directory, exist_ok=True)
+      for step in corrupt:
+        if os.path.isdir(self._path(step)):
+          _warn(f'checkpoint step {step} is corrupt; moved to {self._quarantine(step)}')
+      self._remove_temporary()
+      _remove_dead_readers(os.path.join(os.path.dirname(self.directory), READERS))
+    else:
+      os.makedirs(self.directory, exist_ok=True)
+    self.manager.reload()
+
   def _remove_temporary(self) -> None:
-    """Removes what killed saves left: Orbax's temporary folders, unfinished steps, our .tmp."""
+    """Removes what killed saves left: Orbax's temporary folders, unfinished steps, steps
+    half deleted, our .tmp files."""
     for name in sorted(os.listdir(self.directory)):
       path = os.path.join(self.directory, name)
-      if not os.path.isdir(path):
+      if not os.path.isdir(path) or not _OURS.fullmatch(name):
         continue
-      leftover = ocp.step.TMP_DIR_SUFFIX in name or (
-          name.isdigit() and not ocp.step.is_path_finalized(path))
-      if leftover:
+      if name.endswith(DELETING):
+        shutil.rmtree(path, ignore_errors=True)
+      elif not name.isdigit():  # Orbax's temporary folder.
         _warn(f'removing {path}: a save that did not finish')
         shutil.rmtree(path, ignore_errors=True)
-      elif name.isdigit() and os.path.exists(os.path.join(path, MANIFEST + '.tmp')):
+      elif is_step(path) and not ocp.step.is_path_finalized(path):
+        _warn(f'removing {path}: a save that did not finish')
+        shutil.rmtree(path, ignore_errors=True)
+      elif os.path.exists(os.path.join(path, MANIFEST + '.tmp')):
         os.remove(os.path.join(path, MANIFEST + '.tmp'))
 
   def steps(self) -> list[int]:
-    """Steps that Orbax committed, oldest first (whether or not their files are intact)."""
+    """Steps that Orbax committed, oldest first (whether or not their files are intact).
+
+    Folders jaxbig did not write are left out, and reported once on stderr.
+    """
     if not os.path.isdir(self.directory):
       return []
-    return sorted(int(n) for n in os.listdir(self.directory)
-                  if n.isdigit() and ocp.step.is_path_finalized(self._path(int(n))))
+    names = os.listdir(self.directory)
+    found = sorted(int(n) for n in names if is_step(os.path.join(self.directory, n))
+                   and ocp.step.is_path_finalized(self._path(int(n))))
+    foreign = sorted(n for n in names if not _OURS.fullmatch(n) or
+                     (n.isdigit() and int(n) not in found and
+                      not is_step(os.path.join(self.directory, n))))
+    if foreign and not self._reported and self.primary:
+      self._reported = True
+      shown = ', '.join(foreign[:5]) + (' ...' if len(foreign) > 5 else '')
+      _warn(f'{self.directory}: ignoring {len(foreign)} entr{"y" if len(foreign) == 1 else "ies"}'
+            f' that jaxbig did not write ({shown}); they are left as they are')
+    return found
 
   def check(self, step: int) -> str | None:
     """None if `step` is intact (adopting it if it has no manifest), else what is wrong."""
@@ -196,9 +292,9 @@ class Checkpoints:
       return None
     return verify(path)
 
-  def newest(self) -> int | None:
-    """The newest intact step (None: nothing saved yet). Corrupt newer steps are moved to
-    `<directory>_corrupt/` (read-only: skipped) with a warning. Process 0 decides for all."""
+  def find_newest(self) -> tuple[int | None, list[int]]:
+    """(the newest intact step or None, the corrupt steps newer than it), changing nothing
+    but the manifest of an adopted step. Process 0 decides for all."""
     step, bad = -1, []
     if self.primary:
       found = self.steps()
@@ -208,21 +304,109 @@ class Checkpoints:
           step = candidate
           break
         bad.append(candidate)
-        where = '' if self.read_only else f'; moved to {self._quarantine(candidate)}'
-        _warn(f'checkpoint step {candidate} is corrupt ({problem}){where}; falling back to '
-              'the previous one')
+        _warn(f'checkpoint step {candidate} is corrupt ({problem}); falling back to the '
+              'previous one')
       if found and step < 0:
         step = -2
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       step = int(multihost_utils.broadcast_one_to_all(np.int32(step)))
-    if not self.read_only:
-      self.manager.reload()  # It listed the folder before any corrupt step was moved away.
     if step == -2:
       listed = f" (corrupt: {', '.join(map(str, bad))})" if bad else ''
       raise ConfigError(f'{self.directory}: no checkpoint passes its checksums{listed}; move '
                         'the folder away to start over')
-    return None if step < 0 else step
+    return (None if step < 0 else step), bad
+
+  def newest(self) -> int | None:
+    """The newest intact step (None: nothing saved yet); corrupt newer steps are moved to
+    `<directory>_corrupt/` unless read-only."""
+    step, bad = self.find_newest()
+    if not self.read_only:
+      self.open_for_writing(bad)
+    return step
+
+  @contextlib.contextmanager
+  def pinned(self, step: int | None = None) -> Iterator[tuple['Checkpoints', int]]:
+    """(read-only checkpoints holding hard links to `step`, or to the newest intact step;
+    that step), for readers of a folder a run may be writing: nothing they read is deleted
+    under them. Where links cannot be made (a read-only or foreign file system) it reads in
+    place."""
+    readers = os.path.join(os.path.dirname(self.directory), READERS)
+    try:
+      os.makedirs(readers, exist_ok=True)
+      folder = tempfile.mkdtemp(prefix=f'{os.getpid()}-', dir=readers)
+    except OSError:
+      yield self, self._pick(step)
+      return
+    lock = open(os.path.join(folder, 'lock'), 'w')
+    try:
+      fcntl.flock(lock, fcntl.LOCK_SH)  # Held while reading: the owner removes it after.
+      view = Checkpoints(folder, read_only=True, fingerprint=self.fingerprint)
+      picked = self._link_newest(view, step)
+      if picked is None:  # No hard links on this file system.
+        yield self, self._pick(step)
+        return
+      try:
+        yield view, picked
+      finally:
+        view.close()
+    finally:
+      lock.close()
+      shutil.rmtree(folder, ignore_errors=True)
+      with contextlib.suppress(OSError):
+        os.rmdir(readers)  # Only when no other reader is in it.
+
+  def _link_newest(self, view: 'Checkpoints', step: int | None) -> int | None:
+    """Links `step` (or the newest intact step) into `view`'s folder and returns it; None
+    where hard links cannot be made."""
+    workdir = os.path.dirname(self.directory)
+    for _ in range(100):  # Each retry follows a step the run deleted while we linked it.
+      found = self.steps()
+      if not found:
+        raise ConfigError(f'{workdir}: has no checkpoint to load')
+      if step is not None and step not in found:
+        raise ConfigError(f'{workdir}: has no checkpoint of step {step} (it has '
+                          f"{', '.join(map(str, found))})")
+      bad = []
+      for candidate in [step] if step is not None else reversed(found):
+        dest = view._path(candidate)
+        try:
+          _link_tree(self._path(candidate), dest)
+        except FileNotFoundError:  # Deleted by the run meanwhile: list the steps again.
+          shutil.rmtree(dest, ignore_errors=True)
+          break
+        except OSError:
+          shutil.rmtree(dest, ignore_errors=True)
+          return None
+        problem = view.check(candidate)
+        if problem is None:
+          return candidate
+        if step is not None:
+          raise ConfigError(f'{workdir}: checkpoint step {step} is corrupt ({problem})')
+        _warn(f'checkpoint step {candidate} is corrupt ({problem}); falling back to the '
+              'previous one')
+        bad.append(candidate)
+        shutil.rmtree(dest, ignore_errors=True)
+      else:
+        raise ConfigError(f"{self.directory}: no checkpoint passes its checksums (corrupt: "
+                          f"{', '.join(map(str, bad))})")
+    raise ConfigError(f'{workdir}: its checkpoints were deleted faster than they could be read')
+
+  def _pick(self, step: int | None) -> int:
+    """`step` if it is there and intact, else the newest intact step; a ConfigError if none."""
+    workdir = os.path.dirname(self.directory)
+    found = self.steps()
+    if not found:
+      raise ConfigError(f'{workdir}: has no checkpoint to load')
+    if step is None:
+      return self.find_newest()[0]
+    if step not in found:
+      raise ConfigError(f'{workdir}: has no checkpoint of step {step} (it has '
+                        f"{', '.join(map(str, found))})")
+    problem = self.check(step)
+    if problem is not None:
+      raise ConfigError(f'{workdir}: checkpoint step {step} is corrupt ({problem})')
+    return step
 
   def _quarantine(self, step: int) -> str:
     folder = self.directory + '_corrupt'
@@ -254,10 +438,14 @@ class Checkpoints:
       self._error = e
 
   def _collect(self) -> None:
-    """Deletes all but the newest `keep` steps that have manifests."""
+    """Deletes all but the newest `keep` steps that have manifests: each is renamed first, so
+    that a reader linking its files fails at once instead of reading half of it."""
     done = [s for s in self.steps() if read_manifest(self._path(s)) is not None]
     for old in done[:-self.keep]:
-      shutil.rmtree(self._path(old), ignore_errors=True)
+      gone = self._path(old) + DELETING
+      shutil.rmtree(gone, ignore_errors=True)
+      os.replace(self._path(old), gone)
+      shutil.rmtree(gone, ignore_errors=True)
 
   def restore(self, step: int, abstract_state: Any, fresh: dict | None = None
               ) -> tuple[Any, dict, dict]:
@@ -267,8 +455,7 @@ class Checkpoints:
     of the state that the checkpoint lacks (saved before the field existed) keeps its empty
     value (`{}`, e.g. `loss_scale` without loss scaling) or takes its value from `fresh`.
     """
-    if self.fingerprint is not None:
-      self._check_fingerprint(step)
+    self.check_fingerprint(step)
     saved = self.manager.item_metadata(step)['state']
     saved = set(getattr(saved, 'tree', saved) or {})
     fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
@@ -285,12 +472,14 @@ class Checkpoints:
     state = abstract_state.replace(**out['state'], **filled)
     return state, out['data'], out['meta']
 
-  def _check_fingerprint(self, step: int) -> None:
+  def check_fingerprint(self, step: int, describe_data: Callable | None = None) -> None:
+    """Raises a ConfigError naming what differs between `step`'s fingerprint and this run's:
+    config fields, else state leaves, else the data (`describe_data(saved, new)` names it).
+    Steps saved without a fingerprint, or without the data's, are not checked for them."""
     manifest = read_manifest(self._path(step)) or {}
-    saved = manifest.get('fingerprint')
-    if saved is None or _digest(saved) == _digest(self.fingerprint):
+    saved, new = manifest.get('fingerprint'), self.fingerprint
+    if saved is None or new is None or _digest(saved) == _digest(new):
       return
-    new = self.fingerprint
     keys = sorted(set(saved['config']) | set(new['config']))
     changed = [f"{k} ({saved['config'].get(k)!r} -> {new['config'].get(k)!r})" for k in keys
                if saved['config'].get(k) != new['config'].get(k)]
@@ -298,9 +487,15 @@ class Checkpoints:
       keys = sorted(set(saved['shapes']) | set(new['shapes']))
       changed = [f"state leaf {k} ({saved['shapes'].get(k)} -> {new['shapes'].get(k)})"
                  for k in keys if saved['shapes'].get(k) != new['shapes'].get(k)]
-    raise ConfigError(f'checkpoint step {step} in {self.directory} was saved by a run with a '
-                      f"different config: {', '.join(changed[:5])}; resume with the old "
-                      'config or use a new --workdir')
+    if changed:
+      raise ConfigError(f'checkpoint step {step} in {self.directory} was saved by a run with a '
+                        f"different config: {', '.join(changed[:5])}; resume with the old "
+                        'config or use a new --workdir')
+    if saved.get('data') is not None and describe_data is not None:
+      change = describe_data(saved['data'], new.get('data'))
+      if change:
+        raise ConfigError(f'{change} since checkpoint step {step} in {self.directory} was '
+                          'saved; resume with the same data or use a new --workdir')
 
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -318,4 +513,5 @@ class Checkpoints:
     try:
       self.wait()
     finally:
-      self.manager.close()
+      if self._manager is not None:
+        self._manager.close()

@@ -2,13 +2,15 @@
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 Exit codes: 0 done (also after a SIGTERM that saved a checkpoint), 2 bad input, 3 training
-stopped because its loss or gradients stayed non-finite.
+stopped because its loss or gradients stayed non-finite, 130 interrupted (Ctrl-C; `train`
+saves a checkpoint first).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -16,9 +18,29 @@ import time
 
 from jaxbig.config import ConfigError
 
+INTERRUPTED = 130  # Exit code after Ctrl-C (SIGINT), as shells report it.
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with our one-line errors (`jaxbig: error: ...`, exit 2) instead of usage + error."""
+
+  def error(self, message: str):
+    self.exit(2, f'jaxbig: error: {message} (see {self.prog} -h)\n')
+
+
+def _finite_float(text: str) -> float:
+  """argparse type: a float that is neither NaN nor infinite."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"must be a finite number, got '{text}'")
+  return value
+
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='jaxbig', description=__doc__.splitlines()[0])
+  p = _Parser(prog='jaxbig', description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest='command', required=True)
   t = sub.add_parser('train', help='train an experiment (resumes if --workdir has a checkpoint)')
   t.add_argument('config', help='experiment file, e.g. experiments/cnn_digits.py[:arg]')
@@ -41,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
   r = sub.add_parser('predict', help='write predictions of a trained model for INPUT.npy')
   r.add_argument('workdir')
   r.add_argument('input', help='.npy of inputs, (N, ...) or one example')
-  r.add_argument('--out', help='output .npy (default: INPUT stem + .pred.npy); never overwritten')
+  r.add_argument('--out', help='output .npy (default: INPUT stem + .pred.npy; .npy is added '
+                 'when missing); never overwritten')
   n = sub.add_parser('plan', help='compile the train step ahead of time and report memory per '
                      'device, FLOPs and collectives')
   n.add_argument('config', help='experiment file, e.g. experiments/gpt_stdlib.py[:arg]')
@@ -58,8 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                  'runs/bench/<suite>-<timestamp>); never overwritten')
   b.add_argument('--only', help="run only the rows whose name matches one of these globs, "
                  "e.g. 'cnn-*,gpt-fp32'")
-  b.add_argument('--min-seconds', type=float, help="timed window's least length in seconds "
-                 '(default: the suite\'s, else 10 on GPUs, 3 on CPUs)')
+  b.add_argument('--min-seconds', type=_finite_float, help="timed window's least length in "
+                 "seconds (default: the suite's, else 10 on GPUs, 3 on CPUs)")
   b.add_argument('--min-steps', type=int, help="timed window's least number of steps")
   w = sub.add_parser('sweep', help='train every member of a sweep file (e.g. a scaling study), '
                      'each in OUT/<member>; the same command continues an interrupted sweep')
@@ -74,10 +97,13 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument('workdir')
   g.add_argument('--prompt', default='\n', help='text to continue (default: a newline)')
   g.add_argument('--tokens', type=int, default=200, help='bytes to generate (default 200)')
-  g.add_argument('--temperature', type=float, default=0.8,
+  g.add_argument('--temperature', type=_finite_float, default=0.8,
                  help='softmax temperature; 0 picks the likeliest byte (default 0.8)')
   g.add_argument('--top-k', type=int, default=0, help='sample among the k likeliest (0: all)')
   g.add_argument('--seed', type=int, default=0, help='sampling seed (default 0)')
+  g.add_argument('--max-tokens', type=int, default=65536,
+                 help='cap on --tokens for models without a context limit, e.g. LSTMs '
+                 '(default 65536; a Transformer is capped by its model.max_len)')
   return p
 
 
@@ -98,10 +124,12 @@ def _run(args) -> int:
       raise ConfigError('--workdir: a multi-process run needs one folder that all processes '
                         'name (a shared file system across hosts)')
     workdir = args.workdir or _default_workdir(args.config)
-    # On SIGTERM it saves, returns {'preempted': True, 'step': ...} and we exit 0.
+    # On SIGTERM or SIGINT it saves and returns {'preempted': True, 'signal': ...}.
     summary = train.train_and_evaluate(config, workdir)
     if jax.process_index() == 0:
       print(json.dumps({'workdir': workdir, **summary}, indent=2))
+    if summary.get('signal') == 'SIGINT':
+      return INTERRUPTED
   elif args.command == 'eval':
     from jaxbig import inference, quantize
     if quantize.is_quantized(args.workdir):
@@ -114,17 +142,32 @@ def _run(args) -> int:
   elif args.command == 'predict':
     import numpy as np
     from jaxbig import inference
+    from jaxbig.data import sources
     if not os.path.isfile(args.input):
       raise ConfigError(f'input file not found: {args.input}')
     out = args.out or os.path.splitext(args.input)[0] + '.pred.npy'
-    if os.path.exists(out):
+    out += '' if out.endswith('.npy') else '.npy'  # What np.save would write: check that name.
+    if os.path.lexists(out):
       raise ConfigError(f'{out} exists; choose another --out (outputs are never overwritten)')
-    try:
-      inputs = np.load(args.input, allow_pickle=False)
-    except Exception as e:
-      raise ConfigError(f'{args.input}: not a readable .npy file ({e})') from None
+    if not os.path.isdir(os.path.dirname(out) or '.'):
+      raise ConfigError(f'--out: folder {os.path.dirname(out)} does not exist')
+    inputs = sources.load_npy(args.input)
+    if inputs.size == 0:
+      raise ConfigError(f'{args.input}: holds no examples (shape {inputs.shape})')
     preds = inference.predict(args.workdir, inputs)
-    np.save(out, preds)
+    partial = out + '.partial'  # Whole or not at all: written beside OUT, then renamed.
+    try:
+      f = open(partial, 'xb')
+    except FileExistsError:
+      raise ConfigError(f'{partial} exists (left by a crash?); remove it or choose another '
+                        '--out') from None
+    try:
+      with f:
+        np.save(f, preds)
+      os.replace(partial, out)
+    finally:
+      if os.path.exists(partial):
+        os.remove(partial)
     shown = ', '.join(str(v) for v in np.asarray(preds).ravel()[:10])
     print(f'{len(preds)} predictions -> {out}: {shown}{" ..." if len(preds) > 10 else ""}')
   elif args.command == 'plan':
@@ -172,7 +215,7 @@ def _run(args) -> int:
   elif args.command == 'generate':
     from jaxbig import generate
     print(generate.generate(args.workdir, args.prompt, args.tokens, temperature=args.temperature,
-                            top_k=args.top_k, seed=args.seed))
+                            top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens))
   return 0
 
 
@@ -191,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
   args.argv = sys.argv[1:] if argv is None else list(argv)  # For the bench's provenance.
   try:
     return _run(args)
+  except KeyboardInterrupt:  # Ctrl-C outside training's own handling: one line, no traceback.
+    if os.environ.get('JAXBIG_DEBUG'):
+      raise
+    print('\njaxbig: interrupted', file=sys.stderr)
+    return INTERRUPTED
   except Exception as e:  # pylint: disable=broad-except
     # A NonFiniteError comes from jaxbig.faults, imported by then (the CLI stays light).
     faults = sys.modules.get('jaxbig.faults')

@@ -28,8 +28,12 @@ def load_module(path: str):
   """Imports an experiment file as a module (its folder importable for variants' bases)."""
   if not os.path.isfile(path):
     raise ConfigError(f'experiment file not found: {path}')
-  name = os.path.splitext(os.path.basename(path))[0]
-  module_spec = importlib.util.spec_from_file_location(f'jaxbig_experiment_{name}', path)
+  name, ext = os.path.splitext(os.path.basename(path))
+  # Other names get no loader (spec None); a .pyc would run unreviewable bytecode.
+  module_spec = (importlib.util.spec_from_file_location(f'jaxbig_experiment_{name}', path)
+                 if ext == '.py' else None)
+  if module_spec is None:
+    raise ConfigError(f'{path}: not an experiment file (a .py file with get_config())')
   module = importlib.util.module_from_spec(module_spec)
   # A variant imports its base by module name (`import cnn_digits`) from the same folder.
   folder = os.path.dirname(os.path.abspath(path))
@@ -211,7 +215,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the fields every experiment shares; the sections' builders check their own."""
   for section in ('seed', 'data', 'model', 'opt', 'train', 'mesh'):
     _require(section in config, f"config: missing section '{section}'")
-  _require(config.seed >= 0, f'seed must be >= 0, got {config.seed}')
+  # The seed becomes a 32-bit PRNG key (and numpy seeds): larger ones would overflow there.
+  _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32,
+           f'seed must be in 0..{2**32 - 1}, got {config.seed}')
   _check_finite(config)
   t = config.train
   _require(t.steps > 0, f'train.steps must be > 0, got {t.steps}')

@@ -1,13 +1,15 @@
 """What a run does when something goes wrong: preemption, non-finite steps, and the errors
 that stop it.
 
-Preemption (SIGTERM). The loop asks `Preemption.reached(step)` after every step; when it is
-true it saves that step, waits for the save to commit and returns, and `jaxbig train` exits 0.
-With one process a Python SIGTERM handler sets a flag (no `jax.distributed` needed, and it
-works the same when `train_and_evaluate` is called from a notebook or a test). When
-`jax.distributed` runs, JAX's preemption service owns SIGTERM instead: the first notice any
-process receives reaches all of them, and `reached_preemption_sync_point` is true on every
-process at the same step, so that they all save that one step together.
+Preemption (SIGTERM) and Ctrl-C (SIGINT). The loop asks `Preemption.reached(step)` after
+every step; when it is true it saves that step, waits for the save to commit and returns;
+`jaxbig train` exits 0 after a SIGTERM, 130 after a SIGINT. With one process Python handlers
+set a flag (no `jax.distributed` needed, and it works the same when `train_and_evaluate` is
+called from a notebook or a test); a second SIGINT ends the process at once, with one line
+(the newest committed checkpoint stays). When `jax.distributed` runs, JAX's preemption
+service owns SIGTERM instead: the first notice any process receives reaches all of them, and
+`reached_preemption_sync_point` is true on every process at the same step, so that they all
+save that one step together; SIGINT keeps Python's default there (one line, exit 130).
 
 Non-finite steps. `train_step` checks each step's loss and the norm of its gradients; a step
 where either is not finite keeps the old parameters, optimizer state and BatchNorm statistics
@@ -20,7 +22,9 @@ way the run stops with `NonFiniteError` without saving a step after the limit wa
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from typing import Sequence
 
@@ -87,12 +91,17 @@ def check_runs(runs: Sequence, first_step: int, limit: int, last_saved: int | No
           f'checkpoint: {saved}')
 
 
+INTERRUPTED = 130  # The exit code of a process ended by SIGINT (128 + 2), as shells use.
+
+
 class Preemption:
-  """Whether the run was asked to stop (SIGTERM), asked once per step by every process."""
+  """Whether the run was asked to stop (SIGTERM, SIGINT), asked once per step by every
+  process; `signal` names the first signal ('SIGTERM' under jax.distributed)."""
 
   def __init__(self):
     self._flag = False
-    self._previous = None
+    self._previous = {}
+    self.signal = 'SIGTERM'
     # Under jax.distributed the preemption service has its own SIGTERM handler; a Python one
     # would replace it, and the processes would no longer agree on the step.
     self.collective = (jax.distributed.is_initialized()
@@ -100,11 +109,19 @@ class Preemption:
 
   def __enter__(self) -> 'Preemption':
     if not self.collective and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
     return self
 
   def _handle(self, signum, frame) -> None:
-    del signum, frame
+    del frame
+    if self._flag and signum == signal.SIGINT:
+      sys.stderr.write('\njaxbig: interrupted again: stopped at once (the newest committed '
+                       'checkpoint is kept)\n')
+      sys.stderr.flush()
+      os._exit(INTERRUPTED)  # pylint: disable=protected-access
+    if not self._flag:
+      self.signal = signal.Signals(signum).name
     self._flag = True
 
   def reached(self, step: int) -> bool:
@@ -115,6 +132,6 @@ class Preemption:
     return self._flag
 
   def __exit__(self, *exc) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}

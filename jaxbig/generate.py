@@ -9,6 +9,7 @@ once and every new byte costs one single-position step. The whole loop is one ji
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -80,14 +81,30 @@ def sample(model: nn.Module, params, prompt_P: np.ndarray, num_tokens: int, *,
   return np.asarray(tokens)
 
 
-def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float = 1.0,
-             top_k: int = 0, seed: int = 0) -> str:
-  """The prompt followed by `num_tokens` sampled bytes, as text (bad UTF-8 replaced)."""
-  from jaxbig import inference
+MAX_TOKENS = 65536  # --max-tokens' default: the cap on --tokens where no max_len caps it.
+
+
+def check_options(num_tokens: int, temperature: float, seed: int, max_tokens: int) -> None:
+  """Refuses sampling options that need no model to judge, before one is loaded."""
   if num_tokens <= 0:
     raise ConfigError(f'--tokens must be > 0, got {num_tokens}')
-  if temperature < 0:
-    raise ConfigError(f'--temperature must be >= 0, got {temperature}')
+  if max_tokens <= 0:
+    raise ConfigError(f'--max-tokens must be > 0, got {max_tokens}')
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise ConfigError(f'--temperature must be finite and >= 0, got {temperature}')
+  if not 0 <= seed < 2**32:  # A PRNG key's seed: larger ones overflow.
+    raise ConfigError(f'--seed must be in 0..{2**32 - 1}, got {seed}')
+
+
+def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, seed: int = 0, max_tokens: int = MAX_TOKENS) -> str:
+  """The prompt followed by `num_tokens` sampled bytes, as text (bad UTF-8 replaced).
+
+  `max_tokens` caps `num_tokens` for models without a context limit (RNNs): the scan's
+  output and the compile grow with it. A Transformer is capped by its max_len instead.
+  """
+  from jaxbig import inference
+  check_options(num_tokens, temperature, seed, max_tokens)
   s, state, _, meta = inference.load(workdir)
   cfg = s.config
   if meta.task != 'lm' or cfg.model.name not in models.LANGUAGE_MODELS:
@@ -100,6 +117,9 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
   if max_len is not None and len(prompt_P) + num_tokens > max_len:
     raise ConfigError(f'--tokens: the prompt ({len(prompt_P)} bytes) + --tokens ({num_tokens}) '
                       f'exceeds model.max_len ({max_len})')
+  if max_len is None and num_tokens > max_tokens:
+    raise ConfigError(f'--tokens ({num_tokens}) exceeds --max-tokens ({max_tokens}); raise '
+                      '--max-tokens to generate more')
   with precision.tracing(s.policy):  # The run's matmul precision.
     new = sample(s.model, state.params, prompt_P, num_tokens, temperature=temperature,
                  top_k=top_k, seed=seed)

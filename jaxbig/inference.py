@@ -6,48 +6,42 @@ for classifiers, values in the targets' original units for regressors).
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import numpy as np
 
 from jaxbig import checkpoint, config as config_lib, data as data_lib, precision
-from jaxbig import sharding, train
+from jaxbig import sharding, train, workdir as workdir_lib
 from jaxbig.config import ConfigError
 
 
 def load(workdir: str, step: int | None = None
          ) -> tuple[train.Setup, train.TrainState, int, data_lib.DataMeta]:
-  """Rebuilds a run from its workdir and restores checkpoint `step` (default: the newest)."""
+  """Rebuilds a run from its workdir and restores checkpoint `step` (default: the newest).
+
+  Reads only, and never blocks a run training in the workdir: the step is read through hard
+  links (`Checkpoints.pinned`), so the run may delete it meanwhile.
+  """
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise ConfigError(f'{workdir}: not a jaxbig workdir (no config.json)')
-  with open(path) as f:
-    saved = json.load(f)
+  saved = workdir_lib.saved_config(workdir)
   # This machine's devices, data parallel, whatever layout trained it.
   saved['mesh'].update(data=-1, fsdp=1, tensor=1)
   if 'parallel' in saved:
     saved['parallel']['mode'] = 'jit'
   config = config_lib.from_dict(saved)
-  s = train.setup(config)
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  saved_steps = []
-  if os.path.isdir(ckpt_dir):  # Read only: checked, but nothing moved or written.
-    ckpts = checkpoint.Checkpoints(ckpt_dir, create_dirs=False, read_only=True)
-    saved_steps = ckpts.steps()
-  if not saved_steps:
-    raise ConfigError(f'{workdir}: has no checkpoint to load')
-  if step is None:
-    step = ckpts.newest()
-  elif step not in saved_steps:
-    raise ConfigError(f'{workdir}: has no checkpoint of step {step} (it has '
-                      f"{', '.join(map(str, sorted(saved_steps)))})")
-  elif (problem := ckpts.check(step)) is not None:
-    raise ConfigError(f'{workdir}: checkpoint step {step} is corrupt ({problem})')
-  state, _, meta = train.restore(s, ckpts, step)
-  ckpts.close()
-  return s, state, step, data_lib.DataMeta.from_json(meta)
+  try:
+    config_lib.validate(config)
+    s = train.setup(config)
+  except (AttributeError, KeyError) as e:  # A field the code needs is not in the file.
+    raise ConfigError(f'{path}: lacks a field this jaxbig needs ({e}); it was written by '
+                      'another version or edited') from None
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True)
+  with ckpts.pinned(step) as (view, picked):
+    state, _, meta = train.restore(s, view, picked)
+  return s, state, picked, data_lib.DataMeta.from_json(meta)
 
 
 def evaluate(workdir: str) -> dict:

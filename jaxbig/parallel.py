@@ -50,6 +50,7 @@ class Steps:
   rows: Callable  # global batch size -> (lo, hi): this process's rows
   compile_s: float
   train_bytes: int | None = None  # XLA's memory analysis of the train step (jit), `memory`.
+  eval_bytes: int | None = None  # The same for the eval step.
 
 
 def memory(compiled) -> dict[str, int | None]:
@@ -100,7 +101,8 @@ def jit_steps(s, train_c, eval_c, compile_s: float) -> Steps:
 
   same = lambda state: state
   train_bytes = memory(train_c)['total_bytes'] if train_c is not None else None
-  return Steps(train, evaluate, same, same, rows, compile_s, train_bytes)
+  eval_bytes = memory(eval_c)['total_bytes'] if eval_c is not None else None
+  return Steps(train, evaluate, same, same, rows, compile_s, train_bytes, eval_bytes)
 
 
 def pmap_steps(s, state, train_step: Callable | None, eval_step: Callable | None) -> Steps:

@@ -68,22 +68,45 @@ def fit_power_law(x, y, sigma=None) -> dict:
           'points': len(x)}
 
 
+# What the report reads of each member of sweep.json, and of a finished member's summary.
+MEMBER_FIELDS = ('name', 'params', 'non_embedding_params', 'flops_per_step', 'unit',
+                 'units_per_step', 'steps')
+SUMMARY_FIELDS = {'step', 'train_loss', 'val', 'wall_s', 'device_kind', 'num_devices',
+                  'precision'}
+
+
+def _read_json(path: str, what: str):
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (OSError, ValueError):  # UnicodeDecodeError (a binary file) is a ValueError.
+    raise ConfigError(f'{path}: not {what}') from None
+
+
 def read(folder: str) -> tuple[dict, list[dict]]:
   """sweep.json and one row per member: its entry, plus its summary where it finished."""
   path = os.path.join(folder, FILE)
-  try:
-    with open(path) as f:
-      sweep = json.load(f)
-  except (OSError, ValueError):
-    raise ConfigError(f'{path}: not a readable sweep file') from None
+  sweep = _read_json(path, 'a readable sweep file')
+  members = sweep.get('members', []) if isinstance(sweep, dict) else None
+  if not isinstance(members, list) or 'experiment' not in sweep:
+    raise ConfigError(f'{path}: not a jaxbig sweep file (no experiment and members list)')
+  for i, m in enumerate(members):
+    missing = [k for k in MEMBER_FIELDS if k not in m] if isinstance(m, dict) else MEMBER_FIELDS
+    if missing or not isinstance(m['name'], str):
+      raise ConfigError(f"{path}: member {i} is not a sweep member (no "
+                        f"{', '.join(missing) or 'name string'})")
   rows = []
-  for m in sweep.get('members', []):
+  for m in members:
     row = dict(m)
     summary_path = os.path.join(folder, m['name'], 'summary.json')
     if os.path.isfile(summary_path):
-      with open(summary_path) as f:
-        summary = json.load(f)
+      summary = _read_json(summary_path, 'a run summary (the sweep command redoes the member)')
+      if not isinstance(summary, dict):
+        summary = {}
       if summary.get('step') == m['steps']:
+        if not SUMMARY_FIELDS <= set(summary) or not isinstance(summary['val'], dict):
+          raise ConfigError(f'{summary_path}: not a finished run summary (no '
+                            f"{', '.join(sorted(SUMMARY_FIELDS - set(summary))) or 'val'})")
         row['summary'] = summary
     row['units_seen'] = m['steps'] * m['units_per_step']
     row['compute'] = None if m['flops_per_step'] is None else m['flops_per_step'] * m['steps']

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import re
 import sys
@@ -105,6 +106,7 @@ def setup(config, devices=None) -> Setup:
   sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
                        'data.batch_size / train.accum_steps')
   sharding.check_batch(config.data.eval_batch_size, mesh, 'data.eval_batch_size')
+  _check_host_batches(config, data)
   try:
     model = models.build(config.model, meta, policy.compute_dtype)
     tx, schedule = optim.build(config.opt, config.train.steps)
@@ -133,6 +135,47 @@ def setup(config, devices=None) -> Setup:
   sharding.check_divisible(abstract_boxed, shardings)
   return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings,
                rules, mode, policy, scaling, skip_limit)
+
+
+def host_memory_bytes() -> int:
+  """This machine's physical memory."""
+  return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def device_memory_bytes(device) -> int:
+  """What one device can hold: its allocator's limit, or on CPUs the host's memory."""
+  stats = device.memory_stats() or {}
+  return int(stats.get('bytes_limit') or host_memory_bytes())
+
+
+def _gib(n: float) -> str:
+  return f'{n / 2**30:.3g} GiB'
+
+
+def _check_host_batches(config, data) -> None:
+  """A training or evaluation batch must fit in half the host's memory: the host builds it
+  whole (padding included) before it goes to the devices."""
+  limit = host_memory_bytes() // 2
+  for field, size, masked in (('data.batch_size', config.data.batch_size, False),
+                              ('data.eval_batch_size', config.data.eval_batch_size, True)):
+    spec = data.batch_spec(size, with_mask=masked)
+    need = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in spec.values())
+    if need > limit:
+      raise ConfigError(f'{field}={size}: one batch takes {_gib(need)} of host memory, more '
+                        f'than half of the {_gib(2 * limit)} this machine has')
+
+
+def check_step_memory(s: 'Setup', steps: parallel.Steps) -> None:
+  """The compiled steps must fit on a device, by XLA's memory analysis (jit only)."""
+  local = [d for d in s.mesh.devices.flat if d.process_index == jax.process_index()]
+  limit = device_memory_bytes(local[0])
+  c = s.config
+  for field, value, need in (('data.batch_size', c.data.batch_size, steps.train_bytes),
+                             ('data.eval_batch_size', c.data.eval_batch_size, steps.eval_bytes)):
+    if need is not None and need > limit:
+      raise ConfigError(f'{field}={value}: the compiled step needs {_gib(need)} per device, '
+                        f'more than the {_gib(limit)} a device has; use a smaller batch, '
+                        'train.accum_steps or more devices')
 
 
 def _check_finite_data(config, data) -> None:
@@ -381,7 +424,22 @@ def _train_scalars(fetched: list[dict], task: str) -> dict[str, float]:
 def run_fingerprint(s: Setup) -> dict:
   """What every checkpoint of this run stores and a resumed run must match."""
   return checkpoint.fingerprint(workdir_lib.fingerprint_config(s.config),
-                                nn.meta.unbox(s.abstract_boxed))
+                                nn.meta.unbox(s.abstract_boxed), s.data.identity())
+
+
+def resume_point(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints
+                 ) -> tuple[int | None, list[int]]:
+  """(the step a run in `workdir` continues from, None for a fresh start; the corrupt steps
+  newer than it). Refuses, writing nothing, a run that cannot continue exactly from there:
+  another config, a checkpoint past train.steps, other data."""
+  workdir_lib.check_config(workdir, s.config)
+  start, corrupt = ckpts.find_newest()
+  if start is not None:
+    if start > s.config.train.steps:
+      raise ConfigError(f'train.steps={s.config.train.steps}: {workdir} holds a checkpoint of '
+                        f'step {start}, past it; give train.steps >= {start} or a new --workdir')
+    ckpts.check_fingerprint(start, data_lib.describe_change)
+  return start, corrupt
 
 
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
@@ -389,33 +447,50 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
   """Trains (resuming from the newest intact checkpoint in `workdir`), evaluates, writes the
   summary and returns it.
 
-  On SIGTERM (see jaxbig/faults.py) it saves the step it is at and returns
-  {'preempted': True, 'step': ...} without evaluating. More non-finite steps in a row than
-  `train.max_consecutive_skips` raise faults.NonFiniteError. `stop_after` ends the loop
-  early at that step without the final save (an interruption, for tests) and returns None.
+  The run holds the workdir (`workdir.owned`) and checks everything before it writes a file:
+  a refused run leaves the workdir as it was. A run that finished its train.steps already
+  returns its summary (with 'finished_already') and does nothing else. On SIGTERM or a
+  first SIGINT (see jaxbig/faults.py) it saves the step it is at and returns
+  {'preempted': True, 'step': ..., 'signal': ...} without evaluating. More non-finite steps
+  in a row than `train.max_consecutive_skips` raise faults.NonFiniteError. `stop_after` ends
+  the loop early at that step without the final save (an interruption, for tests) and
+  returns None.
   """
   t_start = time.perf_counter()
   with faults.Preemption() as preemption:  # From here on a SIGTERM is noted, not fatal.
     s = setup(config, devices)  # Validates everything before the workdir is touched.
-    workdir_lib.prepare(workdir, config)
-    ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                   config.train.keep_checkpoints, fingerprint=run_fingerprint(s))
-    try:
-      return _train(s, workdir, ckpts, preemption, stop_after, t_start)
-    finally:
-      ckpts.close()
+    with workdir_lib.owned(workdir):
+      ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                     config.train.keep_checkpoints, fingerprint=run_fingerprint(s))
+      try:
+        start, corrupt = resume_point(s, workdir, ckpts)
+        done = workdir_lib.finished(workdir, start) if start == config.train.steps else None
+        if done is not None:
+          if jax.process_index() == 0:
+            print(f'jaxbig: {workdir} has finished its {start} steps already; nothing to do '
+                  '(a larger train.steps trains on)', file=sys.stderr, flush=True)
+          return {**done, 'finished_already': True}
+        if start is None:
+          state, iter_state = init_state(s), None
+        else:
+          state, iter_state, _ = restore(s, ckpts, start)
+        steps = compile_steps(s, state)
+        check_step_memory(s, steps)
+        # Every check passed: from here on the run writes into the workdir.
+        workdir_lib.write_config(workdir, config)
+        ckpts.open_for_writing(corrupt)
+        workdir_lib.truncate_metrics(workdir, start or 0, final=start == config.train.steps)
+        return _train(s, workdir, ckpts, preemption, stop_after, t_start, start, state,
+                      iter_state, steps)
+      finally:
+        ckpts.close()
 
 
 def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
-           preemption: faults.Preemption, stop_after: int | None, t_start: float) -> dict | None:
+           preemption: faults.Preemption, stop_after: int | None, t_start: float,
+           start: int | None, state: TrainState, iter_state: dict | None,
+           steps: parallel.Steps) -> dict | None:
   config, cfg, task = s.config, s.config.train, s.data.meta.task
-  start = ckpts.newest()
-  if start is None:
-    state = init_state(s)
-  else:
-    state, iter_state, _ = restore(s, ckpts, start)
-  workdir_lib.truncate_metrics(workdir, start or 0)
-  steps = compile_steps(s, state)
   # Each process reads only the rows of a batch that its devices hold.
   train_iter = s.data.train_iter(steps.rows(config.data.batch_size))
   if start is not None:
@@ -490,9 +565,11 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
   if preempted is not None:
     ckpts.wait()
     who = f'process {jax.process_index()}: ' if jax.process_count() > 1 else ''
-    print(f'jaxbig: {who}preempted (SIGTERM): saved step {preempted}; the same command '
-          'resumes from it', file=sys.stderr, flush=True)
-    return {'preempted': True, 'step': preempted, 'resumed_from': start or None}
+    how = 'interrupted' if preemption.signal == 'SIGINT' else 'preempted'
+    print(f'jaxbig: {who}{how} ({preemption.signal}): saved step {preempted}; the same '
+          'command resumes from it', file=sys.stderr, flush=True)
+    return {'preempted': True, 'step': preempted, 'resumed_from': start or None,
+            'signal': preemption.signal}
   if stop_after is not None and last < cfg.steps:
     return None
   train_s = time.perf_counter() - t_loop - eval_s

@@ -1,12 +1,25 @@
 """The workdir of a run: `config.json`, `metrics.jsonl` kept in step with the checkpoints,
 `summary.json`; every file written whole (a temporary file and a rename), and by process 0.
+
+A workdir has one owner. `owned()` takes an OS file lock, `jaxbig-<process>.lock`, for every
+process of a run (the kernel releases it when the process ends, however it ends, so a killed
+run never leaves it held); a second `jaxbig train` on the folder stops with one line naming
+the holder's pid and host. jaxbig writes only into a folder that it creates or that holds a
+jaxbig `config.json`: any other non-empty folder is refused, untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from typing import Any
+import re
+import shutil
+import socket
+import sys
+import time
+from typing import Any, Iterator
 
 import jax
 
@@ -19,7 +32,9 @@ from jaxbig.config import ConfigError
 RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.ckpt_every',
                      'train.keep_checkpoints', 'train.on_nonfinite',
                      'train.max_consecutive_skips', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
-                     'mesh.rules', 'parallel.mode')
+                     'mesh.rules', 'parallel.mode',
+                     # Limits on reading text: the data's identity is checked on its own.
+                     'data.max_file_mb', 'data.max_total_mb')
 
 
 def fingerprint_config(config) -> dict:
@@ -28,8 +43,13 @@ def fingerprint_config(config) -> dict:
   return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
 
 
+_LOCK = re.compile(r'jaxbig-\d+\.lock')
+SECTIONS = ('seed', 'data', 'model', 'opt', 'train', 'mesh')  # What every jaxbig config has.
+
+
 def check_folder(workdir: str) -> None:
-  """Refuses a --workdir that cannot hold a run (a file, or a folder we may not write)."""
+  """Refuses a --workdir that cannot hold a run: a file, a folder we may not write, or a
+  non-empty folder that is not a jaxbig workdir (it would get files of ours mixed in)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f'--workdir {workdir}: exists and is not a folder')
   parent = os.path.dirname(os.path.abspath(workdir))
@@ -39,6 +59,81 @@ def check_folder(workdir: str) -> None:
   if not os.path.isdir(target) or not os.access(target, os.W_OK | os.X_OK):
     raise ConfigError(f'--workdir {workdir}: cannot be written ({target} is not a writable '
                       'folder)')
+  if os.path.isdir(workdir):
+    names = [n for n in os.listdir(workdir) if not _LOCK.fullmatch(n)]
+    if names and 'config.json' not in names:
+      raise ConfigError(f'--workdir {workdir}: a non-empty folder that is not a jaxbig workdir '
+                        '(it has no config.json); give a new folder or an earlier run\'s')
+    if names:
+      saved_config(workdir)  # Refuses a config.json that is not jaxbig's.
+
+
+def saved_config(workdir: str) -> dict:
+  """The workdir's config.json, checked to be a jaxbig config (a one-line error if not)."""
+  path = os.path.join(workdir, 'config.json')
+  saved = read_json(path, f'--workdir {workdir}', 'use a new --workdir')
+  if not isinstance(saved, dict) or not all(isinstance(saved.get(k), dict)
+                                            for k in SECTIONS if k != 'seed'):
+    missing = [k for k in SECTIONS if not isinstance(saved, dict) or k not in saved]
+    what = f"lacks {', '.join(missing)}" if isinstance(saved, dict) and missing else (
+        'is not a config')
+    raise ConfigError(f'{path}: not a jaxbig config ({what}); use a new --workdir')
+  return saved
+
+
+def _holder(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read().strip() or 'unknown'
+  except OSError:
+    return 'unknown'
+
+
+def lock(workdir: str, process: int) -> int | None:
+  """Takes process `process`'s lock of the workdir; returns its file descriptor (the lock
+  lasts while it is open). A one-line ConfigError if another process holds it; None, with a
+  warning, on a file system without locks."""
+  path = os.path.join(workdir, f'jaxbig-{process}.lock')
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise ConfigError(f'--workdir {workdir}: in use by another jaxbig train ({_holder(path)}); '
+                      'wait for it to end or use another --workdir') from None
+  except OSError as e:  # ENOLCK: e.g. an NFS mount without a lock service.
+    os.close(fd)
+    print(f'jaxbig: warning: --workdir {workdir}: cannot be locked ({e.strerror}); make sure '
+          'no other run uses it', file=sys.stderr, flush=True)
+    return None
+  os.ftruncate(fd, 0)
+  os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}, since '
+               f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+  return fd
+
+
+@contextlib.contextmanager
+def owned(workdir: str) -> Iterator[None]:
+  """Holds the workdir for this process of a run (see the module docstring). A folder made
+  here and left holding nothing but the lock (the run was refused) is removed again."""
+  check_folder(workdir)
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  process = jax.process_index()
+  path = os.path.join(workdir, f'jaxbig-{process}.lock')
+  new_lock = not os.path.exists(path)
+  fd = lock(workdir, process)
+  try:
+    yield
+  except BaseException:
+    if created and process == 0 and all(_LOCK.fullmatch(n) for n in os.listdir(workdir)):
+      shutil.rmtree(workdir, ignore_errors=True)
+    elif new_lock and fd is not None:
+      os.remove(path)  # A refused run leaves the folder as it found it.
+    raise
+  finally:
+    if fd is not None:
+      os.close(fd)
 
 
 def read_json(path: str, where: str, fix: str) -> Any:
@@ -52,20 +147,41 @@ def read_json(path: str, where: str, fix: str) -> Any:
                       f'{fix}') from None
 
 
-def prepare(workdir: str, config) -> None:
-  """Creates the workdir and its config.json; a resumed run must keep the same config."""
+def check_config(workdir: str, config) -> None:
+  """A resumed run must keep the saved config, but for RESUMABLE_CHANGES; writes nothing."""
   check_folder(workdir)
-  path = os.path.join(workdir, 'config.json')
-  resolved = config_lib.to_dict(config)
-  if os.path.exists(path):
-    saved = read_json(path, f'--workdir {workdir}', 'use a new --workdir')
-    changed = [k for k in config_lib.diff(saved, resolved) if k not in RESUMABLE_CHANGES]
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    changed = [k for k in config_lib.diff(saved_config(workdir), config_lib.to_dict(config))
+               if k not in RESUMABLE_CHANGES]
     if changed:
       raise ConfigError(f"--workdir {workdir} holds a run with a different config "
                         f"({', '.join(changed)}); use a new --workdir")
+
+
+def write_config(workdir: str, config) -> None:
+  """Writes the resolved config.json (process 0), once the run has passed every check."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    write_json(path, resolved)
+    write_json(os.path.join(workdir, 'config.json'), config_lib.to_dict(config))
+
+
+def prepare(workdir: str, config) -> None:
+  """Creates the workdir and its config.json; a resumed run must keep the same config."""
+  check_config(workdir, config)
+  write_config(workdir, config)
+
+
+def finished(workdir: str, steps: int) -> dict | None:
+  """The summary of a run that finished `steps` steps in this workdir, else None."""
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, ValueError):
+    return None  # Cut short or damaged: the run writes it again.
+  return summary if isinstance(summary, dict) and summary.get('step') == steps else None
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -91,12 +207,15 @@ def _rows(path: str) -> list[tuple[str, dict]]:
   return out
 
 
-def truncate_metrics(workdir: str, step: int) -> None:
-  """Drops lines logged after `step` (and any line cut short): the run logs them again."""
+def truncate_metrics(workdir: str, step: int, final: bool = False) -> None:
+  """Drops lines logged after `step` (and any line cut short): the run logs them again.
+  `final`: the run resumes only for its final evaluation, whose line at `step` goes too."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path) or jax.process_index() != 0:
     return
-  lines = [line for line, row in _rows(path) if row.get('step', step + 1) <= step]
+  evaluated = lambda row: any(k.startswith(('eval/', 'test/')) for k in row)
+  lines = [line for line, row in _rows(path) if row.get('step', step + 1) < step or (
+      row.get('step') == step and not (final and evaluated(row)))]
   with open(path + '.tmp', 'w') as f:
     f.writelines(lines)
   os.replace(path + '.tmp', path)

@@ -61,8 +61,12 @@ def load_suite(path: str) -> tuple[str, list[dict], dict]:
   """(suite name, rows, settings) of a suite file; ConfigError on a bad file."""
   if not os.path.isfile(path):
     raise ConfigError(f'suite file not found: {path}')
-  name = os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(f'jaxbig_suite_{name}', path)
+  name, ext = os.path.splitext(os.path.basename(path))
+  # Other names get no loader (spec None): say so instead of an AttributeError.
+  spec = (importlib.util.spec_from_file_location(f'jaxbig_suite_{name}', path)
+          if ext == '.py' else None)
+  if spec is None:
+    raise ConfigError(f'{path}: not a suite file (a .py file with rows())')
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)
@@ -70,7 +74,14 @@ def load_suite(path: str) -> tuple[str, list[dict], dict]:
     raise ConfigError(f'{path}: cannot be loaded ({type(e).__name__}: {e})') from None
   if not hasattr(module, 'rows'):
     raise ConfigError(f'{path}: a suite defines rows() (a list of dicts)')
-  rows = module.rows()
+  try:
+    rows = module.rows()
+  except Exception as e:  # The user's code: where, not our traceback.
+    raise ConfigError(f'{path}: rows() failed ({type(e).__name__}: {e})') from None
+  if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+    raise ConfigError(f'{path}: rows() must return a list of dicts')
+  if not isinstance(getattr(module, 'SETTINGS', {}), dict):
+    raise ConfigError(f'{path}: SETTINGS must be a dict')
   settings = {**DEFAULTS, **getattr(module, 'SETTINGS', {})}
   unknown = set(settings) - set(DEFAULTS)
   if unknown:
@@ -81,6 +92,8 @@ def load_suite(path: str) -> tuple[str, list[dict], dict]:
     missing = {'name', 'experiment'} - set(row)
     if missing:
       raise ConfigError(f'{path}: row {i} lacks {sorted(missing)}')
+    if not (isinstance(row['name'], str) and isinstance(row['experiment'], str)):
+      raise ConfigError(f"{path}: row {i}'s name and experiment must be strings")
   if len(set(names)) != len(names):
     raise ConfigError(f'{path}: row names must be unique')
   # Experiment paths are relative to the repository that holds benchmarks/suites/.

@@ -25,19 +25,43 @@ def read(path: str, skipped: bool = False) -> list[dict]:
   if not os.path.isfile(path):
     raise ConfigError(f'{path}: no benchmark results (run jaxbig bench first)')
   rows = []
-  with open(path) as f:
-    for i, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          raise ConfigError(f'{path}:{i}: not a JSON row') from None
+  try:
+    with open(path, encoding='utf-8') as f:
+      for i, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            rows.append(json.loads(line))
+          except json.JSONDecodeError:
+            raise ConfigError(f'{path}:{i}: not a JSON row') from None
+          _check_row(path, i, rows[-1])
+  except UnicodeDecodeError:  # A binary file given by mistake.
+    raise ConfigError(f'{path}: not a text file of JSON rows (jaxbig bench results)') from None
   if skipped:
     return [r for r in rows if 'skipped' in r]
   rows = [r for r in rows if 'skipped' not in r]
   if not rows:
     raise ConfigError(f'{path}: has no measured rows')
   return rows
+
+
+# What the tables read of every measured row.
+ROW_FIELDS = ('suite', 'name', 'framework', 'model', 'precision', 'batch', 'step_time_s',
+              'samples_per_s', 'tokens_per_s', 'mfu', 'peak_memory_bytes', 'energy', 'loss',
+              'compile_s', 'env')
+
+
+def _check_row(path: str, i: int, row) -> None:
+  """A row of some other JSON file would fail deep in the tables: refuse it here."""
+  if not isinstance(row, dict):
+    raise ConfigError(f'{path}:{i}: not a jaxbig bench row (a JSON object)')
+  if 'skipped' in row:
+    return
+  missing = [k for k in ROW_FIELDS if k not in row]
+  times = row.get('step_time_s')
+  if not missing and not (isinstance(times, dict) and {'median', 'p10', 'p90'} <= set(times)):
+    missing = ['step_time_s.median/p10/p90']
+  if missing:
+    raise ConfigError(f"{path}:{i}: not a jaxbig bench row (no {', '.join(missing)})")
 
 
 def _num(x, fmt: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import sys
 from typing import Iterator
@@ -179,6 +180,13 @@ class Data:
         x_mean=x_mean, x_std=x_std, y_mean=y_mean, y_std=y_std)
     self.cfg, self.seed = cfg, seed
     self._prepared = {k: self._prepare(*v) for k, v in self.splits.items()}
+    self._identity = _arrays_identity(cfg, arrays)  # Hashed as loaded: files change later.
+
+  def identity(self) -> dict:
+    """What the data are (for resume checks), JSON-ready: for npz the file's path, size and
+    SHA-256; for digits and diabetes a SHA-256 of the arrays; {} for synthetic data, which
+    the config fully determines."""
+    return dict(self._identity)
 
   def _prepare(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m = self.meta
@@ -240,6 +248,58 @@ def _check_fractions(cfg) -> None:
       raise ConfigError(f'data.{name} must be in [0, 1), got {v}')
   if cfg.val_fraction + cfg.test_fraction >= 1.0:
     raise ConfigError('data.val_fraction + data.test_fraction must be < 1')
+
+
+def _arrays_identity(cfg, arrays: sources.Arrays) -> dict:
+  """`Data.identity` of the arrays a source loaded."""
+  if cfg.name == 'synthetic':
+    return {}
+  if cfg.name == 'npz':
+    size, sha = sources.file_sha256(cfg.path)
+    return {'source': 'npz', 'path': cfg.path, 'size': size, 'sha256': sha}
+  digest = hashlib.sha256()
+  for a in (arrays.x, arrays.y, arrays.x_test, arrays.y_test):
+    if a is not None:
+      a = np.ascontiguousarray(a)
+      digest.update(f'{a.dtype.str}{a.shape}'.encode())
+      digest.update(a.data)
+  return {'source': cfg.name, 'sha256': digest.hexdigest()}
+
+
+def _first(names: list[str], what: str) -> list[str]:
+  """['file NAME WHAT (and N more)'] for the first of `names`; [] for none."""
+  if not names:
+    return []
+  more = f' (and {len(names) - 1} more)' if len(names) > 1 else ''
+  return [f'file {names[0]} {what}{more}']
+
+
+def describe_change(saved: dict, new: dict) -> str | None:
+  """None when two `identity()`s describe the same bytes (a moved file is the same data),
+  else a short phrase naming what changed, e.g. 'data.path: file lib/foo.py changed'."""
+  if saved == new:
+    return None
+  source, old_source = new.get('source'), saved.get('source')
+  if source != old_source:
+    return (f"data: the source changed ({old_source or 'made by the config'} -> "
+            f"{source or 'made by the config'})")
+  if source == 'npz':
+    if saved.get('sha256') == new.get('sha256'):
+      return None
+    return (f"data.path: {new.get('path')} changed (size {saved.get('size')} -> "
+            f"{new.get('size')})")
+  if source in TEXT_SOURCES:
+    if saved.get('digest') == new.get('digest'):
+      return None
+    label = 'data.path' if source == 'text' else 'data.name=stdlib'
+    old, cur = saved.get('files', {}), new.get('files', {})
+    parts = (_first(sorted(k for k in old.keys() & cur.keys() if old[k] != cur[k]), 'changed')
+             + _first(sorted(cur.keys() - old.keys()), 'added')
+             + _first(sorted(old.keys() - cur.keys()), 'removed'))
+    return f"{label}: {', '.join(parts) or 'the contents changed'}"
+  if saved.get('sha256') == new.get('sha256'):
+    return None
+  return f'data.name={source}: the loaded arrays changed'
 
 
 def save_iter_state(it: grain.DatasetIterator) -> dict:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import importlib.util
+import math
 import os
+import zipfile
 
 import numpy as np
 
@@ -65,6 +68,85 @@ def diabetes() -> Arrays:
   return Arrays(x=d.data.astype(np.float32), y=d.target.astype(np.float32), task='regression')
 
 
+# Deflate compresses at most about 1032:1, so a member claiming more bytes than that is forged.
+_MAX_RATIO = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: 1100}
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of the .npy stream `f`, read without reading the array; ValueError on a
+  garbled header or object arrays (which would need pickle)."""
+  version = np.lib.format.read_magic(f)
+  if version not in _NPY_HEADERS:
+    raise ValueError(f'unsupported .npy version {version}')
+  shape, _, dtype = _NPY_HEADERS[version](f)  # numpy bounds the header's length.
+  if dtype.hasobject:
+    raise ValueError('object arrays need pickle, which is never loaded')
+  return shape, dtype
+
+
+def _declared_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+  return math.prod(shape) * dtype.itemsize  # Python ints: a forged shape cannot overflow.
+
+
+def _check_npz_members(path: str) -> None:
+  """Refuses members that are not .npy arrays or declare more bytes than the file can hold,
+  before numpy allocates anything."""
+  if not zipfile.is_zipfile(path):
+    raise ConfigError(f'data.path: {path} is not an .npz file (a zip of .npy arrays)')
+  size = os.path.getsize(path)
+  try:
+    with zipfile.ZipFile(path) as z:
+      for info in z.infolist():
+        where = f'data.path: {path}: member {info.filename}'
+        if not info.filename.endswith('.npy'):
+          raise ConfigError(f'{where} is not a .npy array')
+        ratio = _MAX_RATIO.get(info.compress_type)
+        if ratio is None:
+          raise ConfigError(f'{where} uses zip compression {info.compress_type}; write the file '
+                            'with numpy.savez or numpy.savez_compressed')
+        if info.compress_size > size or info.file_size > ratio * info.compress_size:
+          raise ConfigError(f'{where} claims {info.file_size} bytes, more than the file can '
+                            'hold (a forged or damaged zip)')
+        with z.open(info) as f:
+          try:
+            shape, dtype = _npy_header(f)
+          except ValueError as e:
+            raise ConfigError(f'{where} has a bad .npy header ({e})') from None
+          if _declared_bytes(shape, dtype) > info.file_size:
+            raise ConfigError(f'{where} declares shape {shape} of {dtype} '
+                              f'({_declared_bytes(shape, dtype)} bytes) but holds '
+                              f'{info.file_size} bytes')
+  except (zipfile.BadZipFile, OSError, EOFError) as e:
+    raise ConfigError(f'data.path: {path} is not a readable .npz file ({e})') from None
+
+
+def load_npy(path: str) -> np.ndarray:
+  """An array from a .npy file, its header checked against the file's size before numpy
+  allocates anything; ConfigError naming the file otherwise."""
+  try:
+    with open(path, 'rb') as f:
+      shape, dtype = _npy_header(f)
+      held = os.fstat(f.fileno()).st_size - f.tell()
+      if _declared_bytes(shape, dtype) > held:
+        raise ConfigError(f'{path}: declares shape {shape} of {dtype} '
+                          f'({_declared_bytes(shape, dtype)} bytes) but holds {held} bytes')
+    return np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError, MemoryError) as e:
+    raise ConfigError(f'{path}: not a readable .npy file ({e})') from None
+
+
+def file_sha256(path: str) -> tuple[int, str]:
+  """(size in bytes, SHA-256 hex) of a file, read in chunks."""
+  digest, size = hashlib.sha256(), 0
+  with open(path, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+      size += len(chunk)
+  return size, digest.hexdigest()
+
+
 def npz(path: str) -> Arrays:
   """A user file with arrays `x` (N, ...) and `y` (N,) or (N, K); optional `x_test`/`y_test`.
 
@@ -73,17 +155,23 @@ def npz(path: str) -> Arrays:
   """
   if not os.path.isfile(path):
     raise ConfigError(f'data.path: file not found: {path}')
+  _check_npz_members(path)
   try:
-    f = np.load(path, allow_pickle=False)
-  except Exception as e:
+    with np.load(path, allow_pickle=False) as f:
+      files = list(f.files)
+      missing = [k for k in ('x', 'y') if k not in files]
+      if missing:
+        raise ConfigError(f"data.path: {path} has no array {' or '.join(map(repr, missing))} "
+                          f"(found: {', '.join(files) or 'nothing'})")
+      has_test = 'x_test' in files and 'y_test' in files
+      names = ('x', 'y', 'x_test', 'y_test') if has_test else ('x', 'y')
+      arrays = {k: f[k] for k in names}
+  except ConfigError:
+    raise
+  except Exception as e:  # Anything numpy or zlib raise on a damaged file, MemoryError too.
     raise ConfigError(f'data.path: {path} is not a readable .npz file ({e})') from None
-  missing = [k for k in ('x', 'y') if k not in f.files]
-  if missing:
-    raise ConfigError(f"data.path: {path} has no array {' or '.join(map(repr, missing))} "
-                      f"(found: {', '.join(f.files) or 'nothing'})")
-  x, y = f['x'], f['y']
-  has_test = 'x_test' in f.files and 'y_test' in f.files
-  x_test, y_test = (f['x_test'], f['y_test']) if has_test else (None, None)
+  x, y = arrays['x'], arrays['y']
+  x_test, y_test = arrays.get('x_test'), arrays.get('y_test')
   _check_pair(path, 'x', 'y', x, y)
   if has_test:
     _check_pair(path, 'x_test', 'y_test', x_test, y_test)
@@ -94,9 +182,7 @@ def npz(path: str) -> Arrays:
     x = x[..., None]
     x_test = x_test[..., None] if has_test else None
   if np.issubdtype(y.dtype, np.integer):
-    if y.ndim != 1 or y.min() < 0:
-      raise ConfigError(f'data.path: {path}: integer labels y must be (N,) and >= 0')
-    classes = int(max(y.max(), y_test.max() if has_test else 0)) + 1
+    classes = _num_classes(path, y, y_test)
     cast = lambda a: None if a is None else a.astype(np.int32)
     return Arrays(x.astype(np.float32), cast(y), 'classification', classes,
                   None if x_test is None else x_test.astype(np.float32), cast(y_test))
@@ -104,12 +190,33 @@ def npz(path: str) -> Arrays:
   return Arrays(x.astype(np.float32), cast(y), 'regression', 0, cast(x_test), cast(y_test))
 
 
+def _num_classes(path: str, y: np.ndarray, y_test: np.ndarray | None) -> int:
+  """max(label) + 1 of integer labels 0..K-1; refuses labels that would make most classes
+  empty (ids offset by 10**6 would otherwise build a million-way output layer)."""
+  for a in (y, y_test):
+    if a is not None and (a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or a.min() < 0):
+      raise ConfigError(f'data.path: {path}: integer labels y (and y_test) must be (N,) and >= 0')
+  labels = y if y_test is None else np.concatenate([y, y_test])
+  top, distinct = int(labels.max()), len(np.unique(labels))
+  # Fewer than half of the ids 0..top occur, and unused outputs would be many (a few unused
+  # classes of a small file are harmless; labels offset by 10**6 are not).
+  if top >= max(2 * distinct, 1000):
+    raise ConfigError(f'data.path: {path}: the labels run up to {top} but only {distinct} '
+                      f'distinct ones occur; relabel them to 0..K-1 '
+                      '(np.unique(y, return_inverse=True))')
+  return top + 1
+
+
 def _check_pair(path: str, xn: str, yn: str, x: np.ndarray, y: np.ndarray) -> None:
   if x.ndim < 2:
     raise ConfigError(f'data.path: {path}: {xn} must be (N, features...) with N examples, '
                       f'got shape {x.shape}')
+  if y.ndim not in (1, 2):
+    raise ConfigError(f'data.path: {path}: {yn} must be (N,) or (N, K), got shape {y.shape}')
   if len(x) != len(y):
     raise ConfigError(f'data.path: {path}: {xn} has {len(x)} examples but {yn} has {len(y)}')
+  if not len(x):
+    raise ConfigError(f'data.path: {path}: {xn} has no examples')
   if not (np.issubdtype(x.dtype, np.number) and np.issubdtype(y.dtype, np.number)):
     raise ConfigError(f'data.path: {path}: {xn} and {yn} must be numeric arrays')
 
@@ -135,7 +242,13 @@ def load(cfg) -> Arrays:
   if cfg.name == 'npz':
     if not cfg.path:
       raise ConfigError('data.path: required when data.name=npz')
-    return npz(cfg.path)
+    arrays = npz(cfg.path)
+    declared = cfg.num_classes if 'num_classes' in cfg else 0  # Seq and VAE configs lack it.
+    if arrays.task == 'classification' and 0 < declared < arrays.num_classes:
+      raise ConfigError(f'data.num_classes={declared}: the labels of {cfg.path} run up to '
+                        f'{arrays.num_classes - 1}; set data.num_classes={arrays.num_classes} '
+                        'or relabel')
+    return arrays
   if cfg.name == 'synthetic':
     return synthetic(tuple(cfg.shape), cfg.num_classes, cfg.size, cfg.split_seed)
   raise ConfigError(f"data.name: unknown data set '{cfg.name}'; "

@@ -8,6 +8,10 @@ Each file goes to test, val or train by a hash of its path relative to the root,
 split never depends on which other files exist; a single file is cut into consecutive byte
 ranges instead. Files of a split are concatenated in path order.
 
+Only regular files are read, each at most `data.max_file_mb` and all together at most
+`data.max_total_mb` (MiB); FIFOs, devices, sockets and broken links in a folder are never
+opened, only counted and reported in one warning line.
+
 Training draws `data.batch_size` windows of `seq_len + 1` bytes at uniformly random offsets
 from a grain pipeline (seeded, its position checkpointed like every jaxbig iterator); `x` is
 the first `seq_len` bytes, `y` the next-byte targets. Evaluation reads up to
@@ -17,7 +21,10 @@ the first `seq_len` bytes, `y` the next-byte targets. Evaluation reads up to
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
+import stat
+import sys
 import sysconfig
 import zlib
 from typing import Iterator
@@ -66,19 +73,92 @@ def _is_utf8(data: bytes) -> bool:
     return False
 
 
-def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict]:
-  """Bytes of the train/val/test splits as uint8 arrays, and facts about the files read."""
+MIB = 2**20
+LIMITS = {'max_file_mb': 256, 'max_total_mb': 4096}  # Field: MiB, for configs without it.
+MAX_LIMIT_MB = 2**20  # 1 TiB: a larger limit is a typo, and bytes counts stay small ints.
+
+
+def _limits(cfg) -> tuple[int, int]:
+  """(per-file, total) byte limits of the data section."""
+  out = []
+  for name, default in LIMITS.items():
+    # The one `get`: config.json of runs older than these fields must still load for eval.
+    mb = cfg.get(name, default)
+    if not 0 < mb <= MAX_LIMIT_MB:
+      raise ConfigError(f'data.{name} must be in 1..{MAX_LIMIT_MB} (MiB), got {mb}')
+    out.append(mb * MIB)
+  return out[0], out[1]
+
+
+def read_regular(path: str, cap: int) -> bytes | None:
+  """At most `cap` + 1 bytes of `path` if it is a regular file (or a link to one); None for
+  anything else (FIFO, device, socket, broken link, unreadable), which is never read."""
+  try:
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):  # Opening a FIFO would block; /dev/zero never ends.
+      return None
+    # Non-blocking, and checked again once open: a file swapped for a FIFO after the stat
+    # must not block the open either.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  except OSError:
+    return None
+  with open(fd, 'rb') as f:
+    try:
+      if not stat.S_ISREG(os.fstat(fd).st_mode):
+        return None
+      want = min(info.st_size, cap) + 1  # No buffer of `cap` bytes for every small file.
+      data = f.read(want)
+      if len(data) == want <= cap:  # More than its size said (growing, or /proc-like).
+        data += f.read(cap + 1 - len(data))
+    except OSError:
+      return None
+  return data
+
+
+def _file_key(rel: str) -> str:
+  return rel.replace(os.sep, '/')
+
+
+def _read_files(paths: list[str], label: str, cfg) -> tuple[dict[str, bytes], list[str]]:
+  """{path: bytes} of the regular files among `paths`, within the size limits, and the
+  paths that are not regular files (skipped unread)."""
+  file_cap, total_cap = _limits(cfg)
+  out, total, not_regular = {}, 0, []
+  for path in paths:
+    budget = total_cap - total
+    data = read_regular(path, min(file_cap, budget))
+    if data is None:
+      not_regular.append(path)
+      continue
+    if len(data) > file_cap:
+      raise ConfigError(f'data.max_file_mb: {path} is larger than {file_cap // MIB} MiB; '
+                        'raise data.max_file_mb to read it')
+    if len(data) > budget:
+      raise ConfigError(f'data.max_total_mb: the files of {label} pass {total_cap // MIB} MiB '
+                        f'at {path}; raise data.max_total_mb or narrow data.pattern')
+    total += len(data)
+    out[path] = data
+  return out, not_regular
+
+
+def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict, dict[str, str]]:
+  """Bytes of the train/val/test splits as uint8 arrays, facts about the files read, and
+  the SHA-256 of each file used ({relative path: hex})."""
   if cfg.name == 'stdlib':
     root, pattern = stdlib_root(), cfg.pattern or '*.py'
+    label = f'data.name=stdlib ({root})'
   else:
     if not cfg.path:
       raise ConfigError('data.path: required when data.name=text (a text file or a folder)')
     if not os.path.exists(cfg.path):
       raise ConfigError(f'data.path: not found: {cfg.path}')
     root, pattern = cfg.path, cfg.pattern or '*'
+    label = f'data.path {root}'
   fractions = {'test': cfg.test_fraction, 'val': cfg.val_fraction}
   if os.path.isfile(root):
-    data = open(root, 'rb').read()
+    data = _read_files([root], label, cfg)[0].get(root)
+    if data is None:
+      raise ConfigError(f'data.path: {root} cannot be read')
     if not data:
       raise ConfigError(f'data.path: {root} is empty')
     if not _is_utf8(data):
@@ -89,17 +169,27 @@ def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict]:
     cuts = {'train': data[:n_train], 'val': data[n_train:n_train + n_val],
             'test': data[n_train + n_val:]}
     splits = {k: np.frombuffer(v, np.uint8) for k, v in cuts.items()}
-    return splits, {'files': {'train': 1, 'val': 1, 'test': 1}, 'skipped': 0}
-  paths = _list_files(root, pattern)
+    hashes = {os.path.basename(root): hashlib.sha256(data).hexdigest()}
+    return splits, {'files': {'train': 1, 'val': 1, 'test': 1}, 'skipped': 0,
+                    'not_regular': 0}, hashes
+  if not os.path.isdir(root):  # A FIFO, a device, a socket: never opened.
+    raise ConfigError(f'data.path: {root} is not a regular file or a folder')
+  rels = _list_files(root, pattern)
+  read, not_regular = _read_files([os.path.join(root, r) for r in rels], label, cfg)
+  if not_regular:
+    print(f'jaxbig: warning: {label}: skipped {len(not_regular)} entries that are not '
+          f'readable regular files (FIFOs, devices, sockets, broken links), e.g. '
+          f'{not_regular[0]}', file=sys.stderr)
   parts = {'train': [], 'val': [], 'test': []}
-  skipped = 0
-  for rel in paths:
-    data = open(os.path.join(root, rel), 'rb').read()
-    if not data:
+  skipped, hashes = 0, {}
+  for rel in rels:
+    data = read.get(os.path.join(root, rel))
+    if not data:  # Empty, or not a regular file.
       continue
     if not _is_utf8(data):  # Binary or other encodings: not text for a byte model.
       skipped += 1
       continue
+    hashes[_file_key(rel)] = hashlib.sha256(data).hexdigest()
     u = _hash_unit(rel)
     split = ('test' if u < fractions['test'] else
              'val' if u < fractions['test'] + fractions['val'] else 'train')
@@ -115,7 +205,18 @@ def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict]:
       raise ConfigError(f'data.{split}_fraction: no file of {root} fell into the {split} split '
                         f'({total} files); use more files or another fraction')
   splits = {k: np.frombuffer(b''.join(v), np.uint8) for k, v in parts.items()}
-  return splits, {'files': {k: len(v) for k, v in parts.items()}, 'skipped': skipped}
+  return splits, {'files': {k: len(v) for k, v in parts.items()}, 'skipped': skipped,
+                  'not_regular': len(not_regular)}, hashes
+
+
+def files_identity(source: str, hashes: dict[str, str]) -> dict:
+  """JSON-ready identity of text files: one digest over the sorted (path, SHA-256) pairs,
+  and the first 16 hex digits of each file's hash, so that a change can be named."""
+  digest = hashlib.sha256()
+  for rel, hexdigest in sorted(hashes.items()):
+    digest.update(f'{rel}\0{hexdigest}\n'.encode())
+  return {'source': source, 'digest': digest.hexdigest(),
+          'files': {rel: h[:16] for rel, h in sorted(hashes.items())}}
 
 
 class _Windows(grain.transforms.RandomMap):
@@ -145,7 +246,7 @@ class TextData:
         raise ConfigError(f'data.{name} must be in [0, 1), got {cfg[name]}')
     if cfg.val_fraction + cfg.test_fraction >= 1.0:
       raise ConfigError('data.val_fraction + data.test_fraction must be < 1')
-    self.splits, self.files = load_splits(cfg)
+    self.splits, self.files, self._hashes = load_splits(cfg)
     for split, tokens in self.splits.items():
       if len(tokens) and len(tokens) <= cfg.seq_len:
         raise ConfigError(f'data.seq_len ({cfg.seq_len}) must be shorter than the {split} '
@@ -158,6 +259,10 @@ class TextData:
     self.cfg, self.seed = cfg, seed
     counts = np.bincount(self.splits['train'], minlength=VOCAB_SIZE) + 1.0  # Add-one smoothed.
     self._unigram_log2 = np.log2(counts / counts.sum())
+
+  def identity(self) -> dict:
+    """What the text is (for resume checks): see `files_identity`."""
+    return files_identity(self.cfg.name, self._hashes)
 
   def train_iter(self, rows: tuple[int, int] | None = None) -> grain.DatasetIterator:
     """An endless, seeded, checkpointable iterator of {'x', 'y'} int32 (batch, seq_len).

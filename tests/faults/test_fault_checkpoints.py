@@ -77,12 +77,13 @@ def test_an_intact_checkpoint_is_not_passed_over(finished, tmp_path, capfd):
   """The control: the same resume without damage trains nothing and warns of nothing."""
   workdir = _copy(finished, tmp_path)
   summary = train.train_and_evaluate(config_lib.load(fh.CNN, RUN), str(workdir))
-  assert summary['resumed_from'] == 20 and 'corrupt' not in capfd.readouterr().err
+  assert summary['finished_already'] and summary['step'] == 20  # Resumed at 20: finished.
+  assert 'corrupt' not in capfd.readouterr().err
 
 
 def test_no_good_checkpoint_stops_the_run_instead_of_starting_over(tmp_path, capsys):
   """With one checkpoint kept, a corrupt newest step leaves nothing to resume: the run stops
-  (exit 2), trains nothing, and keeps the corrupt step for inspection."""
+  (exit 2), trains nothing, and leaves the corrupt step where it is, for inspection."""
   workdir = tmp_path / 'run'
   config = config_lib.load(fh.CNN, RUN + ['train.keep_checkpoints=1'])
   train.train_and_evaluate(config, str(workdir))
@@ -93,8 +94,8 @@ def test_no_good_checkpoint_stops_the_run_instead_of_starting_over(tmp_path, cap
                                   '--workdir', workdir)
   assert code == 2 and 'no checkpoint passes its checksums (corrupt: 20)' in err
   assert (workdir / 'metrics.jsonl').read_bytes() == before  # Not started over.
-  assert os.listdir(workdir / 'checkpoints') == []
-  assert os.listdir(workdir / 'checkpoints_corrupt') == ['20']
+  assert os.listdir(workdir / 'checkpoints') == ['20']  # A refused run moves nothing.
+  assert not (workdir / 'checkpoints_corrupt').exists()
 
 
 def test_the_last_good_checkpoint_outlives_a_failing_save(finished, tmp_path, monkeypatch):

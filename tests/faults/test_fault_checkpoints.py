@@ -26,9 +26,13 @@ def finished(tmp_path_factory):
   return workdir, fh.losses(workdir)
 
 
-def _copy(finished, tmp_path):
+def _copy(finished, tmp_path, summary: bool = False):
+  """The finished run; without its summary.json (as if killed just before writing it), so
+  that the same command resumes from step 20 for the final evaluation."""
   workdir = tmp_path / 'run'
   shutil.copytree(finished[0], workdir)
+  if not summary:
+    (workdir / 'summary.json').unlink()
   return workdir
 
 
@@ -75,7 +79,7 @@ def test_a_corrupt_newest_checkpoint_is_passed_over(finished, how, tmp_path, cap
 
 def test_an_intact_checkpoint_is_not_passed_over(finished, tmp_path, capfd):
   """The control: the same resume without damage trains nothing and warns of nothing."""
-  workdir = _copy(finished, tmp_path)
+  workdir = _copy(finished, tmp_path, summary=True)
   summary = train.train_and_evaluate(config_lib.load(fh.CNN, RUN), str(workdir))
   assert summary['finished_already'] and summary['step'] == 20  # Resumed at 20: finished.
   assert 'corrupt' not in capfd.readouterr().err

@@ -18,7 +18,14 @@
   NaN         batches injected at random steps of in-process runs: skipped steps counted,
               and every checkpoint restored and searched for non-finite values (must be 0);
               then more NaN steps in a row than allowed: the run stops with exit code 3.
+  two trains  on one workdir: the second, started while the first trains, must stop at once
+              with exit code 2 naming the holder; the first must finish with one metrics row
+              per step.
+  eval        `jaxbig eval` run back to back while a run saves every step and keeps 1
+              checkpoint (each step is deleted as the next one commits): every eval must
+              succeed, and the run must not notice.
 Takes about 10 minutes on a 2-core CPU (most of it process start-up: each run imports JAX).
+`--only concurrency` runs the last two alone (about 2 minutes).
 """
 
 from __future__ import annotations
@@ -120,7 +127,10 @@ def kills(root, n: int, rng: random.Random, reference: dict, wall: float) -> lis
     expected = max(_committed(workdir), default=None)
     fresh += expected is None
     code, out, summary = _train(workdir)
-    ok = code == 0 and summary['resumed_from'] == expected and not _temporary(workdir)
+    if summary and summary.get('finished_already'):  # Killed after the run had ended.
+      ok = code == 0 and expected == len(reference)
+    else:
+      ok = code == 0 and summary['resumed_from'] == expected and not _temporary(workdir)
     resumed += ok
     got = _losses(workdir) if code == 0 else {}
     identical += _identical(reference, got)
@@ -310,22 +320,71 @@ def nans(root, n: int, rng: random.Random) -> list[str]:
   return rows
 
 
+def two_trains(root, n: int) -> list[str]:
+  refused = finished = unique = 0
+  for i in range(n):
+    workdir = root / f'two{i}'
+    first = _start(workdir, log=root / f'two{i}-a.log')
+    _wait_logged(workdir, first, 5)
+    second = subprocess.run(
+        [sys.executable, '-m', 'jaxbig', 'train', CNN, *RUN, '--workdir', str(workdir)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    lines = second.stderr.strip().splitlines()
+    refused += (second.returncode == 2 and len(lines) == 1 and
+                f'pid {first.pid}' in lines[0])
+    finished += first.wait(timeout=300) == 0
+    steps = [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))
+             if 'train/loss' in r]
+    unique += steps == list(range(1, len(steps) + 1)) and len(steps) == 200
+  return [f'| a second `jaxbig train` on a workdir in use | {n} | refused at once (exit 2, '
+          f'one line naming the holder\'s pid): {refused}/{n} | first run finished: '
+          f'{finished}/{n}; one row per step: {unique}/{n} |']
+
+
+def eval_during_training(root) -> list[str]:
+  workdir = root / 'eval-during'
+  train_proc = _start(workdir, extra=['train.ckpt_every=1', 'train.keep_checkpoints=1',
+                                      'train.steps=400'], log=root / 'eval-during.log')
+  _wait_logged(workdir, train_proc, 3)
+  evals = ok = 0
+  while train_proc.poll() is None:
+    out = subprocess.run([sys.executable, '-m', 'jaxbig', 'eval', str(workdir)], cwd=REPO,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    if train_proc.poll() is not None and out.returncode == 0:
+      break  # Finished while evaluating: only evals that overlapped training count.
+    evals += 1
+    ok += out.returncode == 0
+    if out.returncode:
+      print(f'eval {evals}: exit {out.returncode}: {out.stderr[-1500:]}', file=sys.stderr)
+  code = train_proc.wait()
+  left = sorted(os.listdir(workdir / 'checkpoints'))
+  return [f'| `jaxbig eval` back to back during a run saving every step, keeping 1 | {evals} | '
+          f'succeeded: {ok}/{evals} | the run: exit {code}; checkpoints left: {left}; reader '
+          f'folders left: {int((workdir / ".readers").exists())} |']
+
+
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--kills', type=int, default=20)
   p.add_argument('--corruptions', type=int, default=8)
   p.add_argument('--nans', type=int, default=6)
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--two-trains', type=int, default=3)
+  p.add_argument('--only', choices=['concurrency'], help='run only these faults')
   args = p.parse_args()
   rng = random.Random(args.seed)
   root = pathlib.Path(tempfile.mkdtemp(prefix='jaxbig-faults-'))
   t0 = time.perf_counter()
   reference, wall, finished, repeatable = reference_runs(root)
-  rows = kills(root, args.kills, rng, reference, wall)
-  rows += sigterm_one(root, rng, reference)
-  rows += sigterm_two(root)
-  rows += corruptions(root, args.corruptions, rng, reference, finished)
-  rows += nans(root, args.nans, rng)
+  rows = []
+  if args.only is None:
+    rows += kills(root, args.kills, rng, reference, wall)
+    rows += sigterm_one(root, rng, reference)
+    rows += sigterm_two(root)
+    rows += corruptions(root, args.corruptions, rng, reference, finished)
+    rows += nans(root, args.nans, rng)
+  rows += two_trains(root, args.two_trains)
+  rows += eval_during_training(root)
   import jax
   import orbax.checkpoint as ocp
   command = shlex.join(['python', 'benchmarks/faults.py', *sys.argv[1:]])

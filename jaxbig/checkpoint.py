@@ -280,6 +280,13 @@ class Checkpoints:
             f' that jaxbig did not write ({shown}); they are left as they are')
     return found
 
+  def foreign_steps(self) -> list[int]:
+    """Numbers of folders in `checkpoints/` named like steps that jaxbig did not write."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted(int(n) for n in os.listdir(self.directory)
+                  if n.isdigit() and not is_step(os.path.join(self.directory, n)))
+
   def check(self, step: int) -> str | None:
     """None if `step` is intact (adopting it if it has no manifest), else what is wrong."""
     path = self._path(step)
@@ -317,14 +324,6 @@ class Checkpoints:
                         'the folder away to start over')
     return (None if step < 0 else step), bad
 
-  def newest(self) -> int | None:
-    """The newest intact step (None: nothing saved yet); corrupt newer steps are moved to
-    `<directory>_corrupt/` unless read-only."""
-    step, bad = self.find_newest()
-    if not self.read_only:
-      self.open_for_writing(bad)
-    return step
-
   @contextlib.contextmanager
   def pinned(self, step: int | None = None) -> Iterator[tuple['Checkpoints', int]]:
     """(read-only checkpoints holding hard links to `step`, or to the newest intact step;
@@ -361,12 +360,7 @@ class Checkpoints:
     where hard links cannot be made."""
     workdir = os.path.dirname(self.directory)
     for _ in range(100):  # Each retry follows a step the run deleted while we linked it.
-      found = self.steps()
-      if not found:
-        raise ConfigError(f'{workdir}: has no checkpoint to load')
-      if step is not None and step not in found:
-        raise ConfigError(f'{workdir}: has no checkpoint of step {step} (it has '
-                          f"{', '.join(map(str, found))})")
+      found = self._listed(step)
       bad = []
       for candidate in [step] if step is not None else reversed(found):
         dest = view._path(candidate)
@@ -392,17 +386,22 @@ class Checkpoints:
                           f"{', '.join(map(str, bad))})")
     raise ConfigError(f'{workdir}: its checkpoints were deleted faster than they could be read')
 
+  def _listed(self, step: int | None) -> list[int]:
+    """The committed steps; a ConfigError if there are none, or `step` is not among them."""
+    workdir, found = os.path.dirname(self.directory), self.steps()
+    if not found:
+      raise ConfigError(f'{workdir}: has no checkpoint to load')
+    if step is not None and step not in found:
+      raise ConfigError(f'{workdir}: has no checkpoint of step {step} (it has '
+                        f"{', '.join(map(str, found))})")
+    return found
+
   def _pick(self, step: int | None) -> int:
     """`step` if it is there and intact, else the newest intact step; a ConfigError if none."""
     workdir = os.path.dirname(self.directory)
-    found = self.steps()
-    if not found:
-      raise ConfigError(f'{workdir}: has no checkpoint to load')
+    self._listed(step)
     if step is None:
       return self.find_newest()[0]
-    if step not in found:
-      raise ConfigError(f'{workdir}: has no checkpoint of step {step} (it has '
-                        f"{', '.join(map(str, found))})")
     problem = self.check(step)
     if problem is not None:
       raise ConfigError(f'{workdir}: checkpoint step {step} is corrupt ({problem})')

@@ -439,6 +439,10 @@ def resume_point(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints
       raise ConfigError(f'train.steps={s.config.train.steps}: {workdir} holds a checkpoint of '
                         f'step {start}, past it; give train.steps >= {start} or a new --workdir')
     ckpts.check_fingerprint(start, data_lib.describe_change)
+  ahead = [n for n in ckpts.foreign_steps() if (start or 0) < n <= s.config.train.steps]
+  if ahead:  # Orbax would refuse to save into it, mid-run.
+    raise ConfigError(f'{ckpts.directory}/{ahead[0]}: a folder jaxbig did not write, named like '
+                      'a step this run will save; move it away')
   return start, corrupt
 
 

@@ -4,6 +4,8 @@ subprocess runs of the command, and a look at what a workdir's checkpoints hold.
 import json
 import os
 import pathlib
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +19,28 @@ from jaxbig import checkpoint, config as config_lib, data as data_lib, train
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CNN = str(REPO / 'experiments' / 'cnn_digits.py') + ':smoke'
 MLP = str(REPO / 'experiments' / 'mlp_diabetes.py') + ':smoke'
+
+
+# A metrics line per step and a checkpoint every 5: a 20-step smoke run keeps 10, 15 and 20.
+RESUMABLE = ['train.log_every=1', 'train.ckpt_every=5', 'train.eval_every=0']
+
+
+def finished_run(tmp_path_factory) -> pathlib.Path:
+  """The workdir of a finished smoke run with RESUMABLE settings."""
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  train.train_and_evaluate(config_lib.load(CNN, RESUMABLE), str(workdir))
+  assert committed(workdir) == [10, 15, 20]
+  return workdir
+
+
+def copy_run(workdir, tmp_path, summary: bool = True) -> pathlib.Path:
+  """A copy of the workdir to damage; without summary.json if not `summary` (as if killed
+  just before writing it: the same command then resumes from its newest step)."""
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  if not summary:
+    (copy / 'summary.json').unlink()
+  return copy
 
 
 def losses(workdir) -> dict[int, float]:
@@ -59,6 +83,28 @@ def poison(monkeypatch, steps) -> None:
   original = data_lib.Data.train_iter
   monkeypatch.setattr(data_lib.Data, 'train_iter',
                       lambda self, rows=None: _Poisoned(original(self, rows), steps))
+
+
+def snapshot(path) -> dict | bytes | None:
+  """What `path` holds: None if nothing, a file's bytes, a folder's files (bytes) and folders
+  (None) by relative path; the lock's holder line (rewritten by each run that takes it) left
+  out."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    return None
+  if path.is_file():
+    return path.read_bytes()
+  return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
+          for p in sorted(path.rglob('*')) if not re.fullmatch(r'jaxbig-\d+\.lock', p.name)}
+
+
+def forbid_compiling(monkeypatch) -> None:
+  """Makes reaching the state's init or the steps' compile fail the test."""
+  def compiled(*args, **kwargs):
+    raise AssertionError('reached compilation')
+
+  monkeypatch.setattr(train, 'init_state', compiled)
+  monkeypatch.setattr(train, 'compile_steps', compiled)
 
 
 def committed(workdir) -> list[int]:

@@ -180,25 +180,16 @@ def _one_line(code: int, out: str, err: str, *needles: str) -> None:
     assert needle in lines[0], (needle, lines[0])
 
 
-def _tree(path) -> dict:
-  return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
-          for p in sorted(path.rglob('*'))}
-
-
 @pytest.mark.parametrize('spec, bad, named, good', ROWS)
 def test_bad_input_is_one_line_and_writes_nothing(spec, bad, named, good, files, capsys,
                                                   tmp_path, monkeypatch):
   del good
-  def compiled(*args, **kwargs):
-    raise AssertionError('reached compilation')
-
-  monkeypatch.setattr(train, 'init_state', compiled)
-  monkeypatch.setattr(train, 'compile_steps', compiled)
+  fh.forbid_compiling(monkeypatch)
   overrides = [o.format(**files) for o in bad]
   code, out, err = conftest.run_cli(capsys, 'train', spec, *overrides, '--workdir',
                                     tmp_path / 'wd')
   _one_line(code, out, err, *named)
-  assert _tree(tmp_path) == {}
+  assert fh.snapshot(tmp_path) == {}
 
 
 @pytest.mark.parametrize('spec, bad, named, good', ROWS)
@@ -394,10 +385,10 @@ def _cli(capsys, argv) -> tuple[int, str, str]:
 def test_bad_command_is_one_line_and_writes_nothing(name, cli_files, capsys, tmp_path):
   paths, reached = cli_files
   argv, named = CLI_BAD[name]
-  before = _tree(tmp_path)
+  before = fh.snapshot(tmp_path)
   code, out, err = _cli(capsys, [a.format(**paths) for a in argv])
   _one_line(code, out, err, *named)
-  assert _tree(tmp_path) == before
+  assert fh.snapshot(tmp_path) == before
   assert not [r for r in reached if r != 'load'], reached  # No sampling, no predicting.
 
 

@@ -14,26 +14,19 @@ import fault_helpers as fh
 from jaxbig import checkpoint, config as config_lib, train
 from jaxbig.config import ConfigError
 
-RUN = ['train.log_every=1', 'train.ckpt_every=5', 'train.eval_every=0']
+RUN = fh.RESUMABLE
 
 
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
   """A finished smoke run keeping its 3 newest checkpoints (10, 15, 20), and its losses."""
-  workdir = tmp_path_factory.mktemp('finished') / 'run'
-  train.train_and_evaluate(config_lib.load(fh.CNN, RUN), str(workdir))
-  assert fh.committed(workdir) == [10, 15, 20]
+  workdir = fh.finished_run(tmp_path_factory)
   return workdir, fh.losses(workdir)
 
 
 def _copy(finished, tmp_path, summary: bool = False):
-  """The finished run; without its summary.json (as if killed just before writing it), so
-  that the same command resumes from step 20 for the final evaluation."""
-  workdir = tmp_path / 'run'
-  shutil.copytree(finished[0], workdir)
-  if not summary:
-    (workdir / 'summary.json').unlink()
-  return workdir
+  """The finished run, by default as if killed before its summary (it resumes from 20)."""
+  return fh.copy_run(finished[0], tmp_path, summary)
 
 
 def _sha(path) -> str:

@@ -93,32 +93,19 @@ def _workdir(kind, root):
   return path
 
 
-def _snapshot(path) -> dict | bytes | None:
-  if not path.exists():
-    return None
-  if path.is_file():
-    return path.read_bytes()
-  return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
-          for p in sorted(path.rglob('*'))}
-
-
 @pytest.mark.parametrize('spec, bad, named, good, kind', ROWS)
 def test_bad_input_is_refused_before_compile(spec, bad, named, good, kind, files, capsys,
                                              tmp_path, monkeypatch):
   del good
-  def compiled(*args, **kwargs):
-    raise AssertionError('reached compilation')
-
-  monkeypatch.setattr(train, 'init_state', compiled)
-  monkeypatch.setattr(train, 'compile_steps', compiled)
+  fh.forbid_compiling(monkeypatch)
   workdir = _workdir(kind, tmp_path)
-  before = _snapshot(workdir)
+  before = fh.snapshot(workdir)
   overrides = [o.format(**files) for o in bad]
   code, out, err = conftest.run_cli(capsys, 'train', spec, *overrides, '--workdir', workdir)
   lines = err.strip().splitlines()
   assert code == 2 and not out, err
   assert len(lines) == 1 and lines[0].startswith('jaxbig: error: ') and named in lines[0], err
-  assert _snapshot(workdir) == before  # Nothing written, created or changed.
+  assert fh.snapshot(workdir) == before  # Nothing written, created or changed.
 
 
 @pytest.mark.parametrize('spec, bad, named, good, kind', ROWS)

@@ -2,6 +2,7 @@
 readers never see a step deleted under them. Each case stands beside a good twin that the
 same checks accept."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -18,29 +19,16 @@ import fault_helpers as fh
 from jaxbig import checkpoint, cli, config as config_lib, faults, inference, train
 from jaxbig import workdir as workdir_lib
 
-RUN = ['train.log_every=1', 'train.ckpt_every=5', 'train.eval_every=0']
+RUN = fh.RESUMABLE
 
 
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
   """A finished smoke run with checkpoints 10, 15 and 20."""
-  workdir = tmp_path_factory.mktemp('finished') / 'run'
-  train.train_and_evaluate(config_lib.load(fh.CNN, RUN), str(workdir))
-  assert fh.committed(workdir) == [10, 15, 20]
-  return workdir
+  return fh.finished_run(tmp_path_factory)
 
 
-def _copy(finished, tmp_path):
-  workdir = tmp_path / 'run'
-  shutil.copytree(finished, workdir)
-  return workdir
-
-
-def _snapshot(path) -> dict:
-  """Every file under `path` with its bytes, every folder as None; the lock's holder line
-  (rewritten by every run that takes it) left out."""
-  return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
-          for p in sorted(path.rglob('*')) if not p.name.startswith('jaxbig-')}
+_copy = fh.copy_run
 
 
 def _train(capsys, workdir, *overrides, spec=fh.CNN):
@@ -102,11 +90,11 @@ def test_a_folder_that_is_not_a_jaxbig_workdir_is_refused_untouched(files, named
   for rel, text in files.items():
     (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
     (workdir / rel).write_text(text)
-  before = _snapshot(workdir)
+  before = fh.snapshot(workdir)
   code, _, err = _train(capsys, workdir)
   assert code == 2
   _one_line(err, named)
-  assert _snapshot(workdir) == before
+  assert fh.snapshot(workdir) == before
   shutil.rmtree(workdir)
   workdir.mkdir()
   workdir_lib.check_folder(str(workdir))  # The twin: an empty folder is fine.
@@ -132,16 +120,21 @@ def test_entries_jaxbig_did_not_write_are_left_alone_and_reported_once(finished,
   (ckpt / '2023' / 'notes.txt').write_text('mine')
   (ckpt / '30').mkdir()  # Empty: no step of ours, although its name is a number.
   (ckpt / 'README').write_text('mine too')
-  mine = {p: _snapshot(ckpt / p) if (ckpt / p).is_dir() else (ckpt / p).read_bytes()
-          for p in ('2023', '30', 'README')}
+  mine = {p: fh.snapshot(ckpt / p) for p in ('2023', '30', 'README')}
   summary = train.train_and_evaluate(config_lib.load(fh.CNN, RUN + ['train.steps=25']),
                                      str(workdir))
   err = capfd.readouterr().err
   assert summary['resumed_from'] == 20 and summary['step'] == 25
   assert err.count('that jaxbig did not write') == 1 and '2023' in err, err
-  assert {p: _snapshot(ckpt / p) if (ckpt / p).is_dir() else (ckpt / p).read_bytes()
-          for p in mine} == mine
+  assert {p: fh.snapshot(ckpt / p) for p in mine} == mine
   assert fh.committed(workdir) == [15, 20, 25]
+  # A folder named like a step the run will save is refused before anything is written.
+  (ckpt / '30' / 'notes.txt').write_text('mine')
+  before = fh.snapshot(workdir)
+  with pytest.raises(config_lib.ConfigError, match='checkpoints/30: a folder jaxbig did not'):
+    train.train_and_evaluate(config_lib.load(fh.CNN, RUN + ['train.steps=30']), str(workdir))
+  assert fh.snapshot(workdir) == before
+  capfd.readouterr()
   # The twin: a workdir without them resumes without the report.
   workdir2 = tmp_path / 'run2'
   shutil.copytree(finished, workdir2)
@@ -154,25 +147,25 @@ def test_entries_jaxbig_did_not_write_are_left_alone_and_reported_once(finished,
 def test_fewer_steps_than_the_checkpoint_are_refused_writing_nothing(finished, tmp_path,
                                                                       capsys):
   workdir = _copy(finished, tmp_path)
-  before = _snapshot(workdir)
+  before = fh.snapshot(workdir)
   code, _, err = _train(capsys, workdir, 'train.steps=5')
   assert code == 2
   _one_line(err, 'train.steps=5')
-  assert _snapshot(workdir) == before
+  assert fh.snapshot(workdir) == before
   # The twin, the finished run's own command: says so, exits 0, adds no row.
   code, out, err = _train(capsys, workdir)
   assert code == 0 and json.loads(out)['finished_already'] and 'finished its 20 steps' in err
-  assert _snapshot(workdir) == before
+  assert fh.snapshot(workdir) == before
 
 
 def test_a_refused_resume_leaves_the_original_command_working(finished, tmp_path, capsys):
   workdir = _copy(finished, tmp_path)
   (workdir / 'summary.json').unlink()  # So that the original command has work to do.
-  before = _snapshot(workdir)
+  before = fh.snapshot(workdir)
   code, _, err = _train(capsys, workdir, 'model.hidden=64')
   assert code == 2
   _one_line(err, 'model.hidden')
-  assert _snapshot(workdir) == before  # config.json too.
+  assert fh.snapshot(workdir) == before  # config.json too.
   code, _, err = _train(capsys, workdir)
   assert code == 0, err
 
@@ -198,11 +191,11 @@ def test_changed_data_is_refused_naming_the_file(tmp_path, capsys):
   code, _, err = _train(capsys, workdir, *npz, 'train.steps=15')  # The twin: same data.
   assert code == 0, err
   np.savez(data, x=images * 2, y=labels)  # Replaced in place: other statistics.
-  before = _snapshot(workdir)
+  before = fh.snapshot(workdir)
   code, _, err = _train(capsys, workdir, *npz, 'train.steps=20')
   assert code == 2
   _one_line(err, str(data))
-  assert _snapshot(workdir) == before
+  assert fh.snapshot(workdir) == before
 
 
 # Bounded memory.
@@ -265,8 +258,7 @@ def test_the_owner_removes_the_links_of_dead_readers_only(finished, tmp_path):
     (readers / name).mkdir(parents=True)
     (readers / name / 'lock').write_text('')
   alive = open(readers / 'alive' / 'lock')
-  fh_lock = __import__('fcntl')
-  fh_lock.flock(alive, fh_lock.LOCK_SH)
+  fcntl.flock(alive, fcntl.LOCK_SH)
   try:
     train.train_and_evaluate(config_lib.load(fh.CNN, RUN + ['train.steps=21']), str(workdir))
     assert sorted(os.listdir(readers)) == ['alive']

@@ -66,6 +66,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # Newest checkpoints kept.
   c.train.on_nonfinite = 'skip'  # Non-finite loss or gradients: skip (state kept) | abort.
   c.train.max_consecutive_skips = 25  # skip: more in a row stop the run (exit 3).
+  c.train.profile_steps = 0  # Steps traced by jax.profiler into WORKDIR/tb (0: none).
+  c.train.profile_start = 10  # Tracing starts after this step (past compile and warm-up).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel devices (-1: all that remain).

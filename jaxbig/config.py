@@ -233,6 +233,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"'{t.on_nonfinite}'; choose from {', '.join(ON_NONFINITE)}")
   _require(t.max_consecutive_skips >= 0,
            f'train.max_consecutive_skips must be >= 0, got {t.max_consecutive_skips}')
+  if 'profile_steps' in t:  # Configs saved before profiling existed lack it.
+    _require(t.profile_steps >= 0, f'train.profile_steps must be >= 0, got {t.profile_steps}')
+    _require(t.profile_start >= 0, f'train.profile_start must be >= 0, got {t.profile_start}')
   d = config.data
   _require(d.batch_size > 0, f'data.batch_size must be > 0, got {d.batch_size}')
   _require(d.eval_batch_size > 0, f'data.eval_batch_size must be > 0, got {d.eval_batch_size}')

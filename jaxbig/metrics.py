@@ -1,16 +1,21 @@
-"""Where metrics go: `metrics.jsonl`, TensorBoard (tensorboardX) and a progress line.
+"""Where metrics go: `metrics.jsonl`, TensorBoard (tensorboardX), a progress line, and
+profiles.
 
-Only process 0 writes. On a terminal the progress line is a bar with ETA redrawn in place;
-otherwise (CI, log files) it prints a plain line at each log step.
+Only process 0 writes metrics. On a terminal the progress line is a bar with ETA redrawn in
+place; otherwise (CI, log files) it prints a plain line at each log step. A profile
+(`train.profile_steps`) is a `jax.profiler` trace of every process, in
+`WORKDIR/tb/plugins/profile/<time>/`, where TensorBoard's profile plugin (xprof) shows it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import time
+from typing import Iterator
 
 import jax
 
@@ -97,3 +102,38 @@ class Progress:
     if self.enabled and self.tty:
       self.stream.write('\n')
       self.stream.flush()
+
+
+class Profile:
+  """Traces steps `start + 1` .. `start + steps` with jax.profiler, each step annotated."""
+
+  def __init__(self, workdir: str, steps: int, start: int):
+    self.folder = os.path.join(workdir, 'tb')
+    self.first, self.last = start + 1, start + steps
+    self.running = False
+
+  @contextlib.contextmanager
+  def step(self, step: int) -> Iterator[None]:
+    """Around one train step: starts the trace at the first, annotates those traced."""
+    if step == self.first and self.last >= self.first:
+      jax.profiler.start_trace(self.folder)
+      self.running = True
+    if not self.running:
+      yield
+      return
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      yield
+
+  def after(self, step: int, outputs) -> None:
+    """Ends the trace after the last traced step, once its outputs are computed."""
+    if self.running and step >= self.last:
+      jax.block_until_ready(outputs)
+      self.close()
+
+  def close(self) -> None:
+    if self.running:
+      self.running = False
+      jax.profiler.stop_trace()
+      if jax.process_index() == 0:
+        print(f'jaxbig: profile of steps {self.first}-{self.last} -> {self.folder} '
+              '(tensorboard --logdir, Profile tab)', file=sys.stderr, flush=True)

@@ -538,9 +538,13 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
 
   t_loop = t_log = time.perf_counter()
   last = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+  profile = metrics_lib.Profile(workdir, cfg.profile_steps, cfg.profile_start)
   try:
     for step in range(start + 1, last + 1):
-      state, step_metrics = steps.train(state, next(train_iter))
+      batch = next(train_iter)
+      with profile.step(step):
+        state, step_metrics = steps.train(state, batch)
+      profile.after(step, step_metrics)
       pending.append(step_metrics)
       if step % cfg.log_every == 0 or step == cfg.steps:
         scalars = log(step)
@@ -563,6 +567,7 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
     writer.close()
     raise
   finally:
+    profile.close()
     progress.close()
   if preempted is not None or (stop_after is not None and last < cfg.steps):
     writer.close()

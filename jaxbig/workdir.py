@@ -34,7 +34,8 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'trai
                      'train.max_consecutive_skips', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
                      'mesh.rules', 'parallel.mode',
                      # Limits on reading text: the data's identity is checked on its own.
-                     'data.max_file_mb', 'data.max_total_mb')
+                     'data.max_file_mb', 'data.max_total_mb',
+                     'train.profile_steps', 'train.profile_start')
 
 
 def fingerprint_config(config) -> dict:

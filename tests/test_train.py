@@ -180,3 +180,22 @@ def test_checkpoints_from_before_loss_scaling_still_restore(tmp_path):
   fp16 = train.setup(config_lib.load(CNN_SMOKE, ['precision=fp16']))
   with pytest.raises(ValueError, match='loss_scale'):
     checkpoint.Checkpoints(str(tmp_path)).restore(3, train.abstract_state(fp16))
+
+
+def test_profile_traces_the_asked_steps_with_annotations(uninterrupted, tmp_path):
+  """train.profile_steps=2 after step 3: a trace of steps 4 and 5 in
+  WORKDIR/tb/plugins/profile/, and the same losses as without it."""
+  import glob
+  import gzip
+  config, reference = uninterrupted
+  overrides = ['train.log_every=1', 'train.ckpt_every=5', 'train.profile_steps=2',
+               'train.profile_start=3']
+  train.train_and_evaluate(config_lib.load(CNN_SMOKE, overrides), str(tmp_path))
+  traces = glob.glob(str(tmp_path / 'tb' / 'plugins' / 'profile' / '*' / '*.trace.json.gz'))
+  assert len(traces) == 1 and glob.glob(str(tmp_path / 'tb/plugins/profile/*/*.xplane.pb'))
+  with gzip.open(traces[0]) as f:
+    events = json.load(f)['traceEvents']
+  traced = sorted(int(e['args']['step_num']) for e in events if e.get('name') == 'train')
+  assert traced == [4, 5]
+  got = _losses(str(tmp_path))
+  assert got == reference

@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
   b.add_argument('--min-seconds', type=_finite_float, help="timed window's least length in "
                  "seconds (default: the suite's, else 10 on GPUs, 3 on CPUs)")
   b.add_argument('--min-steps', type=int, help="timed window's least number of steps")
+  b.add_argument('--profile', type=int, nargs='?', const=5, default=0, metavar='STEPS',
+                 help='after timing each row, trace STEPS (default 5) of its steps with '
+                 'jax.profiler into OUT/profile/<row>/ (tensorboard --logdir, Profile tab)')
   w = sub.add_parser('sweep', help='train every member of a sweep file (e.g. a scaling study), '
                      'each in OUT/<member>; the same command continues an interrupted sweep')
   w.add_argument('config', help='sweep file, e.g. experiments/scaling_gpt.py[:variant]')
@@ -193,7 +196,10 @@ def _run(args) -> int:
       raise ConfigError(f'--min-steps must be >= 1, got {args.min_steps}')
     out = args.out or bench.default_out(args.suite)
     command = shlex.join(['jaxbig', *args.argv] + ([] if args.out else ['--out', out]))
-    bench.run_suite(args.suite, out, args.only, args.min_seconds, args.min_steps, command)
+    if args.profile < 0:
+      raise ConfigError(f'--profile must be >= 0, got {args.profile}')
+    bench.run_suite(args.suite, out, args.only, args.min_seconds, args.min_steps, command,
+                    profile=args.profile)
     print(f"results -> {os.path.join(out, 'results.jsonl')}")
   elif args.command == 'sweep':
     from jaxbig import sweep

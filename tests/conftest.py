@@ -40,6 +40,15 @@ def start_worker(folder: pathlib.Path, jobs: list[dict]):
   return proc, out, log
 
 
+def pytest_collection_modifyitems(config, items):
+  """Every slow test says why it is slow (`@pytest.mark.slow(reason=...)`)."""
+  del config
+  for item in items:
+    for mark in item.iter_markers('slow'):
+      if not mark.kwargs.get('reason'):
+        raise pytest.UsageError(f'{item.nodeid}: pytest.mark.slow needs a reason=')
+
+
 def pytest_collection_finish(session):
   """Starts the worker of each collected module that has `worker_jobs()` as soon as the tests
   are known, so that it runs on the second core beside the other test files."""

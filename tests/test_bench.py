@@ -5,6 +5,7 @@ No assertion is about how fast anything is: speed targets live in the suites' ta
 """
 
 import glob
+import gzip
 import json
 import math
 
@@ -34,6 +35,7 @@ def rows(tmp_path_factory):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow(reason='times benchmark rows')
 def test_every_row_has_every_field_and_they_agree(rows):
   assert [r['name'] for r in rows] == ['cnn-fp32', 'mlp-fp32', 'gpt-fp32', 'lstm-fp32',
                                        'cnn-fp8']
@@ -63,6 +65,7 @@ def test_every_row_has_every_field_and_they_agree(rows):
                                   'experiments/mlp_diabetes.py:smoke',
                                   'experiments/gpt_stdlib.py:smoke',
                                   'experiments/lstm_stdlib.py:smoke'])
+@pytest.mark.slow(reason='times benchmark rows (the module\'s rows fixture)')
 def test_analytic_flops_match_xla_where_xla_counts_everything(spec, rows):
   """XLA counts every multiply-add of the unrolled step; the formula counts the matmuls and
   convolutions: they agree within the element-wise work the formula leaves out."""
@@ -118,6 +121,7 @@ def _suite(tmp_path, text):
   return path
 
 
+@pytest.mark.slow(reason='times benchmark rows')
 def test_pytorch_reference_rows_are_timed_with_their_jaxbig_row(capsys, tmp_path):
   suite = _suite(tmp_path, "[{'name': 'cnn', 'experiment': 'experiments/cnn_digits.py:smoke',"
                            " 'pytorch': True}]")
@@ -167,8 +171,25 @@ def test_native_only_rows_are_skipped_where_emulated(capsys, tmp_path):
   assert '| mlp |' in out and '| cnn-fp8 |' not in out
 
 
+@pytest.mark.slow(reason='times benchmark rows (the module\'s rows fixture)')
+def test_profile_traces_each_row_after_its_timing(capsys, tmp_path):
+  suite = _suite(tmp_path, "[{'name': 'mlp', 'experiment': 'experiments/mlp_diabetes.py:smoke'}]")
+  code, _, err = _main(capsys, 'bench', suite, '--out', tmp_path / 'out', '--profile', '3',
+                       '--min-seconds', '0', '--min-steps', '2')
+  assert code == 0, err
+  traces = list((tmp_path / 'out' / 'profile' / 'mlp').glob('plugins/profile/*/*.trace.json.gz'))
+  assert len(traces) == 1
+  with gzip.open(traces[0]) as f:
+    steps = [e['args']['step_num'] for e in json.load(f)['traceEvents']
+             if e.get('name') == 'train']
+  assert sorted(map(int, steps)) == [0, 1, 2]
+  row = json.loads((tmp_path / 'out' / 'results.jsonl').read_text())
+  assert row['profile'] == str(tmp_path / 'out' / 'profile' / 'mlp')
+
+
 @pytest.mark.parametrize('argv, named', [
     (['bench', 'benchmarks/suites/nope.py'], 'nope.py'),
+    (['bench', SMOKE, '--profile', '-1'], '--profile'),
     (['bench', SMOKE, '--only', 'resnet-*'], '--only'),
     (['bench', SMOKE, '--min-seconds', '-1'], '--min-seconds'),
 ])
@@ -197,6 +218,7 @@ def test_a_bad_row_is_named_before_anything_runs(bad, named, capsys, tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow(reason='times benchmark rows')
 def test_loop_rows_time_the_training_loop_and_report_its_host_overhead(
     capsys, tmp_path, monkeypatch):
   """The loop's time per step holds what the bare step leaves out: here 50 ms of logging
@@ -231,6 +253,7 @@ def test_a_pytorch_row_needs_a_model_with_a_reference(capsys, tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow(reason='times benchmark rows (the module\'s rows fixture)')
 def test_results_are_never_overwritten(rows, capsys, tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
@@ -265,6 +288,7 @@ def _with(row, name, override, factor):
   return r
 
 
+@pytest.mark.slow(reason='times benchmark rows (the module\'s rows fixture)')
 def test_report_renders_every_row_the_growth_exponents_and_the_plots(rows, capsys, tmp_path):
   cnn, gpt = rows[0], rows[2]
   grown = [_scaled(cnn, 'b32', 1.0, 32), _scaled(cnn, 'b64', 2.0 ** 0.5, 64),
@@ -291,6 +315,7 @@ def test_report_renders_every_row_the_growth_exponents_and_the_plots(rows, capsy
   assert 'no samples/J plot: no RAPL' in out  # This machine measures no energy.
 
 
+@pytest.mark.slow(reason='times benchmark rows (the module\'s rows fixture)')
 def test_pytorch_rows_are_paired_in_the_report(rows, capsys, tmp_path):
   cnn = rows[0]
   ref = _scaled(cnn, 'cnn-fp32-pytorch', 3.0)
@@ -304,6 +329,7 @@ def test_pytorch_rows_are_paired_in_the_report(rows, capsys, tmp_path):
   assert 'torch 2.x (2 threads)' in out
 
 
+@pytest.mark.slow(reason='times benchmark rows (the module\'s rows fixture)')
 def test_compare_flags_changes_beyond_the_rows_own_spread(rows, capsys, tmp_path):
   old = _write(tmp_path / 'old', rows)
   cnn, gpt = rows[0], rows[2]

@@ -70,6 +70,7 @@ def _assert_one_line_error(err: str, *needles: str) -> None:
     assert needle in lines[0], (needle, lines[0])
 
 
+@pytest.mark.slow(reason='runs the command end to end')
 def test_train_writes_the_resolved_config(trained):
   workdir, _, stdout = trained
   with open(workdir / 'config.json') as f:
@@ -109,6 +110,7 @@ def test_train_writes_tensorboard_events(trained):
     assert losses[step] == pytest.approx(loss, rel=1e-6)
 
 
+@pytest.mark.slow(reason='runs the command end to end')
 def test_tensorboard_writer_does_not_import_torch(tmp_path):
   """tensorboardX imports torch, where installed, for a type hint. A stand-in torch package
   that records each import of it shows that the writer leaves it alone, and that torch

@@ -66,6 +66,7 @@ def test_digits_splits_are_deterministic_and_partition_the_data():
   assert len(rows['train'] | rows['val'] | rows['test']) == NUM_DIGITS
 
 
+@pytest.mark.slow(reason='imports sklearn in a subprocess')
 def test_digits_are_sklearns_and_load_without_importing_it(monkeypatch):
   """The same arrays as sklearn's loader, read from its file; and with that file missing,
   from sklearn's loader itself."""

@@ -67,6 +67,7 @@ def test_the_command_restarts_itself_and_a_python_call_does_not(monkeypatch):
                     reason='needs glibc >= 2.35 (the hugetlb tunable)')
 @pytest.mark.skipif(_thp_mode() not in ('always', 'madvise'),
                     reason=f'transparent huge pages are {_thp_mode()} on this kernel')
+@pytest.mark.slow(reason='starts jaxbig processes')
 def test_the_tunable_cuts_page_faults_of_a_large_temporary():
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   env.pop('GLIBC_TUNABLES', None)
@@ -95,6 +96,7 @@ _DECOY = 'import pathlib; pathlib.Path({marker!r}).write_text("decoy ran")\n'
 
 
 @pytest.mark.parametrize('how', ['command', 'python -m'])
+@pytest.mark.slow(reason='starts jaxbig processes')
 def test_code_in_the_current_folder_never_runs(how, tmp_path):
   """A folder holding a decoy `jaxbig/` package and an `optax.py`: the command (which
   restarts itself on glibc >= 2.35) and `python -m jaxbig` run the real jaxbig."""

@@ -167,6 +167,7 @@ def test_unknown_initializer_raises():
     _init(model, _batch(IMAGE))
 
 
+@pytest.mark.slow(reason='compiles a ResNet')
 def test_resnet_train_mode_updates_batch_stats():
   model = ResNetTiny(num_outputs=3)
   x = _batch(IMAGE)
@@ -180,6 +181,7 @@ def test_resnet_train_mode_updates_batch_stats():
     assert not np.allclose(before, after)
 
 
+@pytest.mark.slow(reason='compiles a ResNet')
 def test_resnet_eval_mode_is_per_example_and_train_mode_is_not():
   model = ResNetTiny(num_outputs=3)
   x = _batch(IMAGE)
@@ -208,6 +210,7 @@ def test_resnet_param_counts_on_imagenet(size, count):
 
 
 @pytest.mark.parametrize('name', ['cnn', 'mlp', 'resnet_tiny'])
+@pytest.mark.slow(reason='compiles a ResNet')
 def test_bfloat16_compute_keeps_float32_params_and_logits(name):
   meta = _meta(name)
   x = _batch(meta.input_shape)

@@ -29,6 +29,7 @@ def local_plans():
   return narrow, wide
 
 
+@pytest.mark.slow(reason='compiles train steps for TPU topologies')
 def test_local_plan_reports_memory_and_flops(local_plans):
   d, _ = local_plans
   m = d['memory_per_device']
@@ -75,6 +76,7 @@ def test_topology_libtpu_cannot_build_is_a_config_error():
     plan.topology_devices('v5e:3x7')
 
 
+@pytest.mark.slow(reason='compiles train steps for TPU topologies')
 def test_v5e_plan_fits_and_has_collectives():
   _tpu_or_skip()
   d = plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=4']), 'v5e:2x2')
@@ -155,6 +157,7 @@ def test_loops_without_matmuls_do_not_count():
   assert not plan.loops_with_matmuls(hlo.replace('dot(', 'add('))
 
 
+@pytest.mark.slow(reason='compiles train steps for TPU topologies')
 def test_tpu_plans_trace_the_tpu_paths_not_the_cpu_fast_paths(monkeypatch):
   """A TPU plan runs on a CPU host: the models must still take their TPU paths (XLA's
   convolutions and attention), not the CPU-only rewrites, or the plan costs another program."""

@@ -147,6 +147,7 @@ def test_loss_scale_grows_backs_off_and_caps():
   assert float(ls.scale) == 8.0 and int(ls.skipped) == 1
 
 
+@pytest.mark.slow(reason='trains runs under loss scaling')
 def test_overflow_halves_the_scale_and_leaves_the_state_unchanged():
   s = _setup('cnn', 'fp16')
   state = train.init_state(s)
@@ -185,6 +186,7 @@ def test_fp8_is_emulated_without_fp8_units():
 
 
 @pytest.mark.parametrize('mode', ['jit', 'pmap'])
+@pytest.mark.slow(reason='trains runs under loss scaling')
 def test_fp16_run_reports_its_skipped_steps(mode, tmp_path):
   config = config_lib.load(MODELS['cnn'], [f'parallel.mode={mode}', 'precision=fp16',
                                            'train.steps=4', 'train.log_every=2',

@@ -62,6 +62,7 @@ def test_keys_of_other_platforms_stay_threefry():
   assert str(jax.random.key_impl(prng.wrap(data, 'cpu'))) != 'threefry2x32'
 
 
+@pytest.mark.slow(reason='compiles train steps with both key types')
 def test_train_step_is_the_same_with_either_draw(monkeypatch):
   """The seed CNN (dropout 0.1) after two steps: bit-identical parameters, and only the
   reference's program holds Threefry's rolled loop for the mask."""
@@ -82,6 +83,7 @@ def test_train_step_is_the_same_with_either_draw(monkeypatch):
 
 
 @pytest.mark.parametrize('spec', [CNN + ':smoke', 'experiments/seq_digits.py:gru,smoke'])
+@pytest.mark.slow(reason='compiles train steps with both key types')
 def test_init_state_is_the_same_with_either_draw(monkeypatch, spec):
   """Every leaf of a fresh state (parameters, optimizer state, key) bit for bit; only the
   reference's init program holds Threefry's rolled loops for its random draws."""

@@ -37,6 +37,7 @@ def report(workdir):
   return quantize.evaluate(str(workdir / 'int8'))
 
 
+@pytest.mark.slow(reason='trains and quantises a run')
 def test_int8_keeps_digits_accuracy_within_one_point(report):
   flt, q = report['float']['test'], report['int8']['test']
   assert flt['accuracy'] > 0.93  # A model worth quantising.

@@ -236,6 +236,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   assert not np.array_equal(low, high)  # bf16 really computed something.
 
 
+@pytest.mark.slow(reason='compiles recurrent scans and their gradients')
 def test_lstm_lm_learns_a_repeating_byte_pattern():
   pattern = np.frombuffer(b'hello, world! ', np.uint8).astype(np.int32)
   stream = np.tile(pattern, 64)
@@ -269,6 +270,7 @@ def test_lstm_lm_learns_a_repeating_byte_pattern():
 # --- Classifier ------------------------------------------------------------------------
 
 
+@pytest.mark.slow(reason='compiles recurrent scans and their gradients')
 def test_bidirectional_classifier_reads_both_ends_and_examples_independently():
   kw = dict(num_outputs=K, vocab_size=V, hidden=N, pool='last')
   bi = rnn.RNNClassifier(**kw, bidirectional=True)
@@ -369,6 +371,7 @@ def test_name_check_catches_an_unboxed_parameter():
 
 @pytest.mark.parametrize('cell', CELLS)
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.slow(reason='compiles recurrent scans and their gradients')
 def test_fused_scan_matches_autodiff_of_the_plain_scan(cell, dtype):
   """fused_scan (custom gradient) against autodiff of `_scan`: outputs and every gradient,
   both directions, on random inputs; the cotangents reach the final carry too."""

@@ -15,6 +15,8 @@ import pytest
 import conftest
 from jaxbig import config as config_lib, generate, inference, train
 
+pytestmark = pytest.mark.slow(reason='trains sequence models to an accuracy')
+
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 GPT = str(EXPERIMENTS / 'gpt_stdlib.py') + ':smoke'
 LSTM = str(EXPERIMENTS / 'lstm_stdlib.py') + ':smoke'

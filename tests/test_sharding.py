@@ -17,6 +17,8 @@ import pytest
 import conftest
 from jaxbig import config as config_lib, train
 
+pytestmark = pytest.mark.slow(reason='8-device and two-process runs in a worker')
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 3
 RTOL = 1e-5

@@ -18,6 +18,8 @@ import pytest
 import conftest
 from jaxbig import config as config_lib, sweep, sweep_report, train
 
+pytestmark = pytest.mark.slow(reason='trains every member of small sweeps')
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 GPT = str(REPO / 'experiments' / 'scaling_gpt.py')
 CNN = str(REPO / 'experiments' / 'scaling_cnn.py')

@@ -27,6 +27,7 @@ def uninterrupted(tmp_path_factory):
   return config, _losses(workdir)
 
 
+@pytest.mark.slow(reason='trains or compiles several train steps')
 def test_resume_is_bit_identical(uninterrupted, tmp_path):
   config, expected = uninterrupted
   workdir = str(tmp_path / 'run')
@@ -39,6 +40,7 @@ def test_resume_is_bit_identical(uninterrupted, tmp_path):
   assert got == expected
 
 
+@pytest.mark.slow(reason='trains or compiles several train steps')
 def test_resume_without_data_position_differs(uninterrupted, tmp_path, monkeypatch):
   """The resume test can fail: forgetting the iterator position changes the losses."""
   config, expected = uninterrupted
@@ -70,6 +72,7 @@ def _one_step(overrides, batch=None, spec=CNN_SMOKE):
   return s, new_state, jax.device_get(metrics), batch
 
 
+@pytest.mark.slow(reason='trains or compiles several train steps')
 def test_gradient_accumulation_equals_large_batch():
   _, big, m_big, batch = _one_step(['model.dropout=0.0', 'data.batch_size=32'])
   _, acc, m_acc, _ = _one_step(['model.dropout=0.0', 'data.batch_size=32', 'train.accum_steps=4'], batch)
@@ -84,6 +87,7 @@ def test_gradient_accumulation_equals_large_batch():
   assert max(jax.tree.leaves(diffs)) > 1e-6
 
 
+@pytest.mark.slow(reason='trains or compiles several train steps')
 def test_batchnorm_statistics_update_in_training_only():
   config = config_lib.load('experiments/resnet_digits.py:smoke', ['data.augment_shift=0'])
   s = train.setup(config)
@@ -135,6 +139,7 @@ def test_cross_entropy_matches_reference():
   assert abs(float(plain) - expected) > 1e-3  # Smoothing and weights change it.
 
 
+@pytest.mark.slow(reason='trains or compiles several train steps')
 def test_argmax_is_argmax_equality_with_ties():
   """Ties (small integers: many) go to the first index, as in argmax; also per position."""
   rng = np.random.default_rng(1)
@@ -182,6 +187,7 @@ def test_checkpoints_from_before_loss_scaling_still_restore(tmp_path):
     checkpoint.Checkpoints(str(tmp_path)).restore(3, train.abstract_state(fp16))
 
 
+@pytest.mark.slow(reason='trains or compiles several train steps')
 def test_profile_traces_the_asked_steps_with_annotations(uninterrupted, tmp_path):
   """train.profile_steps=2 after step 3: a trace of steps 4 and 5 in
   WORKDIR/tb/plugins/profile/, and the same losses as without it."""

@@ -86,6 +86,7 @@ def test_lm_is_causal(pos, scan_layers):
 
 @pytest.mark.parametrize('scan_layers', [False, True])
 @pytest.mark.parametrize('pos', ['rope', 'learned'])
+@pytest.mark.slow(reason='compiles several Transformer variants')
 def test_cached_decoding_matches_full_forward(pos, scan_layers):
   model = _lm(pos=pos, scan_layers=scan_layers)
   decoder = model.clone(decode=True)
@@ -171,6 +172,7 @@ def _transforms(model: nn.Module, params: dict, tokens: jax.Array) -> tuple[bool
   return 'remat' in jaxpr or 'checkpoint' in jaxpr, 'scan[' in jaxpr
 
 
+@pytest.mark.slow(reason='compiles several Transformer variants')
 def test_remat_and_scan_match_plain_model():
   tokens = _tokens(4, (B, L + 1))
   params = _lm_params('rope')
@@ -244,6 +246,7 @@ def test_every_param_has_logical_names(kind, scan_layers):
     assert boxes["['out']['kernel']"].names == inits.OUT_KERNEL
 
 
+@pytest.mark.slow(reason='compiles several Transformer variants')
 def test_bf16_compute_keeps_float32_params_and_logits():
   tokens = _tokens(5, (B, L + 1))
   model = _lm(dtype=jnp.bfloat16)
@@ -261,6 +264,7 @@ def test_bf16_compute_keeps_float32_params_and_logits():
 
 
 @pytest.mark.parametrize('inputs', ['tokens', 'features', 'image'])
+@pytest.mark.slow(reason='compiles several Transformer variants')
 def test_classifier_inputs_and_batch_independence(inputs):
   rng = np.random.default_rng(6)
   if inputs == 'tokens':

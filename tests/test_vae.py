@@ -228,6 +228,7 @@ def _train(model: nn.Module, x: np.ndarray, steps: int = 200) -> tuple[tuple, tu
   return run(x)
 
 
+@pytest.mark.slow(reason='trains a VAE')
 def test_vae_training_lowers_negative_elbo():
   (nelbo0, _), (nelbo1, _) = _train(VAE(**TRAIN), _digits())
   assert nelbo1 < 0.75 * nelbo0, (nelbo0, nelbo1)

@@ -33,6 +33,7 @@ def _value_and_grads(conv, x, kernel, g):
 
 
 @pytest.mark.parametrize('b,h,w,c,o', [(2, 4, 4, 8, 16), (3, 6, 8, 16, 5), (1, 2, 2, 9, 3)])
+@pytest.mark.slow(reason='compiles convolutions and their gradients both ways')
 def test_winograd_conv_matches_xla_convolution_with_gradients(b, h, w, c, o):
   x, kernel, g = _normal(0, (b, h, w, c)), _normal(1, (3, 3, c, o)), _normal(2, (b, h, w, o))
   np.testing.assert_allclose(winograd.winograd_conv(x, kernel), _xla_conv(x, kernel),
@@ -80,6 +81,7 @@ def test_float32_3x3_same_convolutions_take_winograd_and_bfloat16_ones_do_not():
                 kernel.astype(jnp.bfloat16)) == 1
 
 
+@pytest.mark.slow(reason='compiles convolutions and their gradients both ways')
 def test_seed_cnn_with_winograd_equals_xla_convolutions():
   """The seed CNN on digits-shaped inputs: conv='auto' (its 64 -> 128 layer by F(2, 3)
   on this CPU) against conv='xla', with the same parameters: logits and gradients."""
@@ -97,6 +99,7 @@ def test_seed_cnn_with_winograd_equals_xla_convolutions():
                grads, ref_grads)
 
 
+@pytest.mark.slow(reason='compiles convolutions and their gradients both ways')
 def test_resnet_with_winograd_equals_xla_convolutions():
   """ResNetTiny (width 8 at 8x8, then 16 at 4x4): its 3x3 stride-1 convolutions by F(2, 3)
   against XLA's, with the same parameters: logits and gradients (BatchNorm in eval mode)."""

@@ -296,9 +296,22 @@ def loop_time(config, steps: int) -> dict:
           'step_time_s': float(np.median([1.0 / r for r in rates[len(rates) // 2:]]))}
 
 
-def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) -> list[dict]:
+def profile_steps(step, folder: str, steps: int) -> None:
+  """A jax.profiler trace of `steps` calls of `step`, each annotated, into `folder`
+  (FOLDER/plugins/profile/<time>/: `tensorboard --logdir FOLDER`, Profile tab)."""
+  import jax
+  with jax.profiler.trace(folder):
+    for i in range(steps):
+      with jax.profiler.StepTraceAnnotation('train', step_num=i):
+        step()
+
+
+def run_row(suite: str, row: dict, settings: dict, roof: float | None = None,
+            profile_dir: str | None = None) -> list[dict]:
   """Builds, compiles, warms up and times one row; returns its result objects: one, or two
-  when the row also runs the PyTorch reference (timed in alternating windows)."""
+  when the row also runs the PyTorch reference (timed in alternating windows). With
+  `settings['profile']` steps and a `profile_dir`, traces that many jaxbig steps after the
+  timed windows."""
   from jaxbig import parallel, plan, precision
   from jaxbig.bench import energy, flops
 
@@ -336,6 +349,8 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None) ->
       windows[name][1].append(joules)
       windows[name][2].append(seconds)
 
+  if settings.get('profile') and profile_dir:
+    profile_steps(jx.step, profile_dir, settings['profile'])
   loop = loop_time(config, row['loop']) if row.get('loop') else None
 
   batch_size = config.data.batch_size
@@ -420,9 +435,11 @@ def skip_reason(row: dict, config) -> str | None:
 
 def run_suite(path: str, out_dir: str, only: str | None = None,
               min_seconds: float | None = None, min_steps: int | None = None,
-              command: str | None = None, log=print) -> list[dict]:
-  """Runs the suite's rows (those whose name matches the glob `only`) into out_dir."""
+              command: str | None = None, log=print, profile: int = 0) -> list[dict]:
+  """Runs the suite's rows (those whose name matches the glob `only`) into out_dir; with
+  `profile` > 0, a trace of that many steps of each row in OUT_DIR/profile/<row>/."""
   suite, rows, settings = load_suite(path)
+  settings['profile'] = profile
   if only:  # Globs, comma-separated.
     rows = [r for r in rows if any(fnmatch.fnmatch(r['name'], p) for p in only.split(','))]
     if not rows:
@@ -447,7 +464,10 @@ def run_suite(path: str, out_dir: str, only: str | None = None,
       results = [{'suite': suite, 'name': row['name'], 'skipped': reason}]
       log(f"{row['name']}: skipped ({reason})")
     else:
-      results = run_row(suite, row, settings, roof)
+      folder = os.path.join(out_dir, 'profile', row['name']) if profile else None
+      results = run_row(suite, row, settings, roof, folder)
+      if folder:
+        results[0]['profile'] = folder
     for result in results:
       if roof and 'skipped' not in result:
         result['cpu_matmul_roof_flops_per_s'] = roof

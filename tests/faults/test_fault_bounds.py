@@ -193,6 +193,7 @@ def test_bad_input_is_one_line_and_writes_nothing(spec, bad, named, good, files,
 
 
 @pytest.mark.parametrize('spec, bad, named, good', ROWS)
+@pytest.mark.slow(reason='reads the standard library')
 def test_the_good_twin_is_accepted(spec, bad, named, good, files):
   del bad, named
   config = config_lib.load(spec, [o.format(**files) for o in good])

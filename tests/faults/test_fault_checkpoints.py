@@ -14,6 +14,8 @@ import fault_helpers as fh
 from jaxbig import checkpoint, config as config_lib, train
 from jaxbig.config import ConfigError
 
+pytestmark = pytest.mark.slow(reason='resumes a finished run for each kind of damage')
+
 RUN = fh.RESUMABLE
 
 

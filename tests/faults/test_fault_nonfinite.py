@@ -29,6 +29,7 @@ def compiled(request):
 
 
 @pytest.mark.parametrize('poison', ['nan_input', 'overflowing_input'])
+@pytest.mark.slow(reason='trains runs with NaN batches')
 def test_a_non_finite_step_keeps_the_state_bit_for_bit(compiled, poison):
   s, host_state, steps = compiled
   it = s.data.train_iter()
@@ -57,6 +58,7 @@ def test_a_non_finite_step_keeps_the_state_bit_for_bit(compiled, poison):
   assert (int(good.skips.run), int(good.skips.total)) == (0, 1)
 
 
+@pytest.mark.slow(reason='trains runs with NaN batches')
 def test_skipped_steps_are_counted_across_a_resume(monkeypatch, tmp_path):
   """NaN batches at steps 3 and 8; interrupted at 6 (checkpoint at 5) and resumed."""
   fh.poison(monkeypatch, {3, 8})
@@ -81,6 +83,7 @@ def test_skipped_steps_are_counted_across_a_resume(monkeypatch, tmp_path):
     ({6, 7, 8}, ['train.max_consecutive_skips=2'], 3),  # 3 in a row: stop after step 8.
     ({7}, ['train.on_nonfinite=abort'], 3),  # abort: the first stops it.
 ], ids=['within_limit', 'past_limit', 'abort'])
+@pytest.mark.slow(reason='trains runs with NaN batches')
 def test_too_many_skips_in_a_row_stop_the_run(poisoned, overrides, code, monkeypatch, capsys,
                                               tmp_path):
   fh.poison(monkeypatch, poisoned)
@@ -103,6 +106,7 @@ def test_too_many_skips_in_a_row_stop_the_run(poisoned, overrides, code, monkeyp
   assert max(rows) == last  # It stopped at the step that passed the limit.
 
 
+@pytest.mark.slow(reason='trains runs with NaN batches')
 def test_a_non_finite_state_is_never_saved(monkeypatch, tmp_path):
   """Parameters that are NaN from the start (every step skipped): the first save refuses."""
   init_state = train.init_state

@@ -11,6 +11,8 @@ import fault_helpers as fh
 from jaxbig import config as config_lib, train
 from orbax.checkpoint import step as ocp_step
 
+pytestmark = pytest.mark.slow(reason='signals sent to real jaxbig train processes')
+
 # A metrics line per step. Long enough that the signal always lands before the end.
 STEPS = 100
 RUN = ['train.log_every=1', 'train.eval_every=0', f'train.steps={STEPS}']

@@ -42,6 +42,7 @@ def _one_line(err: str, named: str) -> None:
 
 # Ownership.
 
+@pytest.mark.slow(reason='trains and resumes runs')
 def test_a_second_train_is_refused_naming_the_holder(tmp_path, capsys):
   workdir = tmp_path / 'run'
   workdir.mkdir()
@@ -100,6 +101,7 @@ def test_a_folder_that_is_not_a_jaxbig_workdir_is_refused_untouched(files, named
   workdir_lib.check_folder(str(workdir))  # The twin: an empty folder is fine.
 
 
+@pytest.mark.slow(reason='trains and resumes runs')
 def test_eval_of_a_workdir_whose_config_lacks_a_field_is_one_line(finished, tmp_path, capsys):
   workdir = _copy(finished, tmp_path)
   code, out, err = conftest.run_cli(capsys, 'eval', workdir)  # The twin first.
@@ -112,6 +114,7 @@ def test_eval_of_a_workdir_whose_config_lacks_a_field_is_one_line(finished, tmp_
   _one_line(err, 'config.json: lacks a field')
 
 
+@pytest.mark.slow(reason='trains and resumes runs')
 def test_entries_jaxbig_did_not_write_are_left_alone_and_reported_once(finished, tmp_path,
                                                                         capfd):
   workdir = _copy(finished, tmp_path)
@@ -180,6 +183,7 @@ def test_a_run_killed_before_its_summary_evaluates_once(finished, tmp_path):
   assert fh.metrics(workdir) == rows  # The same rows, the final one written again.
 
 
+@pytest.mark.slow(reason='trains and resumes runs')
 def test_changed_data_is_refused_naming_the_file(tmp_path, capsys):
   rng = np.random.default_rng(0)
   data = tmp_path / 'images.npz'
@@ -200,6 +204,7 @@ def test_changed_data_is_refused_naming_the_file(tmp_path, capsys):
 
 # Bounded memory.
 
+@pytest.mark.slow(reason='trains and resumes runs')
 def test_a_batch_larger_than_memory_is_refused_before_anything_is_written(tmp_path, capsys,
                                                                          monkeypatch):
   workdir = tmp_path / 'run'
@@ -251,6 +256,7 @@ def test_a_step_deleted_while_it_is_linked_is_passed_for_the_newest_left(finishe
   assert [os.path.basename(c) for c in calls] == ['20', '15']
 
 
+@pytest.mark.slow(reason='trains and resumes runs')
 def test_the_owner_removes_the_links_of_dead_readers_only(finished, tmp_path):
   workdir = _copy(finished, tmp_path)
   readers = workdir / checkpoint.READERS
@@ -289,6 +295,7 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(monkeypatch, capsys):
   assert code == 130 and not out and err.strip() == 'jaxbig: interrupted'
 
 
+@pytest.mark.slow(reason='trains and resumes runs')
 def test_sigint_saves_the_step_and_exits_130(tmp_path):
   workdir, log = tmp_path / 'run', tmp_path / 'log.txt'
   proc = fh.start('train', fh.CNN, 'train.log_every=1', 'train.eval_every=0', 'train.steps=100',

@@ -490,11 +490,72 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         ckpts.close()
 
 
+class _Log:
+  """Per-step metrics on the device, written one step late: a log step's interval is
+  fetched after the next step is dispatched (`flush`), so the host never waits for the
+  device at a log step. The checks of non-finite steps run on what is fetched."""
+
+  def __init__(self, s: Setup, writer: metrics_lib.Writer, progress: metrics_lib.Progress):
+    self.s, self.writer, self.progress = s, writer, progress
+    self.pending = []  # Metrics of the steps after the newest closed interval.
+    self.closed = None  # (last step, its metrics): an interval waiting to be fetched.
+    self.t_last = time.perf_counter()  # When the previous interval was fetched.
+    self.scalars = {}  # The newest interval's scalars (the summary's train values).
+
+  def add(self, step: int, metrics: dict, log_step: bool) -> None:
+    self.pending.append(metrics)
+    if log_step:
+      self.closed, self.pending = (step, self.pending), []
+    else:
+      self.progress.update(step)
+
+  def flush(self, saved: int | None) -> None:
+    """Fetches and writes the closed interval, if any; raises if it passed the skip limit."""
+    if self.closed is None:
+      return
+    (step, metrics), self.closed = self.closed, None
+    fetched = jax.device_get(metrics)
+    out = _train_scalars(fetched, self.s.data.meta.task)
+    now = time.perf_counter()
+    out['steps_per_s'] = len(fetched) / (now - self.t_last)
+    out['lr'] = float(self.s.schedule(step - 1))
+    self.writer.write(step, out)  # Also when the check below stops the run: the log shows why.
+    self.progress.update(step, f"loss {out['train/loss']:.4f}", force=True)
+    faults.check_runs([m['skip_run'] for m in fetched], step - len(fetched) + 1,
+                      self.s.skip_limit, saved)
+    self.t_last, self.scalars = now, out
+
+  def paused(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation) out of the training rate."""
+    self.t_last += seconds
+
+  def check_unlogged(self, step: int, saved: int | None) -> None:
+    """Raises if the steps not yet in an interval passed the skip limit (before a save)."""
+    runs = jax.device_get([m['skip_run'] for m in self.pending])
+    faults.check_runs(runs, step - len(self.pending) + 1, self.s.skip_limit, saved)
+
+
+_all_finite = jax.jit(precision.all_finite)
+
+
+def _save(s: Setup, steps: parallel.Steps, ckpts: checkpoint.Checkpoints, log: _Log,
+          state: TrainState, train_iter, step: int, saved: int | None) -> int:
+  """Starts the save of `step` (after the skip checks of every step before it); returns it."""
+  log.flush(saved)
+  log.check_unlogged(step, saved)
+  mesh_state = steps.unplace(state)
+  if not bool(_all_finite(mesh_state)):  # Never reached while train_step guards each step.
+    raise faults.NonFiniteError(f'train: refusing to save step {step}: the state holds '
+                                'non-finite values')
+  ckpts.save(step, mesh_state, data_lib.save_iter_state(train_iter), s.data.meta.to_json())
+  return step
+
+
 def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
            preemption: faults.Preemption, stop_after: int | None, t_start: float,
            start: int | None, state: TrainState, iter_state: dict | None,
            steps: parallel.Steps) -> dict | None:
-  config, cfg, task = s.config, s.config.train, s.data.meta.task
+  config, cfg = s.config, s.config.train
   # Each process reads only the rows of a batch that its devices hold.
   train_iter = s.data.train_iter(steps.rows(config.data.batch_size))
   if start is not None:
@@ -503,40 +564,9 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
   state = steps.place(state)
   writer = metrics_lib.Writer(workdir)
   progress = metrics_lib.Progress(cfg.steps, start)
-  meta_json = s.data.meta.to_json()
-  all_finite = jax.jit(precision.all_finite)
-  pending, scalars, eval_s, preempted = [], {}, 0.0, None
-
-  def check_skips(step: int) -> None:
-    """Raises if the skip counts of the steps not yet logged passed the limit."""
-    runs = jax.device_get([m['skip_run'] for m in pending])
-    faults.check_runs(runs, step - len(pending) + 1, s.skip_limit, saved)
-
-  def save(step: int) -> None:
-    nonlocal saved
-    check_skips(step)
-    mesh_state = steps.unplace(state)
-    if not bool(all_finite(mesh_state)):  # Never reached while train_step guards each step.
-      raise faults.NonFiniteError(f'train: refusing to save step {step}: the state holds '
-                                  'non-finite values')
-    ckpts.save(step, mesh_state, data_lib.save_iter_state(train_iter), meta_json)
-    saved = step
-
-  def log(step: int) -> dict:
-    nonlocal pending, t_log
-    fetched = jax.device_get(pending)
-    out = _train_scalars(fetched, task)
-    now = time.perf_counter()
-    out['steps_per_s'] = len(pending) / (now - t_log)
-    out['lr'] = float(s.schedule(step - 1))
-    writer.write(step, out)  # Also when the check below stops the run: the log shows why.
-    progress.update(step, f"loss {out['train/loss']:.4f}", force=True)
-    faults.check_runs([m['skip_run'] for m in fetched], step - len(fetched) + 1,
-                      s.skip_limit, saved)
-    pending, t_log = [], now
-    return out
-
-  t_loop = t_log = time.perf_counter()
+  log = _Log(s, writer, progress)
+  eval_s, preempted = 0.0, None
+  t_loop = time.perf_counter()
   last = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
   profile = metrics_lib.Profile(workdir, cfg.profile_steps, cfg.profile_start)
   try:
@@ -545,24 +575,24 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
       with profile.step(step):
         state, step_metrics = steps.train(state, batch)
       profile.after(step, step_metrics)
-      pending.append(step_metrics)
-      if step % cfg.log_every == 0 or step == cfg.steps:
-        scalars = log(step)
-      else:
-        progress.update(step)
+      log.flush(saved)  # The previous log step's, while this step runs.
+      log.add(step, step_metrics, step % cfg.log_every == 0 or step == cfg.steps)
       if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
         t_eval = time.perf_counter()
+        log.flush(saved)  # Evaluating waits for the device anyway; rows stay in step order.
         writer.write(step, {f'eval/{k}': v for k, v in evaluate(s, steps, state, 'val').items()})
         eval_s += time.perf_counter() - t_eval
-        t_log += time.perf_counter() - t_eval
+        log.paused(time.perf_counter() - t_eval)
       stop = preemption.reached(step)  # Every process, every step.
       if stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0 and step != cfg.steps):
-        save(step)
+        saved = _save(s, steps, ckpts, log, state, train_iter, step, saved)
       if stop:
-        if pending:  # The partial interval, so that a resumed run misses no step.
-          log(step)
+        if log.pending:  # The partial interval, so that a resumed run misses no step.
+          log.add(step, log.pending.pop(), True)
+        log.flush(saved)
         preempted = step
         break
+    log.flush(saved)
   except BaseException:
     writer.close()
     raise
@@ -583,13 +613,14 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
     return None
   train_s = time.perf_counter() - t_loop - eval_s
   if saved != cfg.steps:
-    save(cfg.steps)
+    saved = _save(s, steps, ckpts, log, state, train_iter, cfg.steps, saved)
   val = evaluate(s, steps, state, 'val')
   test = evaluate(s, steps, state, 'test')
   writer.write(cfg.steps, {**{f'eval/{k}': v for k, v in val.items()},
                            **{f'test/{k}': v for k, v in test.items()}})
   ckpts.wait()
   writer.close()
+  scalars = log.scalars
   if not scalars:  # Nothing left to train: report the last logged training metrics.
     scalars = workdir_lib.last_logged(workdir)
   devices = s.mesh.devices.flatten()

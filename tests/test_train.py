@@ -205,3 +205,31 @@ def test_profile_traces_the_asked_steps_with_annotations(uninterrupted, tmp_path
   assert traced == [4, 5]
   got = _losses(str(tmp_path))
   assert got == reference
+
+
+def test_a_log_step_is_fetched_after_the_next_step_is_dispatched(tmp_path, monkeypatch):
+  """The host never waits for the device at a log step: the interval ending at step k is
+  fetched once step k + 1 has been handed to the device (the last one after the loop)."""
+  import dataclasses as dc
+  dispatched, fetched = [], []
+  compile_steps = train.compile_steps
+
+  def counting(*args, **kwargs):
+    steps = compile_steps(*args, **kwargs)
+    run = steps.train
+    return dc.replace(steps, train=lambda *a: dispatched.append(1) or run(*a))
+
+  flush = train._Log.flush  # pylint: disable=protected-access
+
+  def recording(self, saved):
+    if self.closed is not None:
+      fetched.append((self.closed[0], len(dispatched)))
+    return flush(self, saved)
+
+  monkeypatch.setattr(train, 'compile_steps', counting)
+  monkeypatch.setattr(train._Log, 'flush', recording)  # pylint: disable=protected-access
+  config = config_lib.load(CNN_SMOKE, ['train.log_every=4', 'train.eval_every=0',
+                                       'train.ckpt_every=0', 'train.steps=12'])
+  train.train_and_evaluate(config, str(tmp_path))
+  assert fetched == [(4, 5), (8, 9), (12, 12)]
+  assert sorted(_losses(str(tmp_path))) == [4, 8, 12]

@@ -78,6 +78,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   # fp32 (matmul precision 'highest') | tf32 | bf16 | fp16 | fp8 | int8: jaxbig/precision.py.
   c.precision = 'fp32'
+  # auto: the fast paths measured on the devices' platform | reference: plain XLA, autodiff
+  # (jaxbig/kernels/__init__.py).
+  c.kernels = 'auto'
   c.loss_scale = ml_collections.ConfigDict()  # Loss scaling, for fp16 gradients.
   c.loss_scale.mode = 'auto'  # auto (dynamic for fp16, else none) | dynamic | static | none.
   c.loss_scale.init = 2.0**15  # Initial (static: the) scale.

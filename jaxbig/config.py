@@ -215,6 +215,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the fields every experiment shares; the sections' builders check their own."""
   for section in ('seed', 'data', 'model', 'opt', 'train', 'mesh'):
     _require(section in config, f"config: missing section '{section}'")
+  _require('kernels' in config, "config: missing field 'kernels' (auto or reference)")
+  _require(config.kernels in ('auto', 'reference'),
+           f"kernels: unknown policy '{config.kernels}'; choose from auto, reference")
   # The seed becomes a 32-bit PRNG key (and numpy seeds): larger ones would overflow there.
   _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32,
            f'seed must be in 0..{2**32 - 1}, got {config.seed}')

@@ -28,7 +28,6 @@ from jax import lax
 
 # Platforms whose train step draws its bits through `UNROLLED`. JAX lowers Threefry unrolled
 # already everywhere else (GPUs, TPUs).
-UNROLLED_ON = ('cpu',)
 
 _THREEFRY = jex_random.threefry_prng_impl
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32's, alternating per 4 rounds.
@@ -77,7 +76,8 @@ UNROLLED = jex_random.define_prng_impl(
     tag='fry_u')
 
 
-def wrap(key_data: jax.Array, platform: str) -> jax.Array:
-  """A typed key from Threefry key data, drawing its bits unrolled on `UNROLLED_ON`."""
-  return jax.random.wrap_key_data(key_data, impl=UNROLLED if platform in UNROLLED_ON
+def wrap(key_data: jax.Array, unrolled: bool) -> jax.Array:
+  """A typed key from Threefry key data, drawing its bits unrolled if `unrolled`
+  (kernels.random_bits, the CPU fast path; the same bits either way)."""
+  return jax.random.wrap_key_data(key_data, impl=UNROLLED if unrolled
                                   else 'threefry2x32')

@@ -40,7 +40,7 @@ def _check_target(to: str) -> None:
 def _ptq_model(s: train.Setup, to: str) -> tuple[nn.Module, dict]:
   """The float32 model with quantised matmuls, and its abstract quantised parameters."""
   import qwix
-  base = models.build(s.config.model, s.data.meta, jnp.float32)
+  base = models.build(s.config.model, s.data.meta, jnp.float32, s.kernels)
   rule = qwix.QuantizationRule(module_path='.*', weight_qtype=to, act_qtype=to)
   model = qwix.quantize_model(models.with_xla_convolutions(base), qwix.PtqProvider([rule]))
   meta = s.data.meta

@@ -24,7 +24,8 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from jaxbig import checkpoint, data as data_lib, faults, losses, models, optim
+from jaxbig import checkpoint, data as data_lib, faults, kernels as kernels_lib, losses
+from jaxbig import models, optim
 from jaxbig import metrics as metrics_lib, parallel, precision, prng, sharding
 from jaxbig import workdir as workdir_lib
 from jaxbig.config import ConfigError
@@ -58,14 +59,15 @@ class Setup:
   rules: tuple  # Logical axis name -> mesh axes (`sharding.rules`).
   mode: str  # parallel.mode: jit or pmap.
   policy: precision.Policy  # Compute dtype, matmul precision and low-precision matmuls.
+  kernels: kernels_lib.Kernels  # Which fast paths the steps use (jaxbig/kernels).
   scaling: precision.LossScaling | None  # Loss scaling (fp16), or None.
   skip_limit: int  # Non-finite steps in a row that a run may skip (0: none).
 
 
 def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: bool,
-          scaling: precision.LossScaling | None) -> TrainState:
+          scaling: precision.LossScaling | None, unrolled_bits: bool) -> TrainState:
   # The train step's key type: Threefry's bits, compiled faster on CPUs (see prng.py).
-  key = prng.wrap(rng, inits.platform())
+  key = prng.wrap(rng, unrolled_bits)
   params_key, dropout_key, key = jax.random.split(key, 3)
   x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
   variables = model.init({'params': params_key, 'dropout': dropout_key, 'sample': dropout_key},
@@ -103,12 +105,13 @@ def setup(config, devices=None) -> Setup:
   skip_limit = faults.skip_limit(config, scaling is not None)
   rules = sharding.rules(config.mesh)
   mesh = sharding.make_mesh(config.mesh, devices)
+  kernels = kernels_lib.select(config.kernels, mesh.devices.flat[0].platform)
   sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
                        'data.batch_size / train.accum_steps')
   sharding.check_batch(config.data.eval_batch_size, mesh, 'data.eval_batch_size')
   _check_host_batches(config, data)
   try:
-    model = models.build(config.model, meta, policy.compute_dtype)
+    model = models.build(config.model, meta, policy.compute_dtype, kernels)
     tx, schedule = optim.build(config.opt, config.train.steps)
   except ValueError as e:  # The builders name the field; make it a one-line config error.
     raise ConfigError(str(e)) from None
@@ -120,7 +123,8 @@ def setup(config, devices=None) -> Setup:
     weights = class_weights(config.train, data.splits['train'][1], meta.num_classes)
   loss_fn = losses.build(config.train, weights)
   init = functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape,
-                           tokens=meta.vocab_size > 0, scaling=scaling)
+                           tokens=meta.vocab_size > 0, scaling=scaling,
+                           unrolled_bits=kernels.random_bits == 'unrolled')
   try:
     with inits.compiling_for(mesh):  # As the steps will be traced.
       abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
@@ -134,7 +138,7 @@ def setup(config, devices=None) -> Setup:
   shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
   sharding.check_divisible(abstract_boxed, shardings)
   return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings,
-               rules, mode, policy, scaling, skip_limit)
+               rules, mode, policy, kernels, scaling, skip_limit)
 
 
 def host_memory_bytes() -> int:
@@ -193,7 +197,8 @@ def _check_finite_data(config, data) -> None:
 def init_fn(s: Setup) -> Callable[[jax.Array], TrainState]:
   """The boxed fresh state as a function of the seed's Threefry key data."""
   return functools.partial(_init, model=s.model, tx=s.tx, input_shape=s.data.meta.input_shape,
-                           tokens=s.data.meta.vocab_size > 0, scaling=s.scaling)
+                           tokens=s.data.meta.vocab_size > 0, scaling=s.scaling,
+                           unrolled_bits=s.kernels.random_bits == 'unrolled')
 
 
 def init_state(s: Setup) -> TrainState:
@@ -244,19 +249,10 @@ def _forward(model, params, batch_stats, x, *, train: bool, rng=None):
   return model.apply(variables, x, train=train, rngs=rngs), batch_stats
 
 
-# Platforms whose train step keeps a non-finite step's state by a branch (lax.cond) instead of
-# selecting between the new and old values (jnp.where). On XLA:CPU the select made the
-# compiler copy every optimizer moment before updating it in place, each step; the branch
-# does not (A/B in one process: GPT step -2.5%, CNN -2% to -5%; benchmarks/results/cpu-xeon/
-# perf_cpu/README.md). Unmeasured on GPUs and TPUs, which keep the select. The two forms
-# compile the update into different fusions, which round differently in the last bits: over
-# 800 steps cnn_digits' test accuracy moved from 0.9889 (select) to 0.9944 (branch).
-GUARD_BY_BRANCH = ('cpu',)
-
-
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn: Callable,
                accum_steps: int, axis_name: str | None = None,
-               scaling: precision.LossScaling | None = None) -> tuple[TrainState, dict]:
+               scaling: precision.LossScaling | None = None,
+               kernels: kernels_lib.Kernels = kernels_lib.REFERENCE) -> tuple[TrainState, dict]:
   """One optimizer update; with `accum_steps` > 1 the batch is split into micro-batches.
 
   Under `jax.jit` the batch is global and the mean is over all of it. Under `jax.pmap`
@@ -266,10 +262,13 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
   gradients divided by it after. A step whose loss or gradients are not finite (an fp16
   overflow, a NaN in a batch, a diverging model) keeps the old parameters, optimizer state
   and BatchNorm statistics bit for bit, changes the loss scale, and counts as skipped in
-  `state.skips` (see jaxbig/faults.py).
+  `state.skips` (see jaxbig/faults.py). `kernels` picks the random bits' and the guard's
+  form (the same values; the guard's two forms round differently in the last bits: over
+  800 steps cnn_digits' test accuracy was 0.9889 with the select, 0.9944 with the branch).
   """
   scale = state.loss_scale.scale if scaling else None
-  rng = jax.random.fold_in(prng.wrap(state.rng, inits.platform()), state.step)
+  rng = jax.random.fold_in(prng.wrap(state.rng, kernels.random_bits == 'unrolled'),
+                           state.step)
   total = lambda x: x
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # Own dropout per device.
@@ -325,7 +324,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return optax.apply_updates(state.params, updates), batch_stats, opt_state
 
-  if inits.platform() in GUARD_BY_BRANCH:
+  if kernels.guard == 'branch':  # No copy of the optimizer state on XLA:CPU.
     kept = jax.lax.cond(finite, update, lambda: old)
   else:
     kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(), old)
@@ -348,7 +347,7 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Call
 def _train_fn(s: Setup, axis_name: str | None = None) -> Callable:
   return functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
                            accum_steps=s.config.train.accum_steps, axis_name=axis_name,
-                           scaling=s.scaling)
+                           scaling=s.scaling, kernels=s.kernels)
 
 
 def jit_train_step(s: Setup):

@@ -38,10 +38,17 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'trai
                      'train.profile_steps', 'train.profile_start')
 
 
+# Fields added since runs were first saved, with the value that reproduces what those runs
+# did: a config.json or fingerprint without the field counts as holding that value.
+ADDED_FIELDS = {'kernels': 'auto'}
+
+
 def fingerprint_config(config) -> dict:
-  """The flat config fields that a resumed run must keep."""
+  """The flat config fields that a resumed run must keep (an added field at its old
+  behaviour left out, so that runs saved before it existed still match)."""
   flat = config_lib.flatten(config_lib.to_dict(config))
-  return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES}
+  return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES
+          and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
 
 
 _LOCK = re.compile(r'jaxbig-\d+\.lock')
@@ -79,6 +86,8 @@ def saved_config(workdir: str) -> dict:
     what = f"lacks {', '.join(missing)}" if isinstance(saved, dict) and missing else (
         'is not a config')
     raise ConfigError(f'{path}: not a jaxbig config ({what}); use a new --workdir')
+  for key, value in ADDED_FIELDS.items():
+    saved.setdefault(key, value)
   return saved
 
 

@@ -1,6 +1,7 @@
 """jaxbig.prng: the unrolled Threefry draws JAX's Threefry bits, and the train step's result
 does not depend on which of the two draws them."""
 
+import dataclasses
 import pathlib
 
 import jax
@@ -15,10 +16,15 @@ CNN = str(pathlib.Path(__file__).resolve().parent.parent / 'experiments' / 'cnn_
 UINTS = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
 
 
+def _with_bits(s: train.Setup, bits: str) -> train.Setup:
+  """The setup with the policy's random bits set to `bits`, everything else kept."""
+  return dataclasses.replace(s, kernels=dataclasses.replace(s.kernels, random_bits=bits))
+
+
 def _pair(seed: int):
   """(reference key, unrolled key) from the same Threefry key data."""
   data = jax.random.key_data(jax.random.key(seed))
-  return jax.random.wrap_key_data(data), prng.wrap(data, 'cpu')
+  return jax.random.wrap_key_data(data), prng.wrap(data, True)
 
 
 @pytest.mark.parametrize('shape', [(), (7,), (3, 5), (2, 3, 4), (64, 1000)])
@@ -56,22 +62,22 @@ def test_derived_keys_and_distributions_match():
   assert jax.random.key_impl(fast) != jax.random.key_impl(ref)
 
 
-def test_keys_of_other_platforms_stay_threefry():
+def test_the_policy_picks_the_key_type():
   data = jax.random.key_data(jax.random.key(0))
-  assert str(jax.random.key_impl(prng.wrap(data, 'gpu'))) == 'threefry2x32'
-  assert str(jax.random.key_impl(prng.wrap(data, 'cpu'))) != 'threefry2x32'
+  assert str(jax.random.key_impl(prng.wrap(data, False))) == 'threefry2x32'
+  assert str(jax.random.key_impl(prng.wrap(data, True))) != 'threefry2x32'
 
 
 @pytest.mark.slow(reason='compiles train steps with both key types')
-def test_train_step_is_the_same_with_either_draw(monkeypatch):
+def test_train_step_is_the_same_with_either_draw():
   """The seed CNN (dropout 0.1) after two steps: bit-identical parameters, and only the
   reference's program holds Threefry's rolled loop for the mask."""
   s = train.setup(config_lib.load(CNN + ':smoke', ['opt.warmup_steps=0']))
   assert s.config.model.dropout > 0
   batch = next(s.data.train_iter())
   results, loops = [], []
-  for platforms in (('cpu',), ()):
-    monkeypatch.setattr(prng, 'UNROLLED_ON', platforms)
+  for bits in ('unrolled', 'threefry'):
+    s = _with_bits(s, bits)
     steps = train.compile_steps(s, train.init_state(s), with_eval=False)
     loops.append(train.lower_train_step(s).compile().as_text().count(' while('))
     state = train.init_state(s)
@@ -84,13 +90,13 @@ def test_train_step_is_the_same_with_either_draw(monkeypatch):
 
 @pytest.mark.parametrize('spec', [CNN + ':smoke', 'experiments/seq_digits.py:gru,smoke'])
 @pytest.mark.slow(reason='compiles train steps with both key types')
-def test_init_state_is_the_same_with_either_draw(monkeypatch, spec):
+def test_init_state_is_the_same_with_either_draw(spec):
   """Every leaf of a fresh state (parameters, optimizer state, key) bit for bit; only the
   reference's init program holds Threefry's rolled loops for its random draws."""
   s = train.setup(config_lib.load(spec, []))
   states, loops = [], []
-  for platforms in (('cpu',), ()):
-    monkeypatch.setattr(prng, 'UNROLLED_ON', platforms)
+  for bits in ('unrolled', 'threefry'):
+    s = _with_bits(s, bits)
     states.append(jax.device_get(train.init_state(s)))
     loops.append(jax.jit(train.init_fn(s)).lower(jax.random.key_data(jax.random.key(0))).as_text()
                  .count('stablehlo.while'))

@@ -83,10 +83,10 @@ def test_float32_3x3_same_convolutions_take_winograd_and_bfloat16_ones_do_not():
 
 @pytest.mark.slow(reason='compiles convolutions and their gradients both ways')
 def test_seed_cnn_with_winograd_equals_xla_convolutions():
-  """The seed CNN on digits-shaped inputs: conv='auto' (its 64 -> 128 layer by F(2, 3)
-  on this CPU) against conv='xla', with the same parameters: logits and gradients."""
+  """The seed CNN on digits-shaped inputs: conv='winograd' (its 64 -> 128 layer by
+  F(2, 3)) against conv='xla', with the same parameters: logits and gradients."""
   x = _normal(0, (4, 8, 8, 1))
-  auto, xla = cnn.CNN(10), cnn.CNN(10, conv='xla')
+  auto, xla = cnn.CNN(10, conv='winograd'), cnn.CNN(10, conv='xla')
   params = _jit_fast(xla.init, static_argnames='train')(jax.random.key(0), x, train=False)
   loss = lambda model: _jit_fast(jax.value_and_grad(
       lambda p: (model.apply(p, x, train=False) ** 2).sum()))
@@ -104,7 +104,8 @@ def test_resnet_with_winograd_equals_xla_convolutions():
   """ResNetTiny (width 8 at 8x8, then 16 at 4x4): its 3x3 stride-1 convolutions by F(2, 3)
   against XLA's, with the same parameters: logits and gradients (BatchNorm in eval mode)."""
   x = _normal(0, (4, 8, 8, 1))
-  auto, xla = ResNetTiny(num_outputs=10), ResNetTiny(num_outputs=10, conv='xla')
+  auto, xla = (ResNetTiny(num_outputs=10, conv='winograd'),
+               ResNetTiny(num_outputs=10, conv='xla'))
   variables = _jit_fast(xla.init, static_argnames='train')(jax.random.key(0), x, train=False)
   apply = lambda model: partial(model.apply, train=False)
   # The stem (one channel) and the stride-2 and 1x1 convolutions stay XLA's.
@@ -122,5 +123,5 @@ def test_resnet_with_winograd_equals_xla_convolutions():
                                    ResNetTiny(num_outputs=10, conv='fast')])
 def test_unknown_conv_implementation_is_named(model):
   with pytest.raises(ValueError,
-                     match=r"(CNN|ResNet)\.conv: unknown 'fast'; choose from auto, xla"):
+                     match=r"(CNN|ResNet)\.conv: unknown 'fast'; choose from winograd, xla"):
     model.init(jax.random.key(0), _normal(0, (1, 8, 8, 1)), train=False)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
+from jaxbig import kernels as kernels_lib
 from jaxbig.models import rnn, transformer, vae
 from jaxbig.models.cnn import CNN
 from jaxbig.models.mlp import MLP
@@ -26,7 +27,7 @@ class DataMeta(Protocol):
   vocab_size: int  # > 0: inputs are int tokens.
 
 
-Factory = Callable[[ml_collections.ConfigDict, DataMeta, Any], nn.Module]
+Factory = Callable[[ml_collections.ConfigDict, DataMeta, Any, kernels_lib.Kernels], nn.Module]
 
 
 def _needs_image(cfg: ml_collections.ConfigDict, meta: DataMeta) -> None:
@@ -37,16 +38,20 @@ def _needs_image(cfg: ml_collections.ConfigDict, meta: DataMeta) -> None:
         f"{tuple(meta.input_shape)}")
 
 
-def _cnn(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+def _cnn(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
+         kernels: kernels_lib.Kernels) -> nn.Module:
   """Builds the CNN."""
   _needs_image(cfg, meta)
   # tuple(): CLI overrides may hand in lists; module attributes should be hashable.
   return CNN(
       num_outputs=meta.num_outputs, features=tuple(cfg.features), hidden=cfg.hidden,
-      dropout=cfg.dropout, init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
+      dropout=cfg.dropout, init_name=cfg.init, init_std=cfg.init_std, dtype=dtype,
+      conv=kernels.conv)
 
 
-def _mlp(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+def _mlp(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
+         kernels: kernels_lib.Kernels) -> nn.Module:
+  del kernels  # No fast path.
   """Builds the MLP."""
   return MLP(
       num_outputs=meta.num_outputs, widths=tuple(cfg.widths), activation=cfg.activation,
@@ -56,21 +61,24 @@ def _mlp(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Modul
 def _resnet(size: Callable[..., nn.Module]) -> Factory:
   """Returns a factory for one ResNet size partial."""
 
-  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
+              kernels: kernels_lib.Kernels) -> nn.Module:
     _needs_image(cfg, meta)
     return size(
         num_outputs=meta.num_outputs, width=cfg.width, small_input=cfg.small_input,
-        init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
+        init_name=cfg.init, init_std=cfg.init_std, dtype=dtype, conv=kernels.conv)
 
   return factory
 
 
-def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
+                 kernels: kernels_lib.Kernels) -> nn.Module:
   """A decoder LM on text, an encoder classifier on anything else."""
   common = dict(
       width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
       max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout, attention=cfg.attention,
-      remat=cfg.remat, scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype)
+      remat=cfg.remat, scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
+      heads_major=kernels.attention == 'heads_major')
   if cfg.width % cfg.heads:
     raise ValueError(f'model.width ({cfg.width}) must be divisible by model.heads ({cfg.heads})')
   if cfg.pos not in ('rope', 'learned'):
@@ -87,9 +95,11 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> 
 def _rnn(cell: str) -> Factory:
   """Returns a factory for an LSTM or GRU: an LM on text, a classifier otherwise."""
 
-  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
+              kernels: kernels_lib.Kernels) -> nn.Module:
     common = dict(cell=cell, hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout,
-                  init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
+                  init_name=cfg.init, init_std=cfg.init_std, dtype=dtype,
+                  fused_grad=kernels.rnn_grad == 'fused')
     if meta.task == 'lm':
       if cfg.bidirectional:
         raise ValueError('model.bidirectional: a language model must not see the future')
@@ -106,7 +116,9 @@ def _rnn(cell: str) -> Factory:
 def _autoencoder(variational: bool) -> Factory:
   """Returns a factory for the autoencoder or the VAE."""
 
-  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any) -> nn.Module:
+  def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
+              kernels: kernels_lib.Kernels) -> nn.Module:
+    del kernels  # No fast path.
     _needs_image(cfg, meta)
     cls = vae.VAE if variational else vae.AutoEncoder
     return cls(input_shape=tuple(meta.input_shape), widths=tuple(cfg.widths), latent=cfg.latent,
@@ -140,12 +152,14 @@ def _check_name(name: str) -> None:
     raise ValueError(f"model.name: unknown model '{name}'; choose from {', '.join(MODELS)}")
 
 
-def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float32) -> nn.Module:
-  """Returns the module named by `cfg.name`, computing in `dtype` with float32 params."""
+def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float32,
+          kernels: kernels_lib.Kernels = kernels_lib.REFERENCE) -> nn.Module:
+  """Returns the module named by `cfg.name`, computing in `dtype` with float32 params and
+  the fast paths that `kernels` chose (jaxbig/kernels)."""
   _check_name(cfg.name)
   _check_sizes(cfg)
   try:
-    return _FACTORIES[cfg.name](cfg, meta, dtype)
+    return _FACTORIES[cfg.name](cfg, meta, dtype, kernels)
   except AttributeError as e:  # ConfigDict: a field this model needs is not declared.
     field = str(e).splitlines()[0].strip('"\'')
     raise ValueError(f"model.{field}: model.name={cfg.name} needs this field; the experiment's "
@@ -173,4 +187,4 @@ def has_batch_stats(name: str) -> bool:
 def with_xla_convolutions(model: nn.Module) -> nn.Module:
   """The model with XLA's convolutions where it has a faster rewrite (the CNN's and ResNet's
   Winograd path): qwix quantizes `conv_general_dilated`, not the matmuls a rewrite computes."""
-  return model.clone(conv='xla') if getattr(model, 'conv', None) == 'auto' else model
+  return model.clone(conv='xla') if getattr(model, 'conv', None) == 'winograd' else model

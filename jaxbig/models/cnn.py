@@ -42,9 +42,9 @@ class CNN(nn.Module):
   features: tuple[int, ...] = (64, 128)
   hidden: int = 1024
   dropout: float = 0.0
-  # 'auto': on CPUs, float32 3x3 convolutions as Winograd F(2x2, 3x3) where that applies
-  # (winograd.py); 'xla': always lax.conv_general_dilated.
-  conv: str = 'auto'
+  # 'winograd': float32 3x3 convolutions as Winograd F(2x2, 3x3) where that applies
+  # (winograd.py; kernels.conv, the CPU fast path); 'xla': always lax.conv_general_dilated.
+  conv: str = 'xla'
   # Not `init`: that would shadow nn.Module.init.
   init_name: str = 'he'
   init_std: float = 0.02

@@ -119,7 +119,8 @@ def compiling_for(mesh: jax.sharding.Mesh):
 
 def platform() -> str:
   """The platform the model is traced for: `compiling_for`'s, else JAX's default backend.
-  The CPU-only fast paths (winograd.py, heads-major attention) ask this."""
+  Only the float16 upcast below asks (XLA:CPU lacks the operation); the fast paths are
+  chosen by the kernel policy (jaxbig/kernels), never by this."""
   return _PLATFORM.get() or jax.default_backend()
 
 

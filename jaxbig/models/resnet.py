@@ -82,9 +82,9 @@ class ResNet(nn.Module):
   width: int = 64
   # True: 3x3 stride-1 stem and no max-pool, for 8x8 or 32x32 images.
   small_input: bool = False
-  # 'auto': on CPUs, float32 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) where that
-  # applies (winograd.py); 'xla': always lax.conv_general_dilated.
-  conv: str = 'auto'
+  # 'winograd': float32 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) where that applies
+  # (winograd.py; kernels.conv, the CPU fast path); 'xla': always lax.conv_general_dilated.
+  conv: str = 'xla'
   # Not `init`: that would shadow nn.Module.init.
   init_name: str = 'he'
   init_std: float = 0.02

@@ -306,6 +306,7 @@ class RNNLayer(nn.Module):
   hidden: int
   reverse: bool = False
   decode: bool = False
+  fused_grad: bool = False  # The hand-written backward loop (kernels.rnn_grad, CPU fast path).
   init_name: str = 'lecun'
   init_std: float = 0.02
   dtype: Any = jnp.float32
@@ -364,8 +365,8 @@ class RNNLayer(nn.Module):
       zx_LxBxGxN = jnp.take(rows_VxGxN, x_BxLxE.T, axis=0)
     zx_LxBxGxN = inits.constrain(zx_LxBxGxN, ('length', 'batch', None, 'mlp'))
     recurrent = {k: v for k, v in params.items() if k != 'input_kernel'}
-    carry, h_LxBxN = fused_scan(self.cell, self.dtype, self.reverse, recurrent, carry,
-                                zx_LxBxGxN)
+    scan = fused_scan if self.fused_grad else _scan
+    carry, h_LxBxN = scan(self.cell, self.dtype, self.reverse, recurrent, carry, zx_LxBxGxN)
     # init builds an empty cache: the carry after the dummy init input must not leak into it.
     if cache is not None and not self.is_initializing():
       for k, v in cache.items():
@@ -411,6 +412,7 @@ class RNNLM(nn.Module):
   embed_dim: int = 0
   dropout: float = 0.0
   # Not `init`: that would shadow nn.Module.init.
+  fused_grad: bool = False  # The hand-written backward loop (kernels.rnn_grad, CPU fast path).
   init_name: str = 'lecun'
   init_std: float = 0.02
   tie_embeddings: bool = False
@@ -432,7 +434,8 @@ class RNNLM(nn.Module):
     x, table_VxE = tokens_BxL, inits.constrain(embed.embedding, ('vocab', 'act_embed'))
     for i in range(self.depth):
       _, x = RNNLayer(
-          self.cell, self.hidden, decode=self.decode, init_name=self.init_name,
+          self.cell, self.hidden, decode=self.decode, fused_grad=self.fused_grad,
+          init_name=self.init_name,
           init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
           name=f'layer_{i}')(x, table_VxE=table_VxE if i == 0 else None)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -480,6 +483,7 @@ class RNNClassifier(nn.Module):
   pool: str = 'last'
   embed_dim: int = 0
   dropout: float = 0.0
+  fused_grad: bool = False  # The hand-written backward loop (kernels.rnn_grad, CPU fast path).
   init_name: str = 'lecun'
   init_std: float = 0.02
   dtype: Any = jnp.float32
@@ -507,7 +511,8 @@ class RNNClassifier(nn.Module):
     if self.pool not in POOLS:
       raise ValueError(f"model.pool: unknown pool '{self.pool}'; choose from {', '.join(POOLS)}")
     layer = lambda reverse, name: RNNLayer(
-        self.cell, self.hidden, reverse=reverse, init_name=self.init_name,
+        self.cell, self.hidden, reverse=reverse, fused_grad=self.fused_grad,
+        init_name=self.init_name,
         init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     x = self._inputs(x)
     for i in range(self.depth):

@@ -142,6 +142,7 @@ class Attention(nn.Module):
   pos: str = 'rope'
   causal: bool = True
   attention: str = 'xla'
+  heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
   decode: bool = False
   init_std: float = 0.02
   out_std: float = 0.02
@@ -164,8 +165,8 @@ class Attention(nn.Module):
         batch, length, self.heads, head_dim)
     q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (inits.constrain(to_BxLxHxD(n), inits.ACT_BxLxHxD)
                                        for n in ('query', 'key', 'value'))
-    # On CPUs RoPE is applied after the heads-major move (faster there).
-    if not self.decode and self.attention != 'cudnn' and inits.platform() == 'cpu':
+    # Heads-major, RoPE is applied after the move (faster on CPUs).
+    if not self.decode and self.attention != 'cudnn' and self.heads_major:
       q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = inits.upcast_f16_on_cpu(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
       out_BxLxHxD = heads_major_attention(
           q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, self.causal,
@@ -217,6 +218,7 @@ class Block(nn.Module):
   pos: str = 'rope'
   causal: bool = True
   attention: str = 'xla'
+  heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
   dropout: float = 0.0
   deterministic: bool = True
   decode: bool = False
@@ -233,7 +235,8 @@ class Block(nn.Module):
     h_BxLxE = _rms_norm(x_BxLxE, **norm, name='attn_norm')
     h_BxLxE = Attention(
         heads=self.heads, max_len=self.max_len, pos=self.pos, causal=self.causal,
-        attention=self.attention, decode=self.decode, init_std=self.init_std,
+        attention=self.attention, heads_major=self.heads_major, decode=self.decode,
+        init_std=self.init_std,
         out_std=self.out_std, dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
             h_BxLxE, positions_L)
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
@@ -265,7 +268,8 @@ def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal:
     block_cls = nn.remat(Block, prevent_cse=not m.scan_layers)
   block = dict(
       heads=m.heads, mlp_dim=int(round(m.width * m.mlp_ratio)), max_len=m.max_len, pos=m.pos,
-      causal=causal, attention=m.attention, dropout=m.dropout, deterministic=not train,
+      causal=causal, attention=m.attention, heads_major=m.heads_major, dropout=m.dropout,
+      deterministic=not train,
       decode=decode, init_std=m.init_std,
       # GPT-2: residual-output projections scaled by 1/sqrt(number of residual additions).
       out_std=m.init_std / math.sqrt(2 * m.depth), dtype=m.dtype, param_dtype=m.param_dtype)
@@ -303,6 +307,7 @@ class TransformerLM(nn.Module):
   pos: str = 'rope'
   dropout: float = 0.0
   attention: str = 'xla'  # 'xla', 'cudnn' or 'auto' (cuDNN where it applies).
+  heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
   remat: bool = False  # Recompute each block's activations in the backward pass.
   scan_layers: bool = False  # nn.scan over blocks; params gain a leading 'layers' axis.
   tie_embeddings: bool = True
@@ -378,6 +383,7 @@ class TransformerClassifier(nn.Module):
   pos: str = 'learned'
   dropout: float = 0.0
   attention: str = 'xla'
+  heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
   remat: bool = False
   scan_layers: bool = False
   init_std: float = 0.02

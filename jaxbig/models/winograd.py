@@ -80,14 +80,14 @@ def winograd_conv(x_BxHxWxC: jax.Array, kernel_3x3xCxO: jax.Array,
   return y_tiles.reshape(b, h, w, o)
 
 
-IMPLS = ('auto', 'xla')  # The `conv` attribute of the CNN and the ResNet.
+IMPLS = ('winograd', 'xla')  # The `conv` attribute of the CNN and the ResNet (kernels.conv).
 
 
 def conv_fn(impl: str, owner: str):
   """Flax's `conv_general_dilated` for a model's `conv` attribute (None: lax's own)."""
   if impl not in IMPLS:
     raise ValueError(f"{owner}.conv: unknown '{impl}'; choose from {', '.join(IMPLS)}")
-  return conv_general_dilated if impl == 'auto' and inits.platform() == 'cpu' else None
+  return conv_general_dilated if impl == 'winograd' else None
 
 
 def applies(x_shape, kernel_shape, dtype, strides, padding, lhs_dilation, rhs_dilation,

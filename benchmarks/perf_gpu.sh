@@ -1,12 +1,13 @@
 #!/bin/bash
-# Issue 7's GPU suite on a lent device machine (see ../.library/device/README.md).
+# Issue 7's GPU suite (benchmarks/suites/perf_gpu.py) on an H100/H200 without network access.
 #
-#   benchmarks/perf_gpu.sh fetch   here: the wheels the device image lacks, into .whl/
-#   benchmarks/perf_gpu.sh run     there (carry .whl): install them, run and report the suite
+#   benchmarks/perf_gpu.sh fetch   with network: the wheels the GPU image lacks, into .whl/
+#   benchmarks/perf_gpu.sh run     on the GPU, .whl/ copied with the checkout: install them,
+#                                  run and report the suite
 #
-# The image (KINDS.md, nvidia-h200) has jax, flax, optax, orbax, nvidia-ml-py and
-# scikit-learn, not grain (and its array-record, portpicker), ml_collections, qwix or
-# tensorboardX. jaxbig itself runs from the checkout (PYTHONPATH), uninstalled.
+# The GPU image is expected to have jax, flax, optax, orbax, nvidia-ml-py and scikit-learn,
+# not grain (and its array-record, portpicker), ml_collections, qwix or tensorboardX. jaxbig
+# itself runs from the checkout (PYTHONPATH), uninstalled.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS='grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 ml_collections==1.1.0 qwix==0.1.8 tensorboardX==2.6.5'

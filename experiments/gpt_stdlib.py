@@ -14,10 +14,11 @@ Expected:  summary.json eval.bits_per_byte 2.03 on the held-out test files (val 
 
 import ml_collections
 
+import base  # The shared optimizer, training, mesh and precision settings.
+
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0  # Parameter init, dropout and the training windows all derive from this.
+  c = base.get_config()
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'stdlib'  # stdlib (this Python's standard library) | text (data.path).
@@ -48,58 +49,15 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True  # Logits from the byte embedding table.
   c.model.init_std = 0.02  # Standard deviation of the normal weight initialiser.
 
-  c.opt = ml_collections.ConfigDict()
-  c.opt.name = 'adamw'  # sgd | momentum | nesterov | adagrad | rmsprop | adam | adamw | lion.
+  # Shared settings (experiments/base.py) this experiment changes.
   c.opt.lr = 4e-3  # Peak learning rate.
-  c.opt.momentum = 0.9  # Momentum (momentum, nesterov) or decay (rmsprop).
-  c.opt.b1 = 0.9  # Adam/Lion first-moment decay.
   c.opt.b2 = 0.95  # Adam/Lion second-moment decay.
-  c.opt.eps = 1e-8  # Adam epsilon.
   c.opt.weight_decay = 0.1  # Decoupled weight decay (kernels and embeddings, not norms).
-  c.opt.l1 = 0.0  # L1 penalty added to the gradient (kernels only).
-  c.opt.l2 = 0.0  # L2 penalty added to the gradient (kernels only).
-  c.opt.clip_norm = 1.0  # Global gradient-norm clipping (0: off).
-  c.opt.schedule = 'cosine'  # constant | cosine | linear, after the warmup.
-  c.opt.warmup_steps = 50  # Linear warmup from 0 to lr.
   c.opt.end_lr_factor = 0.1  # Final learning rate as a fraction of lr.
-
-  c.train = ml_collections.ConfigDict()
   c.train.steps = 650  # Optimizer updates (sized for 10 minutes on 2 cores).
-  c.train.accum_steps = 1  # Micro-batches per update (gradient accumulation).
-  c.train.loss = 'xent'  # Next-byte cross-entropy.
-  c.train.label_smoothing = 0.0  # Cross-entropy label smoothing.
-  c.train.class_weights = (0.0,) * 0  # Not for language models; keep empty.
-  c.train.balance_classes = False  # Not for language models.
-  c.train.log_every = 50  # Steps between metric lines (metrics.jsonl, TensorBoard).
   c.train.eval_every = 325  # Steps between validation evaluations (0: only at the end).
   c.train.ckpt_every = 325  # Steps between checkpoints (0: only at the end).
   c.train.keep_checkpoints = 2  # Newest checkpoints kept.
-  c.train.on_nonfinite = 'skip'  # Non-finite loss or gradients: skip (state kept) | abort.
-  c.train.max_consecutive_skips = 25  # skip: more in a row stop the run (exit 3).
-  c.train.profile_steps = 0  # Steps traced by jax.profiler into WORKDIR/tb (0: none).
-  c.train.profile_start = 10  # Tracing starts after this step (past compile and warm-up).
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # Data-parallel devices (-1: all that remain).
-  c.mesh.fsdp = 1  # Devices sharding parameters and batch (fully sharded data parallel).
-  c.mesh.tensor = 1  # Devices sharding heads and hidden units (tensor parallel).
-  # Overrides of the logical-axis -> mesh-axis rules (jaxbig/sharding.py), e.g. 'embed=none'.
-  c.mesh.rules = ''
-
-  # fp32 (matmul precision 'highest') | tf32 | bf16 | fp16 | fp8 | int8: jaxbig/precision.py.
-  c.precision = 'fp32'
-  # auto: the fast paths measured on the devices' platform | reference: plain XLA, autodiff
-  # (jaxbig/kernels/__init__.py).
-  c.kernels = 'auto'
-  c.loss_scale = ml_collections.ConfigDict()  # Loss scaling, for fp16 gradients.
-  c.loss_scale.mode = 'auto'  # auto (dynamic for fp16, else none) | dynamic | static | none.
-  c.loss_scale.init = 2.0**15  # Initial (static: the) scale.
-  c.loss_scale.growth_interval = 2000  # Finite steps in a row before the scale grows.
-  c.loss_scale.factor = 2.0  # Growth on success, backoff on overflow.
-  c.loss_scale.max = 2.0**24  # Cap on the scale.
-
-  c.parallel = ml_collections.ConfigDict()
-  c.parallel.mode = 'jit'  # jit: one program over the mesh; pmap: per-device data parallel.
 
   if arg == 'smoke':  # Seconds, for tests and a first look.
     c.model.width, c.model.depth, c.model.heads, c.model.max_len = 32, 2, 4, 64

@@ -212,7 +212,7 @@ def _run(args) -> int:
     else:
       print(f"sweep -> {out} ({len(state['members'])} members); jaxbig report {out}")
   elif args.command == 'report':
-    from jaxbig import sweep_report
+    from jaxbig.sweep import report as sweep_report
     if sweep_report.is_sweep(args.results):
       print(sweep_report.report(args.results), end='')
     else:

@@ -3,15 +3,11 @@
 XLA:CPU allocates a program's temporaries (tens to hundreds of MiB for a train step) with
 malloc at every execution and frees them after. glibc serves blocks above its mmap
 threshold (at most 32 MiB) with a fresh mmap, so every step faults its whole temporary
-buffer in again, 4 KiB at a time. For the small GPT of benchmarks/suites/perf_cpu.py on a
-2-core Xeon that is 75,600 minor faults (295 MiB) and 113-124 ms of kernel time per step
-(getrusage around 10 steps).
+buffer in again, 4 KiB at a time, in kernel time that the step waits for.
 
 With the tunable glibc.malloc.hugetlb=1 (glibc 2.35 and later), malloc asks for transparent
-huge pages on what it maps: 2 MiB per fault. In `jaxbig bench benchmarks/suites/perf_cpu.py`
-with and without it, back to back (benchmarks/results/cpu-xeon/perf_cpu/hugepages*), the GPT
-step took 243 ms instead of 289 ms and the char LSTM 85.8 ms instead of 96.9 ms; the digits
-CNN's step (6.19 and 6.13 ms) and the digits run's compile did not change measurably.
+huge pages on what it maps: 2 MiB per fault. What it saves, and what else was measured:
+benchmarks/results/cpu-xeon/perf_cpu/README.md, "Huge pages for XLA:CPU's temporaries".
 
 Tunables are read when a process starts, so the `jaxbig` command starts itself again with
 GLIBC_TUNABLES extended (`reexec`, before anything else happens) where that helps: Linux
@@ -23,9 +19,8 @@ The restarted interpreter keeps the first one's isolation flags and never puts t
 folder on sys.path (`-P`): it imports the jaxbig that is running now, never a `jaxbig/` or
 `optax.py` that happens to lie in the folder the command was started from.
 
-Not done, measured: glibc's other settings that end the faults altogether (no mmap, one
-arena, no trimming: 232 ms for the GPT) make every thread share one arena, which cost the
-digits CNN 5-8% per step and its compile 47%.
+glibc's settings that end the faults altogether (no mmap, one arena) are not set: one arena
+shared by every thread slows multithreaded steps and compiles.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Using a trained workdir: evaluate its newest checkpoint, or predict on new inputs.
 
-The seeds' inference flow: load (config.json + checkpoint), forward, interpret (class ids
-for classifiers, values in the targets' original units for regressors).
+Both follow one flow: load (config.json + checkpoint), forward, interpret (class ids for
+classifiers, values in the targets' original units for regressors).
 """
 
 from __future__ import annotations

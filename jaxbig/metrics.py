@@ -18,14 +18,23 @@ import time
 from typing import Iterator
 
 import jax
+import numpy as np
+
+from jaxbig import faults, losses
+
+
+def note(text: str) -> None:
+  """One line on stderr that narrates a run (from process 0 only)."""
+  if jax.process_index() == 0:
+    print(f'jaxbig: {text}', file=sys.stderr, flush=True)
 
 
 def summary_writer_class():
   """tensorboardX's SummaryWriter, imported without importing torch.
 
   Where torch is installed, tensorboardX's writer module imports it only to name a type in
-  its annotations: 1.2 s instead of 0.2 s for the import, at every `jaxbig train` start
-  (torch 2.13 CPU, 2-core Xeon). Scalars never need torch. While tensorboardX is imported,
+  its annotations, which makes the import several times slower at every `jaxbig train`
+  start. Scalars never need torch. While tensorboardX is imported,
   a None entry in sys.modules makes `import torch` fail, so tensorboardX takes its path
   without torch. The entry is removed at once, and torch imports normally afterwards.
   A process that has loaded either one already imports as usual.
@@ -137,3 +146,66 @@ class Profile:
       if jax.process_index() == 0:
         print(f'jaxbig: profile of steps {self.first}-{self.last} -> {self.folder} '
               '(tensorboard --logdir, Profile tab)', file=sys.stderr, flush=True)
+
+
+def train_scalars(fetched: list[dict], task: str) -> dict[str, float]:
+  """Means over a log interval of the per-step metric sums (fetched from the device), over
+  the steps that were not skipped, and the number skipped."""
+  kept = [m for m in fetched if not float(np.asarray(m['skipped']))]
+  out = {'train/loss': float('nan')}  # Every step of the interval skipped.
+  if kept:
+    totals = {k: float(sum(np.asarray(m[k]) for m in kept)) for k in kept[0]}
+    out = {f'train/{k}': v for k, v in losses.finalize(totals, task).items()
+           if k in ('loss', 'accuracy', 'bits_per_byte', 'elbo')}
+    out['grad_norm'] = totals['grad_norm'] / len(kept)
+  out['train/skipped_steps'] = float(len(fetched) - len(kept))
+  if 'loss_scale' in fetched[-1]:  # Loss scaling: the interval's last scale.
+    out['loss_scale'] = float(np.asarray(fetched[-1]['loss_scale']))
+  return out
+
+
+class TrainLog:
+  """Per-step metrics on the device, written one step late: a log step's interval is
+  fetched after the next step is dispatched (`flush`), so the host never waits for the
+  device at a log step. The checks of non-finite steps run on what is fetched."""
+
+  def __init__(self, writer: Writer, progress: Progress, task: str, schedule,
+               skip_limit: int):
+    self.writer, self.progress, self.task = writer, progress, task
+    self.schedule, self.skip_limit = schedule, skip_limit
+    self.pending = []  # Metrics of the steps after the newest closed interval.
+    self.closed = None  # (last step, its metrics): an interval waiting to be fetched.
+    self.t_last = time.perf_counter()  # When the previous interval was fetched.
+    self.scalars = {}  # The newest interval's scalars (the summary's train values).
+
+  def add(self, step: int, metrics: dict, log_step: bool) -> None:
+    self.pending.append(metrics)
+    if log_step:
+      self.closed, self.pending = (step, self.pending), []
+    else:
+      self.progress.update(step)
+
+  def flush(self, saved: int | None) -> None:
+    """Fetches and writes the closed interval, if any; raises if it passed the skip limit."""
+    if self.closed is None:
+      return
+    (step, metrics), self.closed = self.closed, None
+    fetched = jax.device_get(metrics)
+    out = train_scalars(fetched, self.task)
+    now = time.perf_counter()
+    out['steps_per_s'] = len(fetched) / (now - self.t_last)
+    out['lr'] = float(self.schedule(step - 1))
+    self.writer.write(step, out)  # Also when the check below stops the run: the log shows why.
+    self.progress.update(step, f"loss {out['train/loss']:.4f}", force=True)
+    faults.check_runs([m['skip_run'] for m in fetched], step - len(fetched) + 1,
+                      self.skip_limit, saved)
+    self.t_last, self.scalars = now, out
+
+  def paused(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation) out of the training rate."""
+    self.t_last += seconds
+
+  def check_unlogged(self, step: int, saved: int | None) -> None:
+    """Raises if the steps not yet in an interval passed the skip limit (before a save)."""
+    runs = jax.device_get([m['skip_run'] for m in self.pending])
+    faults.check_runs(runs, step - len(self.pending) + 1, self.skip_limit, saved)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import jax_utils
 
 from jaxbig import precision, sharding
-from jaxbig.models import init as inits
+from jaxbig.models import axes, matmul
 from jaxbig.config import ConfigError
 
 MODES = ('jit', 'pmap')
@@ -78,9 +78,9 @@ def memory(compiled) -> dict[str, int | None]:
 def tracing(s):
   """The context in which to trace a jitted step of setup `s`: activations' logical
   constraints apply, the precision policy's matmul precision, and the models see the mesh's
-  platform (`inits.platform`)."""
-  with (jax.set_mesh(s.mesh), inits.activation_rules(s.rules), precision.tracing(s.policy),
-        inits.compiling_for(s.mesh)):
+  platform (`matmul.platform`)."""
+  with (jax.set_mesh(s.mesh), axes.activation_rules(s.rules), precision.tracing(s.policy),
+        matmul.compiling_for(s.mesh)):
     yield
 
 

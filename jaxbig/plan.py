@@ -20,6 +20,7 @@ from typing import Any
 
 from jaxbig import parallel, train
 from jaxbig.config import ConfigError
+from jaxbig.memory import fmt_bytes
 
 GiB = 1024**3
 
@@ -271,15 +272,6 @@ def plan(config, topology: str | None = None) -> dict[str, Any]:
   return out
 
 
-def _bytes(n: int | float | None) -> str:
-  if n is None:
-    return '-'
-  for unit, size in (('GiB', GiB), ('MiB', 1024**2), ('KiB', 1024)):
-    if abs(n) >= size:
-      return f'{n / size:.2f} {unit}'
-  return f'{int(n)} B'
-
-
 def _count(n: float | None) -> str:
   if n is None:
     return '-'
@@ -300,7 +292,7 @@ def format_plan(d: dict[str, Any]) -> str:
       f"  global batch        {d['batch_size']}",
       f"  compile             {d['compile_s']:.1f} s" if d['compile_s'] is not None else '',
   ]
-  hbm = _bytes(d['hbm_bytes'])
+  hbm = fmt_bytes(d['hbm_bytes'])
   fits = {True: 'yes', False: 'NO', None: 'unknown'}[d['fits']]
   m = d['memory_per_device']
   if m is None:
@@ -311,14 +303,14 @@ def format_plan(d: dict[str, Any]) -> str:
       share = f" ({100 * max(m['total_bytes'], m['peak_bytes'] or 0) / d['hbm_bytes']:.1f}%)"
     lines += [
         'memory per device',
-        f"  arguments           {_bytes(m['arguments_bytes'])}",
-        f"  outputs             {_bytes(m['outputs_bytes'])}",
-        f"  aliased (donated)  -{_bytes(m['aliased_bytes'])}",
-        f"  temporaries         {_bytes(m['temporaries_bytes'])}",
-        f"  total               {_bytes(m['total_bytes'])}"
+        f"  arguments           {fmt_bytes(m['arguments_bytes'])}",
+        f"  outputs             {fmt_bytes(m['outputs_bytes'])}",
+        f"  aliased (donated)  -{fmt_bytes(m['aliased_bytes'])}",
+        f"  temporaries         {fmt_bytes(m['temporaries_bytes'])}",
+        f"  total               {fmt_bytes(m['total_bytes'])}"
         '   (arguments + outputs - aliased + temporaries)',
-        f"  peak (XLA)          {_bytes(m['peak_bytes'])}",
-        f"  code                {_bytes(m['code_bytes'])}",
+        f"  peak (XLA)          {fmt_bytes(m['peak_bytes'])}",
+        f"  code                {fmt_bytes(m['code_bytes'])}",
         f"  HBM                 {hbm}   fits: {fits}{share}",
         'compute',
         f"  FLOPs per device    {_count(d['flops_per_device'])}",
@@ -328,7 +320,7 @@ def format_plan(d: dict[str, Any]) -> str:
       lines.append('  (the step has loops, whose bodies XLA counts once: a lower bound)')
     if d['collectives']:
       lines.append('collectives (static count, result bytes per device)')
-      lines += [f"  {op:<19} {n:<5} {_bytes(d['collective_bytes'].get(op))}"
+      lines += [f"  {op:<19} {n:<5} {fmt_bytes(d['collective_bytes'].get(op))}"
                 for op, n in sorted(d['collectives'].items())]
     else:
       lines.append('collectives: none')

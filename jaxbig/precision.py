@@ -32,7 +32,6 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
-from jaxbig import models
 from jaxbig.config import ConfigError
 
 
@@ -77,7 +76,8 @@ def tracing(policy: Policy):
 
 
 def quantize(model: nn.Module, policy: Policy) -> nn.Module:
-  """The model with the policy's low-precision matmuls (the model itself if it has none)."""
+  """The model with the policy's low-precision matmuls (the model itself if it has none).
+  Its convolutions must be XLA's (`kernels.select(..., quantized=True)`)."""
   if policy.fwd_qtype is None:
     return model
   import qwix  # Only the fp8 and int8 policies need it.
@@ -87,7 +87,7 @@ def quantize(model: nn.Module, policy: Policy) -> nn.Module:
       qwix.QtRule(op_names=('conv_general_dilated',), **fwd),
       qwix.QtRule(bwd_qtype=policy.bwd_qtype, **fwd),
   ]
-  return qwix.quantize_model(models.with_xla_convolutions(model), qwix.QtProvider(rules))
+  return qwix.quantize_model(model, qwix.QtProvider(rules))
 
 
 def emulated(policy: Policy, device: jax.Device) -> bool:

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from jaxbig import inference, models, sharding, train
+from jaxbig import workdir as workdir_lib
 from jaxbig.config import ConfigError
 
 TARGETS = ('int8',)
@@ -40,9 +41,11 @@ def _check_target(to: str) -> None:
 def _ptq_model(s: train.Setup, to: str) -> tuple[nn.Module, dict]:
   """The float32 model with quantised matmuls, and its abstract quantised parameters."""
   import qwix
-  base = models.build(s.config.model, s.data.meta, jnp.float32, s.kernels)
+  # Qwix quantizes XLA's convolutions, not the matmuls of a rewrite.
+  kernels = dataclasses.replace(s.kernels, conv='xla')
+  base = models.build(s.config.model, s.data.meta, jnp.float32, kernels)
   rule = qwix.QuantizationRule(module_path='.*', weight_qtype=to, act_qtype=to)
-  model = qwix.quantize_model(models.with_xla_convolutions(base), qwix.PtqProvider([rule]))
+  model = qwix.quantize_model(base, qwix.PtqProvider([rule]))
   meta = s.data.meta
   x = jnp.zeros((1, *meta.input_shape), jnp.int32 if meta.vocab_size else jnp.float32)
   rngs = {name: jax.random.key(0) for name in ('params', 'dropout', 'sample')}
@@ -76,7 +79,7 @@ def quantize(workdir: str, to: str = 'int8') -> dict:
     ckptr.save(os.path.abspath(os.path.join(tmp, 'params')), qparams)
     ckptr.wait_until_finished()
     ckptr.close()
-    train._write_json(os.path.join(tmp, INFO), info)
+    workdir_lib.write_json(os.path.join(tmp, INFO), info)
     os.replace(tmp, out_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)

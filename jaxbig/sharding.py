@@ -1,6 +1,6 @@
 """Device mesh with axes (data, fsdp, tensor) and the logical-axis rules that map arrays onto it.
 
-Parameters carry logical axis names (see `jaxbig.models.init`) and activations logical
+Parameters carry logical axis names (see `jaxbig.models.axes`) and activations logical
 constraints; `RULES` maps each logical name to mesh axes (or None: replicated), and the config
 field `mesh.rules` overrides entries. Batches are split over data x fsdp. In a run of several
 processes each one loads only the rows of a batch that its devices hold (`process_rows`) and

@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import sys
 import time
 from typing import Any, Callable
@@ -26,10 +25,11 @@ from flax import struct
 
 from jaxbig import checkpoint, data as data_lib, faults, kernels as kernels_lib, losses
 from jaxbig import models, optim
-from jaxbig import metrics as metrics_lib, parallel, precision, prng, sharding
+from jaxbig import memory, metrics as metrics_lib, parallel, precision, sharding
 from jaxbig import workdir as workdir_lib
 from jaxbig.config import ConfigError
-from jaxbig.models import init as inits
+from jaxbig.kernels import threefry
+from jaxbig.models import matmul
 
 
 @struct.dataclass
@@ -54,6 +54,7 @@ class Setup:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   loss_fn: Callable
+  init: Callable[[jax.Array], TrainState]  # Boxed fresh state from the seed's key data.
   abstract_boxed: Any  # TrainState of ShapeDtypeStructs with logical-axis boxes.
   shardings: Any  # TrainState of NamedShardings.
   rules: tuple  # Logical axis name -> mesh axes (`sharding.rules`).
@@ -66,8 +67,8 @@ class Setup:
 
 def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: bool,
           scaling: precision.LossScaling | None, unrolled_bits: bool) -> TrainState:
-  # The train step's key type: Threefry's bits, compiled faster on CPUs (see prng.py).
-  key = prng.wrap(rng, unrolled_bits)
+  # The train step's key type: Threefry's bits, compiled faster on CPUs (see kernels/threefry.py).
+  key = threefry.wrap(rng, unrolled_bits)
   params_key, dropout_key, key = jax.random.split(key, 3)
   x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
   variables = model.init({'params': params_key, 'dropout': dropout_key, 'sample': dropout_key},
@@ -80,136 +81,72 @@ def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: b
                     skips=faults.init_skips())
 
 
-def class_weights(train_cfg, labels: np.ndarray, num_classes: int) -> jnp.ndarray | None:
-  """Per-class loss weights: declared, 'balanced' from label frequencies, or None."""
-  if train_cfg.balance_classes:
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    return jnp.asarray(len(labels) / (num_classes * np.maximum(counts, 1)), jnp.float32)
-  if train_cfg.class_weights:
-    if len(train_cfg.class_weights) != num_classes:
-      raise ConfigError(f'train.class_weights has {len(train_cfg.class_weights)} entries but the '
-                        f'data has {num_classes} classes')
-    return jnp.asarray(train_cfg.class_weights, jnp.float32)
-  return None
-
-
 def setup(config, devices=None) -> Setup:
-  """Builds data, mesh, model, optimizer and the abstract state; raises ConfigError on bad input."""
-  data = data_lib.build(config.data, config.seed)
-  _check_finite_data(config, data)
-  meta = data.meta
-  losses.check(config.train, meta.task, config.data.name, config.model.name)
-  mode = parallel.mode(config)
+  """Builds a run from its config in named steps, each raising ConfigError where it checks a
+  value; nothing is compiled or written here."""
+  data = _data(config)
   policy = precision.get(config)
   scaling = precision.loss_scaling(config, policy)
-  skip_limit = faults.skip_limit(config, scaling is not None)
-  rules = sharding.rules(config.mesh)
+  mesh, rules, mode = _mesh(config, devices, data)
+  kernels = kernels_lib.select(config.kernels, mesh.devices.flat[0].platform,
+                               quantized=policy.fwd_qtype is not None)
+  model = _model(config, data.meta, policy, kernels, mode)
+  tx, schedule = optim.build(config.opt, config.train.steps)
+  loss_fn = _loss(config, data)
+  init = functools.partial(_init, model=model, tx=tx, input_shape=data.meta.input_shape,
+                           tokens=data.meta.vocab_size > 0, scaling=scaling,
+                           unrolled_bits=kernels.random_bits == 'unrolled')
+  with matmul.compiling_for(mesh):  # As the steps will be traced.
+    abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
+  shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  sharding.check_divisible(abstract_boxed, shardings)
+  return Setup(config, data, mesh, model, tx, schedule, loss_fn, init, abstract_boxed,
+               shardings, rules, mode, policy, kernels, scaling,
+               faults.skip_limit(config, scaling is not None))
+
+
+def _data(config) -> data_lib.Data:
+  """The dataset, with finite float values, and a task the loss can train."""
+  data = data_lib.build(config.data, config.seed)
+  data_lib.check_finite(config.data, data)
+  losses.check(config.train, data.meta.task, config.data.name, config.model.name)
+  return data
+
+
+def _mesh(config, devices, data) -> tuple[jax.sharding.Mesh, tuple, str]:
+  """(the device mesh, its logical-axis rules, jit or pmap); the batches must split over it
+  and fit in host memory."""
+  mode = parallel.mode(config)  # Before the mesh: pmap takes a data-only mesh.
   mesh = sharding.make_mesh(config.mesh, devices)
-  kernels = kernels_lib.select(config.kernels, mesh.devices.flat[0].platform)
   sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
                        'data.batch_size / train.accum_steps')
   sharding.check_batch(config.data.eval_batch_size, mesh, 'data.eval_batch_size')
-  _check_host_batches(config, data)
-  try:
-    model = models.build(config.model, meta, policy.compute_dtype, kernels)
-    tx, schedule = optim.build(config.opt, config.train.steps)
-  except ValueError as e:  # The builders name the field; make it a one-line config error.
-    raise ConfigError(str(e)) from None
+  memory.check_host_batches(config, data)
+  return mesh, sharding.rules(config.mesh), mode
+
+
+def _model(config, meta, policy: precision.Policy, kernels: kernels_lib.Kernels,
+           mode: str) -> nn.Module:
+  """The model in the policy's compute dtype and low-precision matmuls."""
+  model = models.build(config.model, meta, policy.compute_dtype, kernels)
   if mode == 'pmap' and models.has_batch_stats(config.model.name):
     model = model.clone(axis_name=parallel.AXIS)  # BatchNorm statistics over all devices.
-  model = precision.quantize(model, policy)  # fp8, int8: low-precision matmuls.
+  return precision.quantize(model, policy)
+
+
+def _loss(config, data) -> Callable:
+  """The loss and metric sums, with class weights where the config asks for them."""
   weights = None
-  if meta.task == 'classification' and config.train.loss == 'xent':
-    weights = class_weights(config.train, data.splits['train'][1], meta.num_classes)
-  loss_fn = losses.build(config.train, weights)
-  init = functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape,
-                           tokens=meta.vocab_size > 0, scaling=scaling,
-                           unrolled_bits=kernels.random_bits == 'unrolled')
-  try:
-    with inits.compiling_for(mesh):  # As the steps will be traced.
-      abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
-  except (TypeError, ValueError) as e:
-    first = str(e).splitlines()[0]
-    if re.match(r'(model|data|opt|train)\.', first):  # Already names its field.
-      raise ConfigError(first) from None
-    # The model cannot take this data's shape (e.g. a CNN on flat features): say so in a line.
-    raise ConfigError(f'model.name={config.model.name} cannot take inputs of shape '
-                      f'{meta.input_shape} from data.name={config.data.name}: {first}') from None
-  shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
-  sharding.check_divisible(abstract_boxed, shardings)
-  return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings,
-               rules, mode, policy, kernels, scaling, skip_limit)
-
-
-def host_memory_bytes() -> int:
-  """This machine's physical memory."""
-  return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
-
-
-def device_memory_bytes(device) -> int:
-  """What one device can hold: its allocator's limit, or on CPUs the host's memory."""
-  stats = device.memory_stats() or {}
-  return int(stats.get('bytes_limit') or host_memory_bytes())
-
-
-def _gib(n: float) -> str:
-  return f'{n / 2**30:.3g} GiB'
-
-
-def _check_host_batches(config, data) -> None:
-  """A training or evaluation batch must fit in half the host's memory: the host builds it
-  whole (padding included) before it goes to the devices."""
-  limit = host_memory_bytes() // 2
-  for field, size, masked in (('data.batch_size', config.data.batch_size, False),
-                              ('data.eval_batch_size', config.data.eval_batch_size, True)):
-    spec = data.batch_spec(size, with_mask=masked)
-    need = sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in spec.values())
-    if need > limit:
-      raise ConfigError(f'{field}={size}: one batch takes {_gib(need)} of host memory, more '
-                        f'than half of the {_gib(2 * limit)} this machine has')
-
-
-def check_step_memory(s: 'Setup', steps: parallel.Steps) -> None:
-  """The compiled steps must fit on a device, by XLA's memory analysis (jit only)."""
-  local = [d for d in s.mesh.devices.flat if d.process_index == jax.process_index()]
-  limit = device_memory_bytes(local[0])
-  c = s.config
-  for field, value, need in (('data.batch_size', c.data.batch_size, steps.train_bytes),
-                             ('data.eval_batch_size', c.data.eval_batch_size, steps.eval_bytes)):
-    if need is not None and need > limit:
-      raise ConfigError(f'{field}={value}: the compiled step needs {_gib(need)} per device, '
-                        f'more than the {_gib(limit)} a device has; use a smaller batch, '
-                        'train.accum_steps or more devices')
-
-
-def _check_finite_data(config, data) -> None:
-  """Float inputs and targets must be finite: a NaN in the data would poison every epoch."""
-  for split, arrays in getattr(data, 'splits', {}).items():
-    for name, a in zip(('x', 'y'), arrays if isinstance(arrays, tuple) else ()):  # Not text.
-      a = np.asarray(a)
-      if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-        bad = np.flatnonzero(~np.isfinite(a.reshape(len(a), -1)).all(axis=1))
-        source = f'data.path: {config.data.path}' if config.data.name == 'npz' else 'data.name'
-        raise ConfigError(f'{source}: {name} of the {split} split holds non-finite values in '
-                          f'{len(bad)} examples (the first: {bad[0]}); clean the data')
-
-
-def init_fn(s: Setup) -> Callable[[jax.Array], TrainState]:
-  """The boxed fresh state as a function of the seed's Threefry key data."""
-  return functools.partial(_init, model=s.model, tx=s.tx, input_shape=s.data.meta.input_shape,
-                           tokens=s.data.meta.vocab_size > 0, scaling=s.scaling,
-                           unrolled_bits=s.kernels.random_bits == 'unrolled')
+  if data.meta.task == 'classification' and config.train.loss == 'xent':
+    weights = losses.class_weights(config.train, data.splits['train'][1], data.meta.num_classes)
+  return losses.build(config.train, weights)
 
 
 def init_state(s: Setup) -> TrainState:
   """A fresh state, each leaf created directly with its sharding."""
-  init = init_fn(s)
-  init_unboxed = lambda rng: nn.meta.unbox(init(rng))
+  init_unboxed = lambda rng: nn.meta.unbox(s.init(rng))
   rng = jax.random.key_data(jax.random.key(s.config.seed))
   state = jax.jit(init_unboxed, out_shardings=s.shardings)(rng)
-  # Compiling the init without LLVM's optimisations (xla_backend_optimization_level=0) saved
-  # seconds on CPU, but XLA:CPU (jax 0.10.2) then hung now and then while running it or the
-  # first steps: 3 of 4 processes within 12 inits of seq_digits:gru,smoke, none at the default.
   return jax.block_until_ready(state)
 
 
@@ -259,83 +196,92 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
   (`axis_name`) each device holds a slice: it divides its loss sum by the global count and
   the gradients and metric sums are summed over devices, which gives the same update.
   Under loss `scaling` the loss is multiplied by the scale before differentiation and the
-  gradients divided by it after. A step whose loss or gradients are not finite (an fp16
-  overflow, a NaN in a batch, a diverging model) keeps the old parameters, optimizer state
-  and BatchNorm statistics bit for bit, changes the loss scale, and counts as skipped in
-  `state.skips` (see jaxbig/faults.py). `kernels` picks the random bits' and the guard's
-  form (the same values; the guard's two forms round differently in the last bits: over
-  800 steps cnn_digits' test accuracy was 0.9889 with the select, 0.9944 with the branch).
+  gradients divided by it after. A step whose loss or gradients are not finite keeps the
+  old parameters, optimizer state and BatchNorm statistics bit for bit, changes the loss
+  scale, and counts as skipped in `state.skips` (jaxbig/faults.py). `kernels` picks the
+  random bits' and the guard's form.
   """
   scale = state.loss_scale.scale if scaling else None
-  rng = jax.random.fold_in(prng.wrap(state.rng, kernels.random_bits == 'unrolled'),
+  rng = jax.random.fold_in(threefry.wrap(state.rng, kernels.random_bits == 'unrolled'),
                            state.step)
-  total = lambda x: x
   if axis_name is not None:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))  # Own dropout per device.
-    total = lambda x: jax.lax.psum(x, axis_name)
-
-  def loss_and_sums(params, batch_stats, micro, micro_rng):
-    micro = {**micro, 'mask': jnp.ones(micro['x'].shape[0], jnp.float32)}
-    out, batch_stats = _forward(model, params, batch_stats, micro['x'], train=True,
-                                rng=micro_rng)
-    loss_sum, sums = loss_fn(out, micro)
-    # Mean per counted example, or per position for a language model.
-    loss = loss_sum / total(sums['count'])
-    return (loss if scale is None else loss * scale), (sums, batch_stats)
-
-  grad_fn = jax.value_and_grad(loss_and_sums, has_aux=True)
-  if accum_steps == 1:
-    (_, (sums, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
-  else:
-    # Micro-batch i takes every accum_steps-th example: each device keeps its own rows.
-    micro_batches = jax.tree.map(
-        lambda a: a.reshape(-1, accum_steps, *a.shape[1:]).swapaxes(0, 1), batch)
-
-    def body(carry, inputs):
-      grads_acc, batch_stats, sums_acc = carry
-      micro, i = inputs
-      (_, (sums, batch_stats)), grads = grad_fn(state.params, batch_stats, micro,
-                                                jax.random.fold_in(rng, i))
-      add = lambda a, b: jax.tree.map(jnp.add, a, b)
-      return (add(grads_acc, grads), batch_stats, add(sums_acc, sums)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
-    sums0 = jax.eval_shape(lambda: grad_fn(state.params, state.batch_stats,
-                                           jax.tree.map(lambda a: a[0], micro_batches),
-                                           rng)[0][1][0])
-    sums0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums0)
-    (grads, batch_stats, sums), _ = jax.lax.scan(
-        body, (zeros, state.batch_stats, sums0), (micro_batches, jnp.arange(accum_steps)))
-    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+  loss = functools.partial(_scaled_loss, model=model, loss_fn=loss_fn, axis_name=axis_name,
+                           scale=scale)
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  grads, batch_stats, sums = _accumulate(grad_fn, state, batch, rng, accum_steps)
   if axis_name is not None:
-    grads, sums = total(grads), total(sums)
+    grads, sums = jax.lax.psum((grads, sums), axis_name)
     batch_stats = jax.lax.pmean(batch_stats, axis_name)
   if scaling is not None:
     grads = jax.tree.map(lambda g: g / scale, grads)
-  # One rule for every precision: a step whose loss or gradients are not finite keeps the old
-  # values. The gradients' norm (needed anyway) is not finite if any element is not. Against
-  # no check, CPU steps of cnn_digits / mlp_diabetes took 3-10% / 19-22% longer with this
-  # test, about 12% / 40% checking every gradient element, 27% / 57% adding the new values.
+  # The gradients' norm (needed anyway) is not finite if any element is not.
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(sums['loss']) & jnp.isfinite(grad_norm)
+  params, batch_stats, opt_state = _update_if_finite(tx, state, grads, batch_stats, finite,
+                                                     kernels.guard)
+  skips = faults.count(state.skips, finite)
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                            opt_state=opt_state, skips=skips)
+  metrics = {'skipped': (~finite).astype(jnp.float32), 'skip_run': skips.run}
+  if scaling is not None:
+    new_state = new_state.replace(loss_scale=scaling.update(state.loss_scale, finite))
+    metrics['loss_scale'] = scale
+  return new_state, {**sums, **metrics, 'grad_norm': grad_norm}
+
+
+def _scaled_loss(params, batch_stats, micro: dict, rng, *, model: nn.Module,
+                 loss_fn: Callable, axis_name: str | None, scale):
+  """(the mean loss, times the loss scale if any; (metric sums, new BatchNorm statistics))."""
+  micro = {**micro, 'mask': jnp.ones(micro['x'].shape[0], jnp.float32)}
+  out, batch_stats = _forward(model, params, batch_stats, micro['x'], train=True, rng=rng)
+  loss_sum, sums = loss_fn(out, micro)
+  count = sums['count'] if axis_name is None else jax.lax.psum(sums['count'], axis_name)
+  loss = loss_sum / count  # Per counted example, or per position for a language model.
+  return (loss if scale is None else loss * scale), (sums, batch_stats)
+
+
+def _accumulate(grad_fn: Callable, state: TrainState, batch: dict, rng,
+                accum_steps: int) -> tuple[Any, Any, dict]:
+  """(mean gradients, BatchNorm statistics, metric sums) over `accum_steps` micro-batches;
+  micro-batch i takes every accum_steps-th example, so each device keeps its own rows."""
+  if accum_steps == 1:
+    (_, (sums, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, rng)
+    return grads, batch_stats, sums
+  micro_batches = jax.tree.map(
+      lambda a: a.reshape(-1, accum_steps, *a.shape[1:]).swapaxes(0, 1), batch)
+  add = lambda a, b: jax.tree.map(jnp.add, a, b)
+
+  def body(carry, inputs):
+    grads_acc, batch_stats, sums_acc = carry
+    micro, i = inputs
+    (_, (sums, batch_stats)), grads = grad_fn(state.params, batch_stats, micro,
+                                              jax.random.fold_in(rng, i))
+    return (add(grads_acc, grads), batch_stats, add(sums_acc, sums)), None
+
+  first = jax.tree.map(lambda a: a[0], micro_batches)
+  sums_shape = jax.eval_shape(grad_fn, state.params, state.batch_stats, first, rng)[0][1][0]
+  carry = (jax.tree.map(jnp.zeros_like, state.params), state.batch_stats,
+           jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape))
+  (grads, batch_stats, sums), _ = jax.lax.scan(
+      body, carry, (micro_batches, jnp.arange(accum_steps)))
+  return jax.tree.map(lambda g: g / accum_steps, grads), batch_stats, sums
+
+
+def _update_if_finite(tx, state: TrainState, grads, batch_stats, finite: jax.Array,
+                      guard: str) -> tuple[Any, Any, Any]:
+  """(params, BatchNorm statistics, optimizer state): updated where `finite`, else the old
+  values bit for bit. `guard` 'branch' (lax.cond) spares XLA:CPU a copy of the optimizer
+  state; 'select' (jnp.where) is the reference."""
   old = (state.params, state.batch_stats, state.opt_state)
 
   def update():
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return optax.apply_updates(state.params, updates), batch_stats, opt_state
 
-  if kernels.guard == 'branch':  # No copy of the optimizer state on XLA:CPU.
-    kept = jax.lax.cond(finite, update, lambda: old)
-  else:
-    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(), old)
-  skips = faults.count(state.skips, finite)
-  new_state = state.replace(step=state.step + 1, params=kept[0], batch_stats=kept[1],
-                            opt_state=kept[2], skips=skips)
-  metrics = {'skipped': (~finite).astype(jnp.float32), 'skip_run': skips.run}
-  if scaling is not None:
-    new_state = new_state.replace(loss_scale=scaling.update(state.loss_scale, finite))
-    metrics['loss_scale'] = scale
-  return new_state, {**sums, **metrics, 'grad_norm': grad_norm}
+  if guard == 'branch':
+    return jax.lax.cond(finite, update, lambda: old)
+  return jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(), old)
 
 
 def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Callable) -> dict:
@@ -401,23 +347,17 @@ def evaluate(s: Setup, steps: parallel.Steps, state: TrainState, split: str) -> 
   return out
 
 
-_write_json = workdir_lib.write_json  # For jaxbig/quantize.py; the workdir's files live there.
-
-
-def _train_scalars(fetched: list[dict], task: str) -> dict[str, float]:
-  """Means over a log interval of the per-step metric sums (fetched from the device), over
-  the steps that were not skipped, and the number skipped."""
-  kept = [m for m in fetched if not float(np.asarray(m['skipped']))]
-  out = {'train/loss': float('nan')}  # Every step of the interval skipped.
-  if kept:
-    totals = {k: float(sum(np.asarray(m[k]) for m in kept)) for k in kept[0]}
-    out = {f'train/{k}': v for k, v in losses.finalize(totals, task).items()
-           if k in ('loss', 'accuracy', 'bits_per_byte', 'elbo')}
-    out['grad_norm'] = totals['grad_norm'] / len(kept)
-  out['train/skipped_steps'] = float(len(fetched) - len(kept))
-  if 'loss_scale' in fetched[-1]:  # Loss scaling: the interval's last scale.
-    out['loss_scale'] = float(np.asarray(fetched[-1]['loss_scale']))
-  return out
+def describe(s: Setup) -> list[str]:
+  """What a run is made of, in two lines: its data, and its model on its devices."""
+  c, meta = s.config, s.data.meta
+  unit = 'bytes' if meta.task == 'lm' else 'examples'
+  sizes = ', '.join(f'{split} {n:,}' for split, n in meta.sizes.items())
+  devices = s.mesh.devices
+  mesh = ' x '.join(f'{name} {n}' for name, n in s.mesh.shape.items())
+  return [f'data {c.data.name}: {sizes} {unit}; batch {c.data.batch_size}',
+          f'model {c.model.name}: {num_params(s):,} parameters; precision {s.policy.name}, '
+          f'kernels {s.kernels.name}; {s.mode} over {devices.size} '
+          f'{devices.flat[0].platform} device(s) ({mesh})']
 
 
 def run_fingerprint(s: Setup) -> dict:
@@ -473,12 +413,19 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
             print(f'jaxbig: {workdir} has finished its {start} steps already; nothing to do '
                   '(a larger train.steps trains on)', file=sys.stderr, flush=True)
           return {**done, 'finished_already': True}
+        for line in describe(s):
+          metrics_lib.note(line)
         if start is None:
           state, iter_state = init_state(s), None
+          metrics_lib.note(f'initialised a fresh state from seed {config.seed}')
         else:
           state, iter_state, _ = restore(s, ckpts, start)
+          metrics_lib.note(f'restored step {start} from {ckpts.directory}')
+        metrics_lib.note('compiling the train and eval steps')
         steps = compile_steps(s, state)
-        check_step_memory(s, steps)
+        memory.check_step_bytes(config, s.mesh, steps.train_bytes, steps.eval_bytes)
+        metrics_lib.note(f'compiled in {steps.compile_s:.1f} s; training steps '
+                         f'{(start or 0) + 1}-{config.train.steps}')
         # Every check passed: from here on the run writes into the workdir.
         workdir_lib.write_config(workdir, config)
         ckpts.open_for_writing(corrupt)
@@ -489,55 +436,11 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         ckpts.close()
 
 
-class _Log:
-  """Per-step metrics on the device, written one step late: a log step's interval is
-  fetched after the next step is dispatched (`flush`), so the host never waits for the
-  device at a log step. The checks of non-finite steps run on what is fetched."""
-
-  def __init__(self, s: Setup, writer: metrics_lib.Writer, progress: metrics_lib.Progress):
-    self.s, self.writer, self.progress = s, writer, progress
-    self.pending = []  # Metrics of the steps after the newest closed interval.
-    self.closed = None  # (last step, its metrics): an interval waiting to be fetched.
-    self.t_last = time.perf_counter()  # When the previous interval was fetched.
-    self.scalars = {}  # The newest interval's scalars (the summary's train values).
-
-  def add(self, step: int, metrics: dict, log_step: bool) -> None:
-    self.pending.append(metrics)
-    if log_step:
-      self.closed, self.pending = (step, self.pending), []
-    else:
-      self.progress.update(step)
-
-  def flush(self, saved: int | None) -> None:
-    """Fetches and writes the closed interval, if any; raises if it passed the skip limit."""
-    if self.closed is None:
-      return
-    (step, metrics), self.closed = self.closed, None
-    fetched = jax.device_get(metrics)
-    out = _train_scalars(fetched, self.s.data.meta.task)
-    now = time.perf_counter()
-    out['steps_per_s'] = len(fetched) / (now - self.t_last)
-    out['lr'] = float(self.s.schedule(step - 1))
-    self.writer.write(step, out)  # Also when the check below stops the run: the log shows why.
-    self.progress.update(step, f"loss {out['train/loss']:.4f}", force=True)
-    faults.check_runs([m['skip_run'] for m in fetched], step - len(fetched) + 1,
-                      self.s.skip_limit, saved)
-    self.t_last, self.scalars = now, out
-
-  def paused(self, seconds: float) -> None:
-    """Leaves `seconds` (an evaluation) out of the training rate."""
-    self.t_last += seconds
-
-  def check_unlogged(self, step: int, saved: int | None) -> None:
-    """Raises if the steps not yet in an interval passed the skip limit (before a save)."""
-    runs = jax.device_get([m['skip_run'] for m in self.pending])
-    faults.check_runs(runs, step - len(self.pending) + 1, self.s.skip_limit, saved)
-
-
 _all_finite = jax.jit(precision.all_finite)
 
 
-def _save(s: Setup, steps: parallel.Steps, ckpts: checkpoint.Checkpoints, log: _Log,
+def _save(s: Setup, steps: parallel.Steps, ckpts: checkpoint.Checkpoints,
+          log: metrics_lib.TrainLog,
           state: TrainState, train_iter, step: int, saved: int | None) -> int:
   """Starts the save of `step` (after the skip checks of every step before it); returns it."""
   log.flush(saved)
@@ -563,7 +466,7 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
   state = steps.place(state)
   writer = metrics_lib.Writer(workdir)
   progress = metrics_lib.Progress(cfg.steps, start)
-  log = _Log(s, writer, progress)
+  log = metrics_lib.TrainLog(writer, progress, s.data.meta.task, s.schedule, s.skip_limit)
   eval_s, preempted = 0.0, None
   t_loop = time.perf_counter()
   last = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps

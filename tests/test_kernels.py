@@ -4,7 +4,7 @@ import pytest
 
 from jaxbig import config as config_lib, kernels, train
 from jaxbig.config import ConfigError
-from jaxbig.models import rnn, transformer, winograd
+from jaxbig.kernels import attention, rnn_scan, winograd
 
 EXPERIMENTS = ['experiments/cnn_digits.py:smoke', 'experiments/gpt_stdlib.py:smoke',
                'experiments/seq_digits.py:gru,smoke']
@@ -37,8 +37,8 @@ def test_reference_traces_no_fast_path_and_auto_does(spec, monkeypatch):
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or original(*a, **k))
 
   counting(winograd, 'winograd_conv')
-  counting(transformer, 'heads_major_attention')
-  counting(rnn, 'fused_scan')
+  counting(attention, 'heads_major_attention')
+  counting(rnn_scan, 'fused_scan')
   traced = {}
   for name in ('reference', 'auto'):
     calls.clear()

@@ -162,9 +162,8 @@ def test_unknown_initializer_raises():
   with pytest.raises(ValueError, match=r"model\.init: unknown initializer 'x'; choose from "
                                        r"normal, glorot, he, lecun"):
     inits.initializer('x')
-  model = models.build(_cfg('cnn', init='x'), _meta('cnn'))
-  with pytest.raises(ValueError, match=r'model\.init'):
-    _init(model, _batch(IMAGE))
+  with pytest.raises(config.ConfigError, match=r"model\.init: unknown 'x'; choose from normal"):
+    models.build(_cfg('cnn', init='x'), _meta('cnn'))  # Before anything is traced.
 
 
 @pytest.mark.slow(reason='compiles a ResNet')
@@ -252,9 +251,10 @@ def test_mlp_activation_changes_output(activation):
 
 
 def test_unknown_activation_raises():
-  model = models.build(_cfg('mlp', activation='swishy'), _meta('mlp'))
+  with pytest.raises(config.ConfigError, match=r"model\.activation: unknown 'swishy'"):
+    models.build(_cfg('mlp', activation='swishy'), _meta('mlp'))
   with pytest.raises(ValueError, match=r"model\.activation: unknown activation 'swishy'"):
-    _init(model, _batch(VECTOR))
+    _init(models.MLP(num_outputs=1, widths=(4,), activation='swishy'), _batch(VECTOR))
 
 
 def test_unknown_model_raises():

@@ -162,13 +162,13 @@ def test_tpu_plans_trace_the_tpu_paths_not_the_cpu_fast_paths(monkeypatch):
   """A TPU plan runs on a CPU host: the models must still take their TPU paths (XLA's
   convolutions and attention), not the CPU-only rewrites, or the plan costs another program."""
   _tpu_or_skip('v5e:1x1')
-  from jaxbig.models import transformer, winograd
+  from jaxbig.kernels import attention, winograd
 
   def cpu_only(*args, **kwargs):
     raise AssertionError('a CPU-only fast path was traced for a TPU')
 
   monkeypatch.setattr(winograd, 'winograd_conv', cpu_only)
-  monkeypatch.setattr(transformer, 'heads_major_attention', cpu_only)
+  monkeypatch.setattr(attention, 'heads_major_attention', cpu_only)
   # model.hidden=40: not the program test_v5e_plan_fits_and_has_collectives compiles, whose
   # persistent-cache entry a compile-only TPU client cannot read back (a warning).
   for experiment, hidden in ((CNN_SMOKE, 40), ('experiments/gpt_stdlib.py:smoke', None)):

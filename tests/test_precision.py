@@ -43,7 +43,7 @@ def _types(ops: list[str]) -> list[tuple[str, str, str]]:
 def test_compiled_step_has_the_policy_types(runs, model):
   fp32, tf32, bf16 = (runs[model, p]['matmuls'] for p in ('fp32', 'tf32', 'bf16'))
   assert len(fp32) == len(tf32)
-  # On CPUs the float32 CNN's 64 -> 128 convolution is Winograd's matmuls (winograd.py):
+  # On CPUs the float32 CNN's 64 -> 128 convolution is Winograd's matmuls (kernels/winograd.py):
   # its forward and two gradient convolutions become two batched products each.
   assert len(bf16) == len(fp32) - (3 if model == 'cnn' else 0)
   assert all(m.count('HIGHEST') == 2 for m in fp32)  # Both operands.

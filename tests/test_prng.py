@@ -1,7 +1,8 @@
-"""jaxbig.prng: the unrolled Threefry draws JAX's Threefry bits, and the train step's result
-does not depend on which of the two draws them."""
+"""jaxbig.kernels.threefry: the unrolled Threefry draws JAX's Threefry bits, and the train
+step's result does not depend on which of the two draws them."""
 
 import dataclasses
+import functools
 import pathlib
 
 import jax
@@ -9,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxbig import config as config_lib, prng, train
+from jaxbig import config as config_lib, train
+from jaxbig.kernels import threefry
 
 CNN = str(pathlib.Path(__file__).resolve().parent.parent / 'experiments' / 'cnn_digits.py')
 
@@ -18,13 +20,16 @@ UINTS = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
 
 def _with_bits(s: train.Setup, bits: str) -> train.Setup:
   """The setup with the policy's random bits set to `bits`, everything else kept."""
-  return dataclasses.replace(s, kernels=dataclasses.replace(s.kernels, random_bits=bits))
+  keywords = {**s.init.keywords, 'unrolled_bits': bits == 'unrolled'}
+  init = functools.partial(s.init.func, **keywords)
+  return dataclasses.replace(s, kernels=dataclasses.replace(s.kernels, random_bits=bits),
+                             init=init)
 
 
 def _pair(seed: int):
   """(reference key, unrolled key) from the same Threefry key data."""
   data = jax.random.key_data(jax.random.key(seed))
-  return jax.random.wrap_key_data(data), prng.wrap(data, True)
+  return jax.random.wrap_key_data(data), threefry.wrap(data, True)
 
 
 @pytest.mark.parametrize('shape', [(), (7,), (3, 5), (2, 3, 4), (64, 1000)])
@@ -64,8 +69,8 @@ def test_derived_keys_and_distributions_match():
 
 def test_the_policy_picks_the_key_type():
   data = jax.random.key_data(jax.random.key(0))
-  assert str(jax.random.key_impl(prng.wrap(data, False))) == 'threefry2x32'
-  assert str(jax.random.key_impl(prng.wrap(data, True))) != 'threefry2x32'
+  assert str(jax.random.key_impl(threefry.wrap(data, False))) == 'threefry2x32'
+  assert str(jax.random.key_impl(threefry.wrap(data, True))) != 'threefry2x32'
 
 
 @pytest.mark.slow(reason='compiles train steps with both key types')
@@ -98,7 +103,7 @@ def test_init_state_is_the_same_with_either_draw(spec):
   for bits in ('unrolled', 'threefry'):
     s = _with_bits(s, bits)
     states.append(jax.device_get(train.init_state(s)))
-    loops.append(jax.jit(train.init_fn(s)).lower(jax.random.key_data(jax.random.key(0))).as_text()
+    loops.append(jax.jit(s.init).lower(jax.random.key_data(jax.random.key(0))).as_text()
                  .count('stablehlo.while'))
   jax.tree.map(np.testing.assert_array_equal, *states)
   assert loops[0] < loops[1]

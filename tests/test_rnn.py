@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from jaxbig import sharding
+from jaxbig.kernels import rnn_scan
 from jaxbig.models import rnn
 
 B, L, E, N, V, K = 3, 7, 5, 8, 16, 4
@@ -373,7 +374,7 @@ def test_name_check_catches_an_unboxed_parameter():
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.slow(reason='compiles recurrent scans and their gradients')
 def test_fused_scan_matches_autodiff_of_the_plain_scan(cell, dtype):
-  """fused_scan (custom gradient) against autodiff of `_scan`: outputs and every gradient,
+  """fused_scan (custom gradient) against autodiff of `scan`: outputs and every gradient,
   both directions, on random inputs; the cotangents reach the final carry too."""
   gates = rnn._GATES[cell]
   rng = np.random.default_rng(1)
@@ -390,10 +391,10 @@ def test_fused_scan_matches_autodiff_of_the_plain_scan(cell, dtype):
   @_jit_fn
   def run(params, carry, zx):
     out = {}
-    for name, fn in (('plain', rnn._scan), ('fused', rnn.fused_scan)):
+    for name, fn in (('plain', rnn_scan.scan), ('fused', rnn_scan.fused_scan)):
       for reverse in (False, True):
         def loss(p, c, z):
-          final, h = fn(cell, dtype, reverse, p, c, z)
+          final, h = fn(rnn.cell_gates, cell, dtype, reverse, p, c, z)
           return (h * dy_LxBxN).sum() + sum((v * (k + 2.0)).sum()
                                             for k, v in enumerate(jax.tree.leaves(final)))
         out[name, reverse] = jax.value_and_grad(loss, argnums=(0, 1, 2))(params, carry, zx)

@@ -1,4 +1,4 @@
-"""Tests of sweeps (jaxbig/sweep.py) and their report (jaxbig/sweep_report.py).
+"""Tests of sweeps (jaxbig/sweep/) and their report (jaxbig/sweep/report.py).
 
 The power-law fit must recover known parameters from noisy synthetic points, with honest
 uncertainties. A two-member tiny sweep of experiments/scaling_gpt.py is interrupted in its
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 import conftest
-from jaxbig import config as config_lib, sweep, sweep_report, train
+from jaxbig import config as config_lib, sweep, train
+from jaxbig.sweep import report as sweep_report
 
 pytestmark = pytest.mark.slow(reason='trains every member of small sweeps')
 

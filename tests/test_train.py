@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxbig import checkpoint, config as config_lib, data as data_lib, losses, train
+from jaxbig import metrics as metrics_lib
 
 CNN_SMOKE = 'experiments/cnn_digits.py:smoke'
 
@@ -159,11 +160,11 @@ def test_argmax_is_argmax_equality_with_ties():
 
 def test_class_weights_balanced():
   cfg = config_lib.load(CNN_SMOKE, ['train.balance_classes=true']).train
-  w = train.class_weights(cfg, np.array([0, 0, 0, 1]), 2)
+  w = losses.class_weights(cfg, np.array([0, 0, 0, 1]), 2)
   np.testing.assert_allclose(w, [4 / 6, 4 / 2])
   cfg = config_lib.load(CNN_SMOKE, ['train.class_weights=1,2,3']).train
   with pytest.raises(config_lib.ConfigError, match='train.class_weights'):
-    train.class_weights(cfg, np.array([0, 1]), 2)
+    losses.class_weights(cfg, np.array([0, 1]), 2)
 
 
 def test_checkpoints_from_before_loss_scaling_still_restore(tmp_path):
@@ -219,7 +220,7 @@ def test_a_log_step_is_fetched_after_the_next_step_is_dispatched(tmp_path, monke
     run = steps.train
     return dc.replace(steps, train=lambda *a: dispatched.append(1) or run(*a))
 
-  flush = train._Log.flush  # pylint: disable=protected-access
+  flush = metrics_lib.TrainLog.flush
 
   def recording(self, saved):
     if self.closed is not None:
@@ -227,7 +228,7 @@ def test_a_log_step_is_fetched_after_the_next_step_is_dispatched(tmp_path, monke
     return flush(self, saved)
 
   monkeypatch.setattr(train, 'compile_steps', counting)
-  monkeypatch.setattr(train._Log, 'flush', recording)  # pylint: disable=protected-access
+  monkeypatch.setattr(metrics_lib.TrainLog, 'flush', recording)
   config = config_lib.load(CNN_SMOKE, ['train.log_every=4', 'train.eval_every=0',
                                        'train.ckpt_every=0', 'train.steps=12'])
   train.train_and_evaluate(config, str(tmp_path))

@@ -17,10 +17,11 @@ from jax import lax
 import pytest
 
 from jaxbig import sharding
-from jaxbig.models import init as inits
+from jaxbig.kernels.attention import heads_major_attention
+from jaxbig.models import axes
 from jaxbig.models.transformer import (
-    POS_TABLE, Block, TransformerClassifier, TransformerLM, causal_mask, heads_major_attention,
-    reference_attention, rope)
+    POS_TABLE, Block, TransformerClassifier, TransformerLM, causal_mask, reference_attention,
+    rope)
 
 B, L, V, MAX_LEN, DEPTH = 2, 12, 256, 16, 2
 PROMPT = 5
@@ -240,10 +241,10 @@ def test_every_param_has_logical_names(kind, scan_layers):
   if kind == 'lm_tied':
     assert not any('logits' in p for p in boxes)
   if kind == 'lm_untied_learned':
-    assert boxes["['logits']['kernel']"].names == inits.LOGITS_KERNEL
+    assert boxes["['logits']['kernel']"].names == axes.LOGITS_KERNEL
     assert boxes["['pos_embed']['embedding']"].names == POS_TABLE
   if kind == 'classifier':
-    assert boxes["['out']['kernel']"].names == inits.OUT_KERNEL
+    assert boxes["['out']['kernel']"].names == axes.OUT_KERNEL
 
 
 @pytest.mark.slow(reason='compiles several Transformer variants')

@@ -14,7 +14,7 @@ import optax
 import pytest
 from sklearn.datasets import load_digits
 
-from jaxbig.models import init as inits
+from jaxbig.models import axes
 from jaxbig.models import vae
 from jaxbig.models.vae import VAE, AutoEncoder
 
@@ -167,13 +167,13 @@ def test_every_param_has_logical_names(cls, heads):
   assert all(len(v.names) == v.value.ndim for v in leaves)
   assert set(boxed['encoder']) == {'dense0', 'dense1', *heads}
   assert set(boxed['decoder']) == {'dense0', 'dense1', 'out'}
-  assert boxed['encoder']['dense0']['kernel'].names == inits.DENSE_KERNEL
-  assert boxed['encoder']['dense1']['bias'].names == inits.DENSE_BIAS
+  assert boxed['encoder']['dense0']['kernel'].names == axes.DENSE_KERNEL
+  assert boxed['encoder']['dense1']['bias'].names == axes.DENSE_BIAS
   for head in heads:
-    assert boxed['encoder'][head]['kernel'].names == inits.OUT_KERNEL
-    assert boxed['encoder'][head]['bias'].names == inits.OUT_BIAS
-  assert boxed['decoder']['dense0']['kernel'].names == inits.DENSE_KERNEL
-  assert boxed['decoder']['out']['kernel'].names == inits.OUT_KERNEL
+    assert boxed['encoder'][head]['kernel'].names == axes.OUT_KERNEL
+    assert boxed['encoder'][head]['bias'].names == axes.OUT_BIAS
+  assert boxed['decoder']['dense0']['kernel'].names == axes.DENSE_KERNEL
+  assert boxed['decoder']['out']['kernel'].names == axes.OUT_KERNEL
   # Decoder widths run in reverse: latent -> 8 -> 16 -> pixels.
   assert boxed['decoder']['dense0']['kernel'].value.shape == (3, 8)
   assert boxed['decoder']['out']['kernel'].value.shape == (16, 64)

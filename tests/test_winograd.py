@@ -1,4 +1,4 @@
-"""Tests for jaxbig.models.winograd: F(2x2, 3x3) against XLA's convolution, and when it applies.
+"""Tests for jaxbig.kernels.winograd: F(2x2, 3x3) against XLA's convolution, and when it applies.
 
 Shape letters: B batch, H height, W width, C input channels, O output channels.
 """
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxbig.models import cnn, winograd
+from jaxbig.kernels import winograd
+from jaxbig.models import cnn
 from jaxbig.models.resnet import ResNetTiny
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')

@@ -8,23 +8,24 @@ experiment and its overrides (model size, batch, precision, mesh), and optionall
 so that drift of the machine hits both alike; `native_only`: skip the row (recorded as
 {name, skipped: reason}) where its precision would be emulated; `loop` (a step count): also
 run the training loop itself for that many steps (`loop_time`) and report its host
-overhead. For each row, in this process: build the run as `train` would (steps 3-5 of
-DESIGN.md), put one batch on the devices, compile the train step (timed apart), warm up
-until the step time settles, then time a window of at least `min_steps` steps and
-`min_seconds` seconds with the energy meter read at its edges. Every step is synchronised
-(`block_until_ready`) so each one has its own time; the window's edges are those of its
-first and last step.
+overhead. For each row, in this process: build the run as `train` would (mesh, data,
+model, sharded state: `train.setup`, `train.init_state`), put one batch on the devices,
+compile the train step (timed apart), warm up until the step time settles, then time a
+window of at least `min_steps` steps and `min_seconds` seconds with the energy meter read at
+its edges. Every step is synchronised (`block_until_ready`) so each one has its own time;
+the window's edges are those of its first and last step.
 
 One JSON object per row goes to `DIR/results.jsonl` as soon as the row is done:
 
   suite, name, framework ('jaxbig' or 'pytorch'), pair (a PyTorch row's jaxbig row), model,
   precision, emulated, batch, mesh, steps, step_time_s {median, p10, p90, mean}, samples_per_s,
-  tokens_per_s (null without tokens), flops_per_step {analytic, xla, xla_counts_loops_once}, peak_flops_per_s, mfu, mfu_basis,
-  peak_memory_bytes {compiled, device}, energy {method, joules_per_step, samples_per_joule,
-  tokens_per_joule, avg_watts, reason}, loss, compile_s, warmup_steps, warmup_settled (False
-  when warm-up stopped at warmup_max steps or warmup_max_s seconds), rounds, window_s,
-  env {device_kind, num_devices, jax, jaxlib, flax, qwix, python, xla_flags, glibc_tunables, git_sha; PyTorch
-  rows add torch, torch_threads, torch_device}, command (the `jaxbig bench` command line);
+  tokens_per_s (null without tokens), flops_per_step {analytic, xla, xla_counts_loops_once},
+  peak_flops_per_s, mfu, mfu_basis, peak_memory_bytes {compiled, device}, energy {method,
+  joules_per_step, samples_per_joule, tokens_per_joule, avg_watts, reason}, loss, compile_s,
+  warmup_steps, warmup_settled (False when warm-up stopped at warmup_max steps or
+  warmup_max_s seconds), rounds, window_s, env {device_kind, num_devices, jax, jaxlib, flax,
+  qwix, python, xla_flags, glibc_tunables, git_sha; PyTorch rows add torch, torch_threads,
+  torch_device}, command (the `jaxbig bench` command line);
   rows with `loop` add loop {steps, log_every, step_time_s, host_overhead}.
 
 MFU divides the analytic FLOPs (else XLA's) by the step time and the device's dense peak

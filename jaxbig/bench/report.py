@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from jaxbig.config import ConfigError
+from jaxbig.memory import fmt_bytes
 
 
 def read(path: str, skipped: bool = False) -> list[dict]:
@@ -68,15 +69,6 @@ def _num(x, fmt: str) -> str:
   return '-' if x is None else format(x, fmt)
 
 
-def _bytes(n) -> str:
-  if n is None:
-    return '-'
-  for unit, size in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
-    if n >= size:
-      return f'{n / size:.1f} {unit}'
-  return f'{n} B'
-
-
 def table(rows: list[dict]) -> str:
   head = ('| row | framework | model | precision | batch | step ms (p10-p90) | samples/s | tokens/s | MFU '
           '| peak memory | J/step | samples/J | loss | compile s |')
@@ -90,7 +82,7 @@ def table(rows: list[dict]) -> str:
         f"| {t['median'] * 1e3:.3g} ({t['p10'] * 1e3:.3g}-{t['p90'] * 1e3:.3g})"
         f"{'' if r.get('warmup_settled', True) else ' unsettled'} "
         f"| {r['samples_per_s']:.4g} | {_num(r['tokens_per_s'], '.4g')} "
-        f"| {_num(r['mfu'], '.3f')} | {_bytes(r['peak_memory_bytes']['compiled'])} "
+        f"| {_num(r['mfu'], '.3f')} | {fmt_bytes(r['peak_memory_bytes']['compiled'], 1)} "
         f"| {_num(e['joules_per_step'], '.3g')} | {_num(e['samples_per_joule'], '.4g')} "
         f"| {r['loss']:.4g} | {_num(r['compile_s'], '.1f')} |")
   return '\n'.join(lines)

@@ -45,8 +45,8 @@ def digits() -> Arrays:
   """sklearn's 1,797 handwritten digits, 8x8 grey images with values 0..16, 10 classes.
 
   Read from the CSV file sklearn ships, as `sklearn.datasets.load_digits` reads it (the same
-  arrays: tests/test_data.py), without importing sklearn: its import (scipy with it) took
-  1.2 s of every digits run. Where the file is not found, sklearn's own loader.
+  arrays: tests/test_data.py), without importing sklearn, whose import (scipy with it)
+  slows the start of every digits run. Where the file is not found, sklearn's own loader.
   """
   path = _sklearn_data_file('digits.csv.gz')
   if path is None:

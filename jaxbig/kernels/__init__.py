@@ -8,14 +8,15 @@ what to compute. Every fast path has a test against its reference:
 
 | choice | fast path (auto) | where | what it bought, where measured | its test |
 |---|---|---|---|---|
-| conv | Winograd F(2, 3) for 3x3 convolutions (models/winograd.py) | CPU | the seed CNN's second layer, forward and gradients, 13.2 -> 9.1 ms (2-core Xeon; winograd.py) | tests/test_winograd.py |
-| attention | heads-major attention (models/transformer.py) | CPU | the small GPT's attention gradient in about 0.7x the time (transformer.py) | tests/test_transformer.py |
-| rnn_grad | hand-written LSTM/GRU backward loop (models/rnn.py `fused_scan`) | CPU | LSTM step -4%, GRU step -16% (2-core Xeon; benchmarks/results/cpu-xeon/perf_cpu/README.md) | tests/test_rnn.py |
-| random_bits | Threefry's bits as straight-line code (prng.py), bit-identical | CPU | CNN batch-256 step 15.99 -> 15.33 ms median (perf_cpu README) | tests/test_prng.py |
+| conv | Winograd F(2, 3) for 3x3 convolutions (kernels/winograd.py) | CPU | the seed CNN's second layer, forward and gradients, 13.2 -> 9.1 ms (2-core Xeon; perf_cpu README) | tests/test_winograd.py |
+| attention | heads-major attention (kernels/attention.py) | CPU | the small GPT's attention gradient in about 0.7x the time (docs/performance.md) | tests/test_transformer.py |
+| rnn_grad | hand-written LSTM/GRU backward loop (kernels/rnn_scan.py `fused_scan`) | CPU | LSTM step -4%, GRU step -16% (2-core Xeon; benchmarks/results/cpu-xeon/perf_cpu/README.md) | tests/test_rnn.py |
+| random_bits | Threefry's bits as straight-line code (kernels/threefry.py), bit-identical | CPU | CNN batch-256 step 15.99 -> 15.33 ms median (perf_cpu README) | tests/test_prng.py |
 | guard | non-finite guard as a branch (`lax.cond`) instead of a select | CPU | GPT step -2.5% (perf_cpu README) | tests/faults/test_fault_nonfinite.py |
 
 On GPUs and TPUs `auto` is the reference for all of these today (none was measured there);
-cuDNN attention is chosen by `model.attention`.
+cuDNN attention is chosen by `model.attention`. The implementations live in this package's
+modules, which the models import; this module imports none of them (the models import it).
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ _AUTO = {
 }
 
 
-def select(name: str, platform: str) -> Kernels:
-  """The policy `name` for steps compiled for `platform` ('cpu', 'gpu', 'tpu')."""
+def select(name: str, platform: str, quantized: bool = False) -> Kernels:
+  """The policy `name` for steps compiled for `platform` ('cpu', 'gpu', 'tpu'). Under
+  `quantized` matmuls (Qwix: precision fp8/int8, `jaxbig quantize`) convolutions stay XLA's:
+  Qwix quantizes `conv_general_dilated`, not the matmuls of a rewrite."""
   if name not in NAMES:
     raise ConfigError(f"kernels: unknown policy '{name}'; choose from {', '.join(NAMES)}")
   if name == 'reference':
     return REFERENCE
-  return _AUTO.get(platform, Kernels('auto'))
+  chosen = _AUTO.get(platform, Kernels('auto'))
+  return dataclasses.replace(chosen, conv='xla') if quantized else chosen

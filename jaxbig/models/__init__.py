@@ -12,7 +12,8 @@ import flax.linen as nn
 import ml_collections
 
 from jaxbig import kernels as kernels_lib
-from jaxbig.models import rnn, transformer, vae
+from jaxbig.config import ConfigError
+from jaxbig.models import init as inits, mlp, rnn, transformer, vae
 from jaxbig.models.cnn import CNN
 from jaxbig.models.mlp import MLP
 from jaxbig.models.resnet import ResNet18, ResNet34, ResNet50, ResNetTiny
@@ -33,9 +34,25 @@ Factory = Callable[[ml_collections.ConfigDict, DataMeta, Any, kernels_lib.Kernel
 def _needs_image(cfg: ml_collections.ConfigDict, meta: DataMeta) -> None:
   """Raises unless the data gives per-example images (H, W, C)."""
   if len(meta.input_shape) != 3:
-    raise ValueError(
+    raise ConfigError(
         f"model.name: '{cfg.name}' needs image inputs (H, W, C); the data gives "
         f"{tuple(meta.input_shape)}")
+
+
+def _needs_sequence(cfg: ml_collections.ConfigDict, meta: DataMeta) -> int:
+  """Raises unless the data gives tokens (L,), float sequences (L, F) or images (H, W, C)
+  (read row by row); returns the sequence length."""
+  rank = len(meta.input_shape)
+  if (meta.vocab_size and rank != 1) or (not meta.vocab_size and rank not in (2, 3)):
+    raise ConfigError(
+        f"model.name: '{cfg.name}' reads tokens (L,), sequences (L, F) or images (H, W, C); "
+        f'the data gives {tuple(meta.input_shape)}')
+  return meta.input_shape[0]
+
+
+def _choice(cfg: ml_collections.ConfigDict, field: str, choices: tuple) -> None:
+  if cfg[field] not in choices:
+    raise ConfigError(f"model.{field}: unknown '{cfg[field]}'; choose from {', '.join(choices)}")
 
 
 def _cnn(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
@@ -51,8 +68,9 @@ def _cnn(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
 
 def _mlp(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
          kernels: kernels_lib.Kernels) -> nn.Module:
-  del kernels  # No fast path.
   """Builds the MLP."""
+  del kernels  # No fast path.
+  _choice(cfg, 'activation', mlp.ACTIVATIONS)
   return MLP(
       num_outputs=meta.num_outputs, widths=tuple(cfg.widths), activation=cfg.activation,
       dropout=cfg.dropout, init_name=cfg.init, init_std=cfg.init_std, dtype=dtype)
@@ -79,12 +97,15 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
       max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout, attention=cfg.attention,
       remat=cfg.remat, scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
       heads_major=kernels.attention == 'heads_major')
+  length = _needs_sequence(cfg, meta)
   if cfg.width % cfg.heads:
-    raise ValueError(f'model.width ({cfg.width}) must be divisible by model.heads ({cfg.heads})')
-  if cfg.pos not in ('rope', 'learned'):
-    raise ValueError(f"model.pos: unknown '{cfg.pos}'; choose from rope, learned")
-  if cfg.attention not in ('xla', 'cudnn', 'auto'):
-    raise ValueError(f"model.attention: unknown '{cfg.attention}'; choose from xla, cudnn, auto")
+    raise ConfigError(f'model.width ({cfg.width}) must be divisible by model.heads ({cfg.heads})')
+  _choice(cfg, 'pos', transformer.POSITIONS)
+  _choice(cfg, 'attention', transformer.ATTENTIONS)
+  if cfg.pos == 'rope' and (cfg.width // cfg.heads) % 2:
+    raise ConfigError(f'model.pos=rope needs an even head size, got {cfg.width // cfg.heads}')
+  if length > cfg.max_len:
+    raise ConfigError(f'data.seq_len ({length}) exceeds model.max_len ({cfg.max_len})')
   if meta.task == 'lm':
     return transformer.TransformerLM(vocab_size=meta.vocab_size,
                                      tie_embeddings=cfg.tie_embeddings, **common)
@@ -97,16 +118,19 @@ def _rnn(cell: str) -> Factory:
 
   def factory(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
               kernels: kernels_lib.Kernels) -> nn.Module:
+    _needs_sequence(cfg, meta)
     common = dict(cell=cell, hidden=cfg.hidden, depth=cfg.depth, dropout=cfg.dropout,
                   init_name=cfg.init, init_std=cfg.init_std, dtype=dtype,
                   fused_grad=kernels.rnn_grad == 'fused')
     if meta.task == 'lm':
       if cfg.bidirectional:
-        raise ValueError('model.bidirectional: a language model must not see the future')
+        raise ConfigError('model.bidirectional: a language model must not see the future')
+      if cfg.tie_embeddings and cfg.embed_dim and cfg.embed_dim != cfg.hidden:
+        raise ConfigError(f'model.tie_embeddings needs model.embed_dim == model.hidden, got '
+                          f'{cfg.embed_dim} and {cfg.hidden}')
       return rnn.RNNLM(vocab_size=meta.vocab_size, embed_dim=cfg.embed_dim,
                        tie_embeddings=cfg.tie_embeddings, **common)
-    if cfg.pool not in ('last', 'mean'):
-      raise ValueError(f"model.pool: unknown '{cfg.pool}'; choose from last, mean")
+    _choice(cfg, 'pool', rnn.POOLS)
     return rnn.RNNClassifier(num_outputs=meta.num_outputs, vocab_size=meta.vocab_size,
                              bidirectional=cfg.bidirectional, pool=cfg.pool, **common)
 
@@ -147,22 +171,25 @@ _WITH_BATCH_STATS = frozenset({'resnet18', 'resnet34', 'resnet50', 'resnet_tiny'
 
 
 def _check_name(name: str) -> None:
-  """Raises a ValueError that lists the known models unless `name` is one."""
+  """Raises a ConfigError that lists the known models unless `name` is one."""
   if name not in _FACTORIES:
-    raise ValueError(f"model.name: unknown model '{name}'; choose from {', '.join(MODELS)}")
+    raise ConfigError(f"model.name: unknown model '{name}'; choose from {', '.join(MODELS)}")
 
 
 def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float32,
           kernels: kernels_lib.Kernels = kernels_lib.REFERENCE) -> nn.Module:
   """Returns the module named by `cfg.name`, computing in `dtype` with float32 params and
-  the fast paths that `kernels` chose (jaxbig/kernels)."""
+  the fast paths that `kernels` chose (jaxbig/kernels). Raises ConfigError for a config
+  this model cannot be built from, or cannot take this data's inputs."""
   _check_name(cfg.name)
   _check_sizes(cfg)
+  if 'init' in cfg:
+    _choice(cfg, 'init', inits.INITIALIZERS)
   try:
     return _FACTORIES[cfg.name](cfg, meta, dtype, kernels)
   except AttributeError as e:  # ConfigDict: a field this model needs is not declared.
     field = str(e).splitlines()[0].strip('"\'')
-    raise ValueError(f"model.{field}: model.name={cfg.name} needs this field; the experiment's "
+    raise ConfigError(f"model.{field}: model.name={cfg.name} needs this field; the experiment's "
                      'model section does not declare it') from None
 
 
@@ -173,9 +200,9 @@ def _check_sizes(cfg: ml_collections.ConfigDict) -> None:
     if field in cfg:
       values = cfg[field] if isinstance(cfg[field], (tuple, list)) else (cfg[field],)
       if not values or any(v <= 0 for v in values):
-        raise ValueError(f'model.{field} must be positive, got {cfg[field]}')
+        raise ConfigError(f'model.{field} must be positive, got {cfg[field]}')
   if 'dropout' in cfg and not 0.0 <= cfg.dropout < 1.0:
-    raise ValueError(f'model.dropout must be in [0, 1), got {cfg.dropout}')
+    raise ConfigError(f'model.dropout must be in [0, 1), got {cfg.dropout}')
 
 
 def has_batch_stats(name: str) -> bool:
@@ -183,8 +210,3 @@ def has_batch_stats(name: str) -> bool:
   _check_name(name)
   return name in _WITH_BATCH_STATS
 
-
-def with_xla_convolutions(model: nn.Module) -> nn.Module:
-  """The model with XLA's convolutions where it has a faster rewrite (the CNN's and ResNet's
-  Winograd path): qwix quantizes `conv_general_dilated`, not the matmuls a rewrite computes."""
-  return model.clone(conv='xla') if getattr(model, 'conv', None) == 'winograd' else model

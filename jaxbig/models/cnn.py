@@ -10,18 +10,17 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxbig.models import init as inits
-from jaxbig.models import winograd
+from jaxbig.kernels import winograd
+from jaxbig.models import axes, init as inits
 
 
 def max_pool_2x2(x_BxHxWxC: jax.Array) -> jax.Array:
   """2x2 max-pool with stride 2, SAME padding: odd sizes keep their last row (7 -> 4).
 
   `nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')` as a reshape and element-wise
-  maxima: its gradient is then selects instead of XLA's select-and-scatter (on XLA:CPU the
-  seed CNN's step at batch 256 takes about half the time). Ties share the gradient where
-  select-and-scatter gives it to one element; after a ReLU the only likely ties are
-  zeros, whose gradient the ReLU stops anyway.
+  maxima: its gradient is then selects instead of XLA's select-and-scatter, which XLA:CPU
+  runs slowly. Ties share the gradient where select-and-scatter gives it to one element;
+  after a ReLU the only likely ties are zeros, whose gradient the ReLU stops anyway.
   """
   _, h, w, _ = x_BxHxWxC.shape
   if h % 2 or w % 2:
@@ -43,7 +42,7 @@ class CNN(nn.Module):
   hidden: int = 1024
   dropout: float = 0.0
   # 'winograd': float32 3x3 convolutions as Winograd F(2x2, 3x3) where that applies
-  # (winograd.py; kernels.conv, the CPU fast path); 'xla': always lax.conv_general_dilated.
+  # (kernels.conv, the CPU fast path); 'xla': always lax.conv_general_dilated.
   conv: str = 'xla'
   # Not `init`: that would shadow nn.Module.init.
   init_name: str = 'he'
@@ -59,24 +58,24 @@ class CNN(nn.Module):
     x = x_BxHxWxC.astype(self.dtype)
     conv_fn = winograd.conv_fn(self.conv, 'CNN')
     for i, width in enumerate(self.features):
-      names = inits.STEM_KERNEL if i == 0 else inits.CONV_KERNEL
+      names = axes.STEM_KERNEL if i == 0 else axes.CONV_KERNEL
       x = nn.Conv(
           width, (3, 3), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=inits.logical(kernel_init, names),
-          bias_init=inits.logical(zeros, inits.CONV_BIAS), conv_general_dilated=conv_fn,
+          kernel_init=axes.logical(kernel_init, names),
+          bias_init=axes.logical(zeros, axes.CONV_BIAS), conv_general_dilated=conv_fn,
           name=f'conv{i}')(x)
       # Pool, then ReLU: the same function as ReLU then pool (both are monotone), on a
-      # quarter of the elements. On XLA:CPU the seed CNN's step took about 0.93x the time.
-      x = inits.constrain(nn.relu(max_pool_2x2(x)), inits.ACT_BxHxWxC)
-    x_BxF = inits.constrain(x.reshape(x.shape[0], -1), ('batch', None))
+      # quarter of the elements.
+      x = axes.constrain(nn.relu(max_pool_2x2(x)), axes.ACT_BxHxWxC)
+    x_BxF = axes.constrain(x.reshape(x.shape[0], -1), ('batch', None))
     x_BxN = nn.Dense(
         self.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=inits.logical(kernel_init, inits.DENSE_KERNEL),
-        bias_init=inits.logical(zeros, inits.DENSE_BIAS), name='hidden')(x_BxF)
-    x_BxN = inits.constrain(nn.relu(x_BxN), inits.ACT_BxN)
+        kernel_init=axes.logical(kernel_init, axes.DENSE_KERNEL),
+        bias_init=axes.logical(zeros, axes.DENSE_BIAS), name='hidden')(x_BxF)
+    x_BxN = axes.constrain(nn.relu(x_BxN), axes.ACT_BxN)
     x_BxN = nn.Dropout(self.dropout, deterministic=not train)(x_BxN)
     logits_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=inits.logical(kernel_init, inits.OUT_KERNEL),
-        bias_init=inits.logical(zeros, inits.OUT_BIAS), name='out')(x_BxN)
+        kernel_init=axes.logical(kernel_init, axes.OUT_KERNEL),
+        bias_init=axes.logical(zeros, axes.OUT_BIAS), name='out')(x_BxN)
     return logits_BxK.astype(jnp.float32)

@@ -1,48 +1,7 @@
-"""Weight initialisers by name, and logical axis names for every parameter.
-
-Every parameter is created through `logical(init, names)`, so `model.init` returns
-`nn.Partitioned` boxes whose names a sharding rule maps to mesh axes. The names:
-
-  'embed'      input features of a hidden dense layer
-  'mlp'        hidden units (output of a hidden dense layer, input of the output layer;
-               for a ResNet head, its pooled channels)
-  'classes'    outputs of the final dense layer
-  'conv_in'    input channels of a conv kernel (not of the first: image channels are
-               never split)
-  'conv_out'   output channels of a conv kernel, its bias, and BatchNorm scale/bias
-  None         spatial axes of a conv kernel (never sharded)
-
-Sequence models add:
-
-  'vocab'      the byte/token vocabulary (embedding rows, LM logits)
-  'heads'      attention heads
-  'kv'         features per attention head (never sharded)
-  'layers'     the stacked-layer axis that `nn.scan` over layers adds (never sharded)
-
-and use 'embed' for the model width (residual stream, RNN inputs), 'mlp' for hidden units
-(feed-forward inner width, RNN gates).
-
-So: hidden dense kernel ('embed', 'mlp'), bias ('mlp',); output kernel ('mlp', 'classes'),
-bias ('classes',); conv kernel (None, None, 'conv_in', 'conv_out'), bias ('conv_out',);
-BatchNorm scale and bias ('conv_out',). BatchNorm running statistics ('batch_stats') are
-created by Flax without names and stay unboxed (replicated).
-
-Activations take logical constraints (`constrain`) at the points where a layout matters:
-'batch' for examples, 'length' for positions, 'act_embed' for the residual stream (kept
-whole: fsdp devices split the batch, not the width), and the parameter names 'mlp', 'heads',
-'kv', 'vocab', 'conv_out' for the outputs of the layers whose kernels those names split.
-They apply inside `activation_rules(rules)` (with a mesh set), and do nothing elsewhere
-(init, decoding). Flax's own `nn.logical_axis_rules` context is not used: under it Flax also
-constrains parameters as modules read them, which breaks on DenseGeneral's reshaped kernels.
-"""
-
-import contextlib
-import contextvars
-from typing import Any, Callable
+"""Weight initialisers by name (`model.init`); parameters get their logical axis names
+from `axes.logical`."""
 
 import jax
-import jax.numpy as jnp
-import flax.linen as nn
 
 _INITIALIZERS = {
     'normal': lambda std: jax.nn.initializers.normal(stddev=std),
@@ -52,31 +11,6 @@ _INITIALIZERS = {
 }
 INITIALIZERS = tuple(_INITIALIZERS)
 
-# Logical names shared by the model files, so one sharding rule covers them all.
-DENSE_KERNEL = ('embed', 'mlp')
-DENSE_BIAS = ('mlp',)
-OUT_KERNEL = ('mlp', 'classes')
-OUT_BIAS = ('classes',)
-CONV_KERNEL = (None, None, 'conv_in', 'conv_out')
-STEM_KERNEL = (None, None, None, 'conv_out')  # First conv: 1 or 3 image channels, never split.
-CONV_BIAS = ('conv_out',)
-NORM = ('conv_out',)
-EMBED_TABLE = ('vocab', 'embed')
-LOGITS_KERNEL = ('embed', 'vocab')
-QKV_KERNEL = ('embed', 'heads', 'kv')  # DenseGeneral: width -> (heads, head features).
-ATTN_OUT_KERNEL = ('heads', 'kv', 'embed')
-MLP_IN_KERNEL = ('embed', 'mlp')
-MLP_OUT_KERNEL = ('mlp', 'embed')
-EMBED_NORM = ('embed',)  # Norm scale/bias over the model width.
-
-# Activations.
-ACT_BxN = ('batch', 'mlp')  # Hidden units of a dense layer.
-ACT_BxHxWxC = ('batch', None, None, 'conv_out')  # Conv feature maps.
-ACT_BxLxE = ('batch', 'length', 'act_embed')  # Residual stream.
-ACT_BxLxM = ('batch', 'length', 'mlp')  # Feed-forward or recurrent hidden units.
-ACT_BxLxHxD = ('batch', 'length', 'heads', 'kv')  # Queries, keys, values.
-ACT_BxLxV = ('batch', 'length', 'vocab')  # Logits over the vocabulary.
-
 
 def initializer(name: str, std: float = 0.02) -> jax.nn.initializers.Initializer:
   """Returns the kernel initialiser called `name`; `std` is used only by 'normal'."""
@@ -84,80 +18,3 @@ def initializer(name: str, std: float = 0.02) -> jax.nn.initializers.Initializer
     raise ValueError(
         f"model.init: unknown initializer '{name}'; choose from {', '.join(INITIALIZERS)}")
   return _INITIALIZERS[name](std)
-
-
-def logical(init: jax.nn.initializers.Initializer, names: tuple) -> Callable[..., Any]:
-  """Wraps `init` so the parameter it creates carries the logical axis `names`."""
-  return nn.with_logical_partitioning(init, names)
-
-
-_RULES: contextvars.ContextVar = contextvars.ContextVar('activation_rules', default=None)
-
-
-@contextlib.contextmanager
-def _bound(var: contextvars.ContextVar, value):
-  token = var.set(value)
-  try:
-    yield
-  finally:
-    var.reset(token)
-
-
-def activation_rules(rules):
-  """Within this context `constrain` maps logical names to mesh axes by `rules`."""
-  return _bound(_RULES, tuple(rules))
-
-
-_PLATFORM: contextvars.ContextVar = contextvars.ContextVar('platform', default=None)
-
-
-def compiling_for(mesh: jax.sharding.Mesh):
-  """Within this context `platform()` is that of `mesh`'s devices ('cpu', 'gpu', 'tpu'): the
-  devices a step is traced for, which an ahead-of-time TPU plan on a CPU host does not run on."""
-  return _bound(_PLATFORM, mesh.devices.flat[0].platform)
-
-
-def platform() -> str:
-  """The platform the model is traced for: `compiling_for`'s, else JAX's default backend.
-  Only the float16 upcast below asks (XLA:CPU lacks the operation); the fast paths are
-  chosen by the kernel policy (jaxbig/kernels), never by this."""
-  return _PLATFORM.get() or jax.default_backend()
-
-
-def lookup(embed: nn.Embed, tokens: jax.Array) -> jax.Array:
-  """`embed(tokens)`, with the table's width gathered whole first.
-
-  FSDP splits the table's width; left to itself the compiler carries that split into the
-  activations and must then undo it against the batch split (a full rematerialisation).
-  """
-  table = constrain(embed.embedding, ('vocab', 'act_embed'))
-  return jnp.take(table, tokens, axis=0).astype(embed.dtype)
-
-
-def constrain(x: jax.Array, names: tuple) -> jax.Array:
-  """Asks the compiler for the layout of activation `x` given by logical axis `names`."""
-  rules = _RULES.get()
-  return x if rules is None else nn.with_logical_constraint(x, names, rules=rules)
-
-
-def upcast_f16_on_cpu(*xs: jax.Array) -> tuple:
-  """float16 operands upcast on CPU: XLA:CPU has no float16 x float16 -> float32 matmul.
-
-  Elsewhere (and for every other dtype) the operands are returned as they are.
-  """
-  if xs[0].dtype == jnp.float16 and platform() == 'cpu':
-    return tuple(x.astype(jnp.float32) for x in xs)
-  return xs
-
-
-def dot_general_f32(lhs, rhs, dimension_numbers, precision=None, **kwargs) -> jax.Array:
-  """`lax.dot_general` in the operands' dtype with float32 accumulation and output."""
-  lhs, rhs = upcast_f16_on_cpu(lhs, rhs)
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                             preferred_element_type=jnp.float32, **kwargs)
-
-
-def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-  """`jnp.einsum` of two operands with float32 accumulation and output."""
-  a, b = upcast_f16_on_cpu(a, b)
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxbig.models import init as inits
+from jaxbig.models import axes, init as inits
 
 _ACTIVATIONS = {
     'relu': nn.relu,
@@ -51,12 +51,12 @@ class MLP(nn.Module):
     for i, width in enumerate(self.widths):
       x_BxN = nn.Dense(
           width, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=inits.logical(kernel_init, inits.DENSE_KERNEL),
-          bias_init=inits.logical(zeros, inits.DENSE_BIAS), name=f'dense{i}')(x_BxN)
-      x_BxN = inits.constrain(act(x_BxN), inits.ACT_BxN)
+          kernel_init=axes.logical(kernel_init, axes.DENSE_KERNEL),
+          bias_init=axes.logical(zeros, axes.DENSE_BIAS), name=f'dense{i}')(x_BxN)
+      x_BxN = axes.constrain(act(x_BxN), axes.ACT_BxN)
       x_BxN = nn.Dropout(self.dropout, deterministic=not train)(x_BxN)
     out_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=inits.logical(kernel_init, inits.OUT_KERNEL),
-        bias_init=inits.logical(zeros, inits.OUT_BIAS), name='out')(x_BxN)
+        kernel_init=axes.logical(kernel_init, axes.OUT_KERNEL),
+        bias_init=axes.logical(zeros, axes.OUT_BIAS), name='out')(x_BxN)
     return out_BxK.astype(jnp.float32)

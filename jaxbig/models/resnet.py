@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxbig.models import init as inits
-from jaxbig.models import winograd
+from jaxbig.kernels import winograd
+from jaxbig.models import axes, init as inits
 
 ModuleDef = Any
 
@@ -33,7 +33,7 @@ class ResNetBlock(nn.Module):
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters, (3, 3))(y)
     # Zero scale makes each block start as the identity (Goyal et al. 2017).
-    y = self.norm(scale_init=inits.logical(nn.initializers.zeros_init(), inits.NORM))(y)
+    y = self.norm(scale_init=axes.logical(nn.initializers.zeros_init(), axes.NORM))(y)
     residual = x_BxHxWxC
     if residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), self.strides, name='conv_proj')(residual)
@@ -58,7 +58,7 @@ class BottleneckResNetBlock(nn.Module):
     y = self.conv(self.filters, (3, 3), self.strides)(y)
     y = nn.relu(self.norm()(y))
     y = self.conv(self.filters * 4, (1, 1))(y)
-    y = self.norm(scale_init=inits.logical(nn.initializers.zeros_init(), inits.NORM))(y)
+    y = self.norm(scale_init=axes.logical(nn.initializers.zeros_init(), axes.NORM))(y)
     residual = x_BxHxWxC
     if residual.shape != y.shape:
       residual = self.conv(
@@ -83,7 +83,7 @@ class ResNet(nn.Module):
   # True: 3x3 stride-1 stem and no max-pool, for 8x8 or 32x32 images.
   small_input: bool = False
   # 'winograd': float32 3x3 stride-1 convolutions as Winograd F(2x2, 3x3) where that applies
-  # (winograd.py; kernels.conv, the CPU fast path); 'xla': always lax.conv_general_dilated.
+  # (kernels.conv, the CPU fast path); 'xla': always lax.conv_general_dilated.
   conv: str = 'xla'
   # Not `init`: that would shadow nn.Module.init.
   init_name: str = 'he'
@@ -104,19 +104,19 @@ class ResNet(nn.Module):
     conv = partial(
         nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
         conv_general_dilated=winograd.conv_fn(self.conv, 'ResNet'),
-        kernel_init=inits.logical(
-            inits.initializer(self.init_name, self.init_std), inits.CONV_KERNEL))
+        kernel_init=axes.logical(
+            inits.initializer(self.init_name, self.init_std), axes.CONV_KERNEL))
     # dtype is only the output dtype: Flax computes the mean, variance and the
     # normalisation in float32 and keeps batch_stats in float32 (force_float32_reductions).
     norm = partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
         axis_name=self.axis_name if train else None, dtype=self.dtype, param_dtype=self.param_dtype,
-        scale_init=inits.logical(nn.initializers.ones_init(), inits.NORM),
-        bias_init=inits.logical(nn.initializers.zeros_init(), inits.NORM))
+        scale_init=axes.logical(nn.initializers.ones_init(), axes.NORM),
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.NORM))
 
     x = x_BxHxWxC.astype(self.dtype)
-    stem = partial(conv, kernel_init=inits.logical(
-        inits.initializer(self.init_name, self.init_std), inits.STEM_KERNEL))
+    stem = partial(conv, kernel_init=axes.logical(
+        inits.initializer(self.init_name, self.init_std), axes.STEM_KERNEL))
     if self.small_input:
       x = stem(self.width, (3, 3), name='conv_init')(x)
       x = nn.relu(norm(name='bn_init')(x))
@@ -131,9 +131,9 @@ class ResNet(nn.Module):
     x_BxC = jnp.mean(x, axis=(1, 2))
     logits_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=inits.logical(
-            inits.initializer(self.init_name, self.init_std), inits.OUT_KERNEL),
-        bias_init=inits.logical(nn.initializers.zeros_init(), inits.OUT_BIAS),
+        kernel_init=axes.logical(
+            inits.initializer(self.init_name, self.init_std), axes.OUT_KERNEL),
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.OUT_BIAS),
         name='head')(x_BxC)
     return logits_BxK.astype(jnp.float32)
 

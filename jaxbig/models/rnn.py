@@ -1,8 +1,9 @@
 """Stacked LSTM and GRU: byte language models and sequence classifiers.
 
 Each layer projects its inputs for all time steps at once, outside the time loop (one
-matmul, B x L x G x N), so `jax.lax.scan` over time only does the recurrent matmul
-h @ W_h and the gate math. `step` runs one time step of the same math on its own.
+matmul, B x L x G x N), so the loop over time (jaxbig/kernels/rnn_scan.py, with `fused_grad`
+its hand-written gradient) only does the recurrent matmul h @ W_h and the gate math,
+`cell_gates`. `step` runs one time step of the same math on its own.
 
 Cells (gate order along the G axis as in PyTorch, so weights map over one to one):
 
@@ -38,22 +39,18 @@ N hidden units, G gates (4 LSTM, 3 GRU), V vocabulary, K outputs, F float input 
 H height, W width, C channels.
 """
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from jaxbig.models import init as inits
+from jaxbig.kernels import rnn_scan
+from jaxbig.models import axes, init as inits, matmul
 
 CELLS = ('lstm', 'gru')
 POOLS = ('last', 'mean')
 _GATES = {'lstm': 4, 'gru': 3}
-# Time steps per iteration of the forward loop. On XLA:CPU 2 took 0.9x the char LSTM's train
-# step of 1 (4: 0.93x); after the one-tanh gates 4 took 0.97x of 2 (three A/B runs, 0.2 s
-# more compile). The backward loop is not unrolled (see `_fused_bwd`).
-_UNROLL = 4
 # What a layer carries from step to step: LSTM cell state c and output h; GRU only h.
 CARRY_KEYS = {'lstm': ('c', 'h'), 'gru': ('h',)}
 
@@ -61,7 +58,7 @@ INPUT_KERNEL = ('embed', None, 'mlp')
 RECURRENT_KERNEL = (None, None, 'mlp')
 GATE_BIAS = (None, 'mlp')
 RECURRENT_BIAS = ('mlp',)
-LM_LOGITS_KERNEL = inits.LOGITS_KERNEL
+LM_LOGITS_KERNEL = axes.LOGITS_KERNEL
 
 
 def _check_cell(cell: str) -> None:
@@ -101,27 +98,20 @@ def recur(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array,
   one pass less over the (L, B, G, N) projections.
   """
   _check_cell(cell)
-  new, _ = _gates(cell, params, carry, zx_BxGxN, dtype)
+  new, _ = cell_gates(cell, params, carry, zx_BxGxN, dtype)
   return new, new['h']
 
 
-def _scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,
-          zx_LxBxGxN: jax.Array) -> tuple[dict, jax.Array]:
-  """`recur` scanned over time: (final carry, float32 h_LxBxN)."""
-  body = lambda c, zx_BxGxN: recur(cell, params, c, zx_BxGxN, dtype)
-  return jax.lax.scan(body, carry, zx_LxBxGxN, reverse=reverse, unroll=_UNROLL)
-
-
-def _gates(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array, dtype: Any):
+def cell_gates(cell: str, params: dict, carry: dict, zx_BxGxN: jax.Array, dtype: Any):
   """One step's new carry and what its gradient needs, float32 (B, N) arrays: the LSTM's
   gates i, f, g, o and its c; the GRU's r, u, n and hn (h W_hn + b_hn).
 
   Separate arrays, not one (B, G, N) block: XLA:CPU reads a gate's rows of one time step of
   an (L, B, G, N) residual several times slower than a whole (L, B, N) step, and the
-  backward loop reads them all (see `_fused_bwd`).
+  hand-written backward loop (kernels/rnn_scan.py) reads them all.
   """
-  zh_BxGxN = inits.einsum_f32('bn,ngm->bgm', carry['h'].astype(dtype),
-                              params['recurrent_kernel'].astype(dtype))
+  zh_BxGxN = matmul.einsum_f32('bn,ngm->bgm', carry['h'].astype(dtype),
+                               params['recurrent_kernel'].astype(dtype))
   zx_BxGxN = zx_BxGxN.astype(jnp.float32) + params['input_bias'].astype(jnp.float32)
   if cell == 'lstm':
     acts_BxGxN = _lstm_acts(zx_BxGxN + zh_BxGxN)
@@ -144,114 +134,11 @@ _IS_G_Gx1 = (jnp.arange(4) == 2)[:, None]
 def _lstm_acts(z_BxGxN: jax.Array) -> jax.Array:
   """[sig(i), sig(f), tanh(g), sig(o)] as one tanh over all four gates.
 
-  One pass over the whole (B, G, N) block. On XLA:CPU, activations of the four strided gate
-  slices took 150 us per step of the char LSTM's forward loop, this form 22 us; the whole
-  train step 6% less (tests/test_rnn.py checks the values against sigmoid and tanh).
+  One pass over the whole (B, G, N) block: XLA:CPU is several times slower on the four
+  strided gate slices (tests/test_rnn.py checks the values against sigmoid and tanh).
   """
   t_BxGxN = jnp.tanh(jnp.where(_IS_G_Gx1, z_BxGxN, 0.5 * z_BxGxN))
   return jnp.where(_IS_G_Gx1, t_BxGxN, 0.5 * t_BxGxN + 0.5)
-
-
-def _shift(first_BxN: jax.Array, seq_LxBxN: jax.Array, reverse: bool) -> jax.Array:
-  """The value before each step: first_BxN, then seq_LxBxN less its last (reverse: first)."""
-  if reverse:
-    return jnp.concatenate([seq_LxBxN[1:], first_BxN[None]], axis=0)
-  return jnp.concatenate([first_BxN[None], seq_LxBxN[:-1]], axis=0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fused_scan(cell: str, dtype: Any, reverse: bool, params: dict, carry: dict,
-               zx_LxBxGxN: jax.Array) -> tuple[dict, jax.Array]:
-  """`_scan` with a hand-written gradient, as fused RNN kernels (cuDNN, oneDNN) do it.
-
-  Autodiff of the scan computes and accumulates the recurrent kernel's gradient inside the
-  backward loop: two small matmuls per step plus an (N, G, N) accumulator that XLA:CPU
-  copies every step. Here the backward loop computes only the gate gradients dz_t and the
-  carried dh (one matmul per step); the kernel's gradient is then one large matmul over all
-  steps, sum_t h_{t-1}^T dz_t. The same function: `tests/test_rnn.py` checks outputs and
-  gradients against `_scan`.
-  """
-  return _scan(cell, dtype, reverse, params, carry, zx_LxBxGxN)
-
-
-def _fused_fwd(cell, dtype, reverse, params, carry, zx_LxBxGxN):
-  def body(c, zx_BxGxN):
-    new, saved = _gates(cell, params, c, zx_BxGxN, dtype)
-    return new, (new['h'], saved)
-
-  final, (h_LxBxN, saved_LxBxN) = jax.lax.scan(body, carry, zx_LxBxGxN, reverse=reverse,
-                                               unroll=_UNROLL)
-  # An empty array carries zx's dtype (residuals must be arrays).
-  residuals = (params, carry, jnp.zeros((0,), zx_LxBxGxN.dtype), h_LxBxN, saved_LxBxN)
-  return (final, h_LxBxN), residuals
-
-
-def _fused_bwd(cell, dtype, reverse, residuals, cotangents):
-  """The backward loop: per step only the gate gradients dz_t and dh_{t-1} = dz_t W^T.
-
-  Each gate's dz is its own (B, N) array until one concatenation gives the (B, G N) matmul
-  input. Against gates read as slices of a (B, G, N) block and dz built as one stack, on
-  XLA:CPU the char LSTM's backward loop alone took 21 ms instead of 25-30, its train step
-  71.0 ms instead of 74.5 (best of 8 rounds), the GRU's 64 instead of 75-78 (median). Not
-  unrolled: unrolled copies recomputed the carried dc (2 and 4 steps were slower).
-  """
-  params, carry, zx_0, h_LxBxN, saved_LxBxN = residuals
-  d_final, dy_LxBxN = cotangents
-  n = h_LxBxN.shape[-1]
-  # Transposed once, outside the loop: dh_{t-1} = dz_t W^T is then a plain matmul.
-  w_GNxN = params['recurrent_kernel'].astype(dtype).reshape(n, -1).T
-  back = lambda dz_BxGN: jnp.dot(dz_BxGN.astype(dtype), w_GNxN,
-                                 preferred_element_type=jnp.float32)
-  h_prev_LxBxN = _shift(carry['h'], h_LxBxN, reverse)
-  if cell == 'lstm':
-    c_LxBxN = saved_LxBxN[4]
-    c_prev_LxBxN = _shift(carry['c'], c_LxBxN, reverse)
-
-    def body(d, inputs):
-      dy, (i, f, g, o, c), c_prev = inputs
-      dh = dy + d['h']
-      tanh_c = jnp.tanh(c)
-      dc = d['c'] + dh * o * (1.0 - tanh_c * tanh_c)
-      # d act / dz: a (1 - a) for the sigmoids, 1 - a^2 for the tanh.
-      dz_BxGN = jnp.concatenate([dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f),
-                                 dc * i * (1.0 - g * g), dh * tanh_c * o * (1.0 - o)], axis=1)
-      return {'c': dc * f, 'h': back(dz_BxGN)}, dz_BxGN
-
-    inputs = (dy_LxBxN, saved_LxBxN, c_prev_LxBxN)
-  else:
-    def body(d, inputs):
-      dy, (r, u, cand, hn), h_prev = inputs  # cand: the candidate n.
-      dh = dy + d['h']
-      da = dh * (1.0 - u) * (1.0 - cand * cand)  # Through n's tanh.
-      dzr = da * hn * r * (1.0 - r)
-      dzu = dh * (h_prev - cand) * u * (1.0 - u)
-      dzh_BxGN = jnp.concatenate([dzr, dzu, da * r], axis=1)
-      return {'h': dh * u + back(dzh_BxGN)}, (dzh_BxGN, jnp.concatenate([dzr, dzu, da], axis=1))
-
-    inputs = (dy_LxBxN, saved_LxBxN, h_prev_LxBxN)
-  d_carry = jax.tree.map(lambda a: a.astype(jnp.float32), d_final)
-  d_carry, dz = jax.lax.scan(body, d_carry, inputs, reverse=not reverse)
-  # LSTM: the gates' gradient is that of zx and of zh alike; GRU: they differ at n.
-  gate_shape = lambda dz_LxBxGN: dz_LxBxGN.reshape(*dz_LxBxGN.shape[:2],
-                                                   dz_LxBxGN.shape[-1] // n, n)
-  dzh_LxBxGxN, dzx_LxBxGxN = map(gate_shape, dz if cell == 'gru' else (dz, dz))
-  # Over (L B) rows as one matrix dimension: XLA:CPU took 10-12 ms for the char LSTM's
-  # product, against 12-16 ms contracting l and b as two dimensions (einsum 'lbn,lbgm->ngm').
-  rows = h_prev_LxBxN.shape[0] * h_prev_LxBxN.shape[1]
-  gates = dzh_LxBxGxN.shape[2]  # Explicit sizes: reshapes with -1 fail on 0 rows.
-  dw_NxGxN = inits.einsum_f32('tn,tm->nm', h_prev_LxBxN.reshape(rows, n).astype(dtype),
-                              dzh_LxBxGxN.reshape(rows, gates * n).astype(dtype))
-  dw_NxGxN = dw_NxGxN.reshape(n, gates, n)
-  d_params = {'recurrent_kernel': dw_NxGxN.astype(params['recurrent_kernel'].dtype),
-              'input_bias': dzx_LxBxGxN.sum((0, 1)).astype(params['input_bias'].dtype)}
-  if cell == 'gru':
-    d_params['recurrent_bias'] = dzh_LxBxGxN[:, :, 2].sum((0, 1)).astype(
-        params['recurrent_bias'].dtype)
-  d_carry = jax.tree.map(lambda d, c: d.astype(c.dtype), d_carry, carry)
-  return d_params, d_carry, dzx_LxBxGxN.astype(zx_0.dtype)
-
-
-fused_scan.defvjp(_fused_fwd, _fused_bwd)
 
 
 def step(cell: str, params: dict, carry: dict, x_BxE: jax.Array,
@@ -274,10 +161,8 @@ def _orthogonal_per_gate(key, shape, dtype=jnp.float32):
   """An independent orthogonal N x N matrix for every gate of a (N, G, N) kernel."""
   n, gates, m = shape
   orth = lambda k: jax.nn.initializers.orthogonal()(k, (n, m), dtype)
-  # One QR in a loop over the gates: little for XLA to compile. Not vmap: jaxlib's CPU QR
-  # (jax 0.10.2) runs a batch on the intra-op thread pool and waits for it there, so two
-  # batched QRs running at once (the layers of a deep or bidirectional net) could take every
-  # thread of a 2-core pool and hang the init. lax.map gives the same bits (checked).
+  # One QR in a loop over the gates (vmap's bits): jaxlib's batched CPU QR waits on the
+  # intra-op thread pool, so two at once (a deep or bidirectional net) can hang the init.
   return jnp.swapaxes(jax.lax.map(orth, jax.random.split(key, gates)), 0, 1)
 
 
@@ -319,8 +204,8 @@ class RNNLayer(nn.Module):
 
     With an embedding `table_VxE`, x is int tokens_BxL: the layer's input is then
     table[tokens], and the embedding is folded into the input projection, whose rows
-    (table W_x, V x G x N) are gathered by token. The same values; on XLA:CPU the
-    embedding and projection of the char LSTM, with gradients, took 1.8 ms instead of 10.7.
+    (table W_x, V x G x N) are gathered by token. The same values, several times faster on
+    XLA:CPU with gradients.
     """
     _check_cell(self.cell)
     if table_VxE is None:
@@ -331,18 +216,18 @@ class RNNLayer(nn.Module):
     kernel_init = _gate_kernel_init(inits.initializer(self.init_name, self.init_std))
     params = {
         'input_kernel': self.param(
-            'input_kernel', inits.logical(kernel_init, INPUT_KERNEL), (features, gates, n),
+            'input_kernel', axes.logical(kernel_init, INPUT_KERNEL), (features, gates, n),
             self.param_dtype),
         'recurrent_kernel': self.param(
-            'recurrent_kernel', inits.logical(_orthogonal_per_gate, RECURRENT_KERNEL),
+            'recurrent_kernel', axes.logical(_orthogonal_per_gate, RECURRENT_KERNEL),
             (n, gates, n), self.param_dtype),
         'input_bias': self.param(
-            'input_bias', inits.logical(_gate_bias_init(self.cell), GATE_BIAS), (gates, n),
+            'input_bias', axes.logical(_gate_bias_init(self.cell), GATE_BIAS), (gates, n),
             self.param_dtype),
     }
     if self.cell == 'gru':
       params['recurrent_bias'] = self.param(
-          'recurrent_bias', inits.logical(nn.initializers.zeros_init(), RECURRENT_BIAS), (n,),
+          'recurrent_bias', axes.logical(nn.initializers.zeros_init(), RECURRENT_BIAS), (n,),
           self.param_dtype)
 
     cache = None
@@ -363,23 +248,24 @@ class RNNLayer(nn.Module):
     else:
       rows_VxGxN = project_time_major(params, table_VxE[None], self.dtype)[0]
       zx_LxBxGxN = jnp.take(rows_VxGxN, x_BxLxE.T, axis=0)
-    zx_LxBxGxN = inits.constrain(zx_LxBxGxN, ('length', 'batch', None, 'mlp'))
+    zx_LxBxGxN = axes.constrain(zx_LxBxGxN, ('length', 'batch', None, 'mlp'))
     recurrent = {k: v for k, v in params.items() if k != 'input_kernel'}
-    scan = fused_scan if self.fused_grad else _scan
-    carry, h_LxBxN = scan(self.cell, self.dtype, self.reverse, recurrent, carry, zx_LxBxGxN)
+    scan = rnn_scan.fused_scan if self.fused_grad else rnn_scan.scan
+    carry, h_LxBxN = scan(cell_gates, self.cell, self.dtype, self.reverse, recurrent, carry,
+                          zx_LxBxGxN)
     # init builds an empty cache: the carry after the dummy init input must not leak into it.
     if cache is not None and not self.is_initializing():
       for k, v in cache.items():
         v.value = carry[k]
     y_BxLxN = jnp.swapaxes(h_LxBxN, 0, 1).astype(self.dtype)
-    return carry, inits.constrain(y_BxLxN, inits.ACT_BxLxM)
+    return carry, axes.constrain(y_BxLxN, axes.ACT_BxLxM)
 
 
 def _embed(vocab_size: int, features: int, dtype: Any, param_dtype: Any) -> nn.Embed:
   """Token embedding with std 1/sqrt(features) (flax's nn.Embed default) and EMBED_TABLE names."""
   table_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal', out_axis=0)
   return nn.Embed(vocab_size, features, dtype=dtype, param_dtype=param_dtype,
-                  embedding_init=inits.logical(table_init, inits.EMBED_TABLE), name='embed')
+                  embedding_init=axes.logical(table_init, axes.EMBED_TABLE), name='embed')
 
 
 class RNNLM(nn.Module):
@@ -411,8 +297,8 @@ class RNNLM(nn.Module):
   depth: int = 1
   embed_dim: int = 0
   dropout: float = 0.0
-  # Not `init`: that would shadow nn.Module.init.
   fused_grad: bool = False  # The hand-written backward loop (kernels.rnn_grad, CPU fast path).
+  # Not `init`: that would shadow nn.Module.init.
   init_name: str = 'lecun'
   init_std: float = 0.02
   tie_embeddings: bool = False
@@ -431,7 +317,7 @@ class RNNLM(nn.Module):
     embed = _embed(self.vocab_size, embed_dim, self.dtype, self.param_dtype)
     # The first layer reads the tokens and the table: it folds the lookup into its input
     # projection (see RNNLayer).
-    x, table_VxE = tokens_BxL, inits.constrain(embed.embedding, ('vocab', 'act_embed'))
+    x, table_VxE = tokens_BxL, axes.constrain(embed.embedding, ('vocab', 'act_embed'))
     for i in range(self.depth):
       _, x = RNNLayer(
           self.cell, self.hidden, decode=self.decode, fused_grad=self.fused_grad,
@@ -444,8 +330,8 @@ class RNNLM(nn.Module):
     else:
       logits_BxLxV = nn.Dense(
           self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=inits.logical(inits.initializer(self.init_name, self.init_std),
-                                    LM_LOGITS_KERNEL), name='logits')(x)
+          kernel_init=axes.logical(inits.initializer(self.init_name, self.init_std),
+                                   LM_LOGITS_KERNEL), name='logits')(x)
     return logits_BxLxV.astype(jnp.float32)
 
 
@@ -495,8 +381,8 @@ class RNNClassifier(nn.Module):
       if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.integer):
         raise ValueError(f'RNNClassifier: vocab_size={self.vocab_size} needs int tokens (B, L), '
                          f'got {x.dtype} {x.shape}')
-      return inits.lookup(_embed(self.vocab_size, self.embed_dim or self.hidden, self.dtype,
-                                 self.param_dtype), x)
+      return axes.lookup(_embed(self.vocab_size, self.embed_dim or self.hidden, self.dtype,
+                                self.param_dtype), x)
     if x.ndim == 4:
       x = x.reshape(x.shape[0], x.shape[1], -1)
     if x.ndim != 3:
@@ -530,8 +416,8 @@ class RNNClassifier(nn.Module):
       pooled = x[:, -1]
     logits_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=inits.logical(inits.initializer(self.init_name, self.init_std),
-                                  inits.OUT_KERNEL),
-        bias_init=inits.logical(nn.initializers.zeros_init(), inits.OUT_BIAS),
+        kernel_init=axes.logical(inits.initializer(self.init_name, self.init_std),
+                                 axes.OUT_KERNEL),
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.OUT_BIAS),
         name='out')(pooled)
     return logits_BxK.astype(jnp.float32)

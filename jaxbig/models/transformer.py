@@ -2,8 +2,9 @@
 
 Both models share one `Block` (RMSNorm -> self-attention -> residual, RMSNorm -> GELU MLP ->
 residual). Attention runs through `jax.nn.dot_product_attention` (cuDNN or XLA), whose XLA
-path computes the attention logits and softmax in float32 even for bfloat16 inputs; on CPUs
-through `heads_major_attention`, the same function laid out for XLA:CPU's batched matmuls.
+path computes the attention logits and softmax in float32 even for bfloat16 inputs; with
+`heads_major` (the CPU fast path) through jaxbig/kernels/attention.py, the same function laid
+out for XLA:CPU's batched matmuls.
 Norms run in float32 and model outputs are float32. Dense layers see tokens as the rows of
 a (T, E) matrix, T = B L.
 
@@ -18,7 +19,7 @@ Decode mode (`TransformerLM(decode=True)`) keeps a 'cache' collection:
   block{i}/attn/cached_key        (B, S, H, D) in the compute dtype; cached_value likewise
   blocks/attn/cached_key          (depth, B, S, H, D) instead, with scan_layers=True
 
-Parameters carry the logical names of `jaxbig.models.init`; the learned position table
+Parameters carry the logical names of `jaxbig.models.axes`; the learned position table
 uses (None, 'embed') (positions never sharded) and the classifier's projection of float
 inputs (None, 'embed') with bias ('embed',): the feature count F is data-dependent and
 often not divisible by a mesh axis.
@@ -34,7 +35,8 @@ import flax.linen as nn
 import numpy as np
 from jax import lax
 
-from jaxbig.models import init as inits
+from jaxbig.kernels import attention as attention_kernel
+from jaxbig.models import axes, matmul
 
 POS_TABLE = (None, 'embed')
 INPUT_KERNEL = (None, 'embed')
@@ -56,32 +58,6 @@ def reference_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: j
   return jnp.einsum('bhls,bshd->blhd', probs_BxHxLxS, v).astype(q_BxLxHxD.dtype)
 
 
-def heads_major_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array,
-                          causal: bool, rope_positions_L: jax.Array | None = None) -> jax.Array:
-  """Softmax attention as batched matmuls over (B, H): the fast path on CPUs.
-
-  The same function as `jax.nn.dot_product_attention`'s XLA path (float32 logits and
-  softmax, probabilities cast to the value dtype), with queries, keys and values moved
-  heads-major first, so that both matmuls batch over their leading axes. On XLA:CPU
-  (jax 0.10) the gradient of the small GPT's attention then takes about 0.7x the time.
-  With `rope_positions_L`, queries and keys are rotated (`rope`) after the move.
-  """
-  q_BxHxLxD, k_BxHxSxD, v_BxHxSxD = (t.transpose(0, 2, 1, 3)
-                                     for t in (q_BxLxHxD, k_BxSxHxD, v_BxSxHxD))
-  if rope_positions_L is not None:
-    q_BxHxLxD = rope(q_BxHxLxD, rope_positions_L, heads_major=True)
-    k_BxHxSxD = rope(k_BxHxSxD, rope_positions_L, heads_major=True)
-  scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
-  logits_BxHxLxS = jnp.einsum('bhld,bhsd->bhls', q_BxHxLxD, k_BxHxSxD,
-                              preferred_element_type=jnp.float32) * scale
-  if causal:
-    mask_1x1xLxS = causal_mask(jnp.arange(q_BxLxHxD.shape[1]), k_BxSxHxD.shape[1])
-    logits_BxHxLxS = jnp.where(mask_1x1xLxS, logits_BxHxLxS, jnp.finfo(jnp.float32).min)
-  probs_BxHxLxS = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(v_BxSxHxD.dtype)
-  out_BxHxLxD = jnp.einsum('bhls,bhsd->bhld', probs_BxHxLxS, v_BxHxSxD)
-  return out_BxHxLxD.transpose(0, 2, 1, 3)
-
-
 def causal_mask(q_positions_L: jax.Array, num_keys: int) -> jax.Array:
   """Boolean mask_1x1xLxS: key position <= query position."""
   mask_LxS = jnp.arange(num_keys)[None, :] <= q_positions_L[:, None]
@@ -94,9 +70,9 @@ def rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, heads_major: bool = False
   `heads_major`: x is x_BxHxLxD instead.
   """
   half = x_BxLxHxD.shape[-1] // 2
-  # Positions known when tracing (numpy: training, evaluation) give constant tables; traced
-  # ones (decoding) are computed in the program. Fused into their users, XLA:CPU computed
-  # cos and sin again for every batch row and head: 11% of the small GPT's training step.
+  # Positions known when tracing (numpy: training, evaluation) give constant tables: cos and
+  # sin computed in the program are fused into their users, again for every batch row and
+  # head. Traced positions (decoding) are computed in the program.
   xnp = np if isinstance(positions_L, np.ndarray) else jnp
   inv_freq = ROPE_BASE ** (-xnp.arange(half, dtype=np.float32) / np.float32(half))
   angles_LxD2 = positions_L.astype(np.float32)[:, None] * inv_freq[None, :]
@@ -112,7 +88,7 @@ def _rms_norm(x: jax.Array, *, dtype: Any, param_dtype: Any, name: str) -> jax.A
   """RMSNorm in float32, cast back to the compute dtype (call inside a compact method)."""
   norm = nn.RMSNorm(
       dtype=jnp.float32, param_dtype=param_dtype,
-      scale_init=inits.logical(nn.initializers.ones_init(), inits.EMBED_NORM), name=name)
+      scale_init=axes.logical(nn.initializers.ones_init(), axes.EMBED_NORM), name=name)
   return norm(x.astype(jnp.float32)).astype(dtype)
 
 
@@ -157,20 +133,22 @@ class Attention(nn.Module):
     qkv = dict(
         features=(self.heads, head_dim), use_bias=False, dtype=self.dtype,
         param_dtype=self.param_dtype,
-        kernel_init=inits.logical(nn.initializers.normal(self.init_std), inits.QKV_KERNEL))
+        kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.QKV_KERNEL))
     # Projections over tokens as matrix rows (T = B L), as in Block's MLP: faster on XLA:CPU.
     batch, length = x_BxLxE.shape[:2]
     x_TxE = x_BxLxE.reshape(batch * length, width)
     to_BxLxHxD = lambda name: nn.DenseGeneral(**qkv, name=name)(x_TxE).reshape(
         batch, length, self.heads, head_dim)
-    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (inits.constrain(to_BxLxHxD(n), inits.ACT_BxLxHxD)
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (axes.constrain(to_BxLxHxD(n), axes.ACT_BxLxHxD)
                                        for n in ('query', 'key', 'value'))
     # Heads-major, RoPE is applied after the move (faster on CPUs).
     if not self.decode and self.attention != 'cudnn' and self.heads_major:
-      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = inits.upcast_f16_on_cpu(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
-      out_BxLxHxD = heads_major_attention(
-          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, self.causal,
-          positions_L if self.pos == 'rope' else None)
+      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = matmul.upcast_f16_on_cpu(
+          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+      rotate = (partial(rope, positions_L=positions_L, heads_major=True)
+                if self.pos == 'rope' else None)
+      out_BxLxHxD = attention_kernel.heads_major_attention(
+          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, self.causal, rotate)
       return self._out(out_BxLxHxD)
     if self.pos == 'rope':
       q_BxLxHxD = rope(q_BxLxHxD, positions_L)
@@ -189,10 +167,11 @@ class Attention(nn.Module):
       cached_value.value = lax.dynamic_update_slice(cached_value.value, v_BxLxHxD, start)
       # Keys past the chunk are zeros and masked; XLA takes any mask (cuDNN may not).
       out_BxLxHxD = jax.nn.dot_product_attention(
-          *inits.upcast_f16_on_cpu(q_BxLxHxD, cached_key.value, cached_value.value),
+          *matmul.upcast_f16_on_cpu(q_BxLxHxD, cached_key.value, cached_value.value),
           mask=causal_mask(positions_L, self.max_len), implementation='xla')
     else:
-      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = inits.upcast_f16_on_cpu(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = matmul.upcast_f16_on_cpu(
+          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
       out_BxLxHxD = jax.nn.dot_product_attention(
           q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=self.causal,
           implementation=_IMPLEMENTATIONS[self.attention])
@@ -204,7 +183,7 @@ class Attention(nn.Module):
     out_TxE = nn.DenseGeneral(
         heads * head_dim, axis=(-2, -1), use_bias=False, dtype=self.dtype,
         param_dtype=self.param_dtype,
-        kernel_init=inits.logical(nn.initializers.normal(self.out_std), inits.ATTN_OUT_KERNEL),
+        kernel_init=axes.logical(nn.initializers.normal(self.out_std), axes.ATTN_OUT_KERNEL),
         name='out')(out_BxLxHxD.reshape(batch * length, heads, head_dim))
     return out_TxE.reshape(batch, length, heads * head_dim)
 
@@ -241,22 +220,22 @@ class Block(nn.Module):
             h_BxLxE, positions_L)
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
     # The MLP sees tokens as rows of a matrix (T = B L): with the (B, L) pair kept, XLA:CPU
-    # fused the GELU gradient into a slow 3-D to 2-D transposing copy for the weight
-    # gradient (2.8x the time of the whole MLP step). Free reshapes; the same math.
+    # fuses the GELU gradient into a slow transposing copy for the weight gradient. Free
+    # reshapes; the same math.
     batch, length = x_BxLxE.shape[:2]
     h_TxE = _rms_norm(x_BxLxE, **norm, name='mlp_norm').reshape(batch * length, width)
     h_TxM = nn.Dense(
         self.mlp_dim, **dense, name='mlp_in',
-        kernel_init=inits.logical(nn.initializers.normal(self.init_std), inits.MLP_IN_KERNEL))(
+        kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.MLP_IN_KERNEL))(
             h_TxE)
-    h_TxM = inits.constrain(h_TxM, inits.ACT_BxN)
+    h_TxM = axes.constrain(h_TxM, axes.ACT_BxN)
     h_TxE = nn.Dense(
         width, **dense, name='mlp_out',
-        kernel_init=inits.logical(nn.initializers.normal(self.out_std), inits.MLP_OUT_KERNEL))(
+        kernel_init=axes.logical(nn.initializers.normal(self.out_std), axes.MLP_OUT_KERNEL))(
             nn.gelu(h_TxM))
     h_BxLxE = h_TxE.reshape(batch, length, width)
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
-    return inits.constrain(x_BxLxE, inits.ACT_BxLxE), None
+    return axes.constrain(x_BxLxE, axes.ACT_BxLxE), None
 
 
 def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal: bool,
@@ -291,7 +270,7 @@ def _add_positions(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array) -> 
     return x_BxLxE
   table = nn.Embed(
       m.max_len, m.width, dtype=m.dtype, param_dtype=m.param_dtype, name='pos_embed',
-      embedding_init=inits.logical(nn.initializers.normal(m.init_std), POS_TABLE))
+      embedding_init=axes.logical(nn.initializers.normal(m.init_std), POS_TABLE))
   return x_BxLxE + table(positions_L)[None]
 
 
@@ -341,10 +320,10 @@ class TransformerLM(nn.Module):
 
     embed = nn.Embed(
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-        embedding_init=inits.logical(nn.initializers.normal(self.init_std), inits.EMBED_TABLE),
+        embedding_init=axes.logical(nn.initializers.normal(self.init_std), axes.EMBED_TABLE),
         name='embed')
-    x_BxLxE = _add_positions(self, inits.lookup(embed, tokens_BxL), positions_L)
-    x_BxLxE = inits.constrain(x_BxLxE, inits.ACT_BxLxE)
+    x_BxLxE = _add_positions(self, axes.lookup(embed, tokens_BxL), positions_L)
+    x_BxLxE = axes.constrain(x_BxLxE, axes.ACT_BxLxE)
     x_BxLxE = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxE)
     x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train)
     x_BxLxE = _rms_norm(x_BxLxE, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -353,14 +332,14 @@ class TransformerLM(nn.Module):
     # the loss about two significant digits.
     if self.tie_embeddings:
       table_VxE = embed.embedding.astype(self.dtype)
-      logits_BxLxV = inits.einsum_f32('ble,ve->blv', x_BxLxE, table_VxE)
+      logits_BxLxV = matmul.einsum_f32('ble,ve->blv', x_BxLxE, table_VxE)
     else:
       logits_BxLxV = nn.Dense(
           self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          dot_general=inits.dot_general_f32, name='logits',
-          kernel_init=inits.logical(nn.initializers.normal(self.init_std),
-                                    inits.LOGITS_KERNEL))(x_BxLxE)
-    logits_BxLxV = inits.constrain(logits_BxLxV.astype(jnp.float32), inits.ACT_BxLxV)
+          dot_general=matmul.dot_general_f32, name='logits',
+          kernel_init=axes.logical(nn.initializers.normal(self.init_std),
+                                   axes.LOGITS_KERNEL))(x_BxLxE)
+    logits_BxLxV = axes.constrain(logits_BxLxV.astype(jnp.float32), axes.ACT_BxLxV)
     if self.decode:
       logits_BxLxV = jnp.where(in_range, logits_BxLxV, jnp.nan)
     return logits_BxLxV
@@ -400,9 +379,9 @@ class TransformerClassifier(nn.Module):
                          f'got shape {x.shape}')
       embed = nn.Embed(
           self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-          embedding_init=inits.logical(nn.initializers.normal(self.init_std),
-                                       inits.EMBED_TABLE), name='embed')
-      x_BxLxE = inits.lookup(embed, x)
+          embedding_init=axes.logical(nn.initializers.normal(self.init_std),
+                                      axes.EMBED_TABLE), name='embed')
+      x_BxLxE = axes.lookup(embed, x)
     else:
       if x.ndim == 4:
         x = x.reshape(*x.shape[:2], -1)
@@ -413,9 +392,9 @@ class TransformerClassifier(nn.Module):
       # tokens do.
       x_BxLxE = nn.Dense(
           self.width, dtype=self.dtype, param_dtype=self.param_dtype, name='embed_in',
-          kernel_init=inits.logical(
+          kernel_init=axes.logical(
               nn.initializers.normal(self.init_std / math.sqrt(x.shape[-1])), INPUT_KERNEL),
-          bias_init=inits.logical(nn.initializers.zeros_init(), INPUT_BIAS))(
+          bias_init=axes.logical(nn.initializers.zeros_init(), INPUT_BIAS))(
               x.astype(self.dtype))
     length = x_BxLxE.shape[1]
     _check_length(length, self.max_len)
@@ -428,8 +407,8 @@ class TransformerClassifier(nn.Module):
                       name='final_norm')
     logits_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype, name='out',
-        kernel_init=inits.logical(nn.initializers.normal(self.init_std), inits.OUT_KERNEL),
-        bias_init=inits.logical(nn.initializers.zeros_init(), inits.OUT_BIAS))(x_BxE)
+        kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.OUT_KERNEL),
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.OUT_BIAS))(x_BxE)
     return logits_BxK.astype(jnp.float32)
 
 

@@ -9,7 +9,7 @@ images, decode z ~ N(0, I):
 
   logits = model.apply(variables, z_BxZ, method=VAE.decode)
 
-Parameter names (see `init.py`): hidden layers of encoder and decoder are DENSE_KERNEL /
+Parameter names (see `axes.py`): hidden layers of encoder and decoder are DENSE_KERNEL /
 DENSE_BIAS; the layers that end a stack (the encoder's latent, mean and logvar heads and
 the decoder's pixel layer) are OUT_KERNEL / OUT_BIAS, so their small or odd-sized output
 axis ('classes') stays replicated.
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
-from jaxbig.models import init as inits
+from jaxbig.models import axes, init as inits
 from jaxbig.models.mlp import get_activation
 
 
@@ -73,13 +73,13 @@ class Encoder(nn.Module):
     for i, width in enumerate(self.widths):
       x_BxN = act(nn.Dense(
           width, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=inits.logical(kernel_init, inits.DENSE_KERNEL),
-          bias_init=inits.logical(zeros, inits.DENSE_BIAS), name=f'dense{i}')(x_BxN))
+          kernel_init=axes.logical(kernel_init, axes.DENSE_KERNEL),
+          bias_init=axes.logical(zeros, axes.DENSE_BIAS), name=f'dense{i}')(x_BxN))
     return tuple(
         nn.Dense(
             self.latent, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=inits.logical(kernel_init, inits.OUT_KERNEL),
-            bias_init=inits.logical(zeros, inits.OUT_BIAS), name=head)(x_BxN).astype(jnp.float32)
+            kernel_init=axes.logical(kernel_init, axes.OUT_KERNEL),
+            bias_init=axes.logical(zeros, axes.OUT_BIAS), name=head)(x_BxN).astype(jnp.float32)
         for head in self.heads)
 
 
@@ -104,12 +104,12 @@ class Decoder(nn.Module):
     for i, width in enumerate(self.widths):
       x_BxN = act(nn.Dense(
           width, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=inits.logical(kernel_init, inits.DENSE_KERNEL),
-          bias_init=inits.logical(zeros, inits.DENSE_BIAS), name=f'dense{i}')(x_BxN))
+          kernel_init=axes.logical(kernel_init, axes.DENSE_KERNEL),
+          bias_init=axes.logical(zeros, axes.DENSE_BIAS), name=f'dense{i}')(x_BxN))
     logits_BxP = nn.Dense(
         math.prod(self.output_shape), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=inits.logical(kernel_init, inits.OUT_KERNEL),
-        bias_init=inits.logical(zeros, inits.OUT_BIAS), name='out')(x_BxN)
+        kernel_init=axes.logical(kernel_init, axes.OUT_KERNEL),
+        bias_init=axes.logical(zeros, axes.OUT_BIAS), name='out')(x_BxN)
     return logits_BxP.reshape(-1, *self.output_shape).astype(jnp.float32)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 import conftest
 import fault_helpers as fh
-from jaxbig import checkpoint, cli, config as config_lib, faults, inference, train
+from jaxbig import checkpoint, cli, config as config_lib, faults, inference, memory, train
 from jaxbig import workdir as workdir_lib
 
 RUN = fh.RESUMABLE
@@ -212,10 +212,14 @@ def test_a_batch_larger_than_memory_is_refused_before_anything_is_written(tmp_pa
   assert code == 2 and not workdir.exists()
   _one_line(err, 'data.eval_batch_size=100000000')
   # The compiled step against a device smaller than it needs.
-  monkeypatch.setattr(train, 'device_memory_bytes', lambda device: 100_000)
+  monkeypatch.setattr(memory, 'device_bytes', lambda device: 100_000)
   code, _, err = _train(capsys, workdir)
   assert code == 2 and not workdir.exists()
-  _one_line(err, 'data.batch_size=32: the compiled step needs')
+  # Compiling comes first, narrated by note lines; the refusal is one error line after them.
+  notes = [l for l in err.splitlines() if not l.startswith('jaxbig: error: ')]
+  assert all(l.startswith('jaxbig: ') for l in notes), err
+  errors = '\n'.join(l for l in err.splitlines() if l not in notes)
+  _one_line(errors, 'data.batch_size=32: the compiled step needs')
   monkeypatch.undo()  # The twin: the machine's real memory.
   code, _, err = _train(capsys, workdir, 'train.steps=2')
   assert code == 0, err

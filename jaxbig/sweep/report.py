@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxbig.bench.report import plots_section
 from jaxbig.config import ConfigError
+from jaxbig.memory import fmt_bytes
 
 FILE = 'sweep.json'  # In a sweep's folder: its members and what was measured.
 MIN_POINTS = 4  # Three parameters: at least one degree of freedom left for the uncertainty.
@@ -123,18 +124,12 @@ def _n(x, fmt: str = '.4g') -> str:
   return '-' if x is None else format(x, fmt)
 
 
-def _bytes(n) -> str:
-  if n is None:
-    return 'not recorded'
-  return f'{n / 2**20:.1f} MiB'
-
-
 def _memory(row: dict) -> str:
   """The device's measured peak, else XLA's analysis of the compiled train step."""
   if row.get('peak_bytes') is not None:
-    return _bytes(row['peak_bytes'])
+    return fmt_bytes(row['peak_bytes'], 1, 'not recorded')
   estimate = (row.get('summary') or {}).get('train_step_bytes')
-  return 'not recorded' if estimate is None else f'{_bytes(estimate)} (XLA)'
+  return 'not recorded' if estimate is None else f'{fmt_bytes(estimate, 1)} (XLA)'
 
 
 def table(rows: list[dict]) -> str:

@@ -1,4 +1,9 @@
-"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3), for XLA:CPU.
+"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3): `kernels.conv='winograd'`.
+
+Reference: `lax.conv_general_dilated` (`conv='xla'`), matched up to float32 rounding, forward
+and gradients (tests/test_winograd.py). Buys on CPUs: the seed CNN's second layer, forward
+and gradients, 13.2 -> 9.1 ms on the 2-core Xeon VM, for about a second more compile per layer
+(benchmarks/results/cpu-xeon/perf_cpu/README.md, "Winograd convolutions").
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature (Flax's `nn.Conv` takes
 it as its `conv_general_dilated` attribute). For a float32 3x3 kernel at stride 1 with one
@@ -6,16 +11,10 @@ pixel of zero padding, no dilation and no groups, on even heights and widths and
 `MIN_CHANNELS` input channels, it computes the convolution as Lavin and Gray's F(2x2, 3x3):
 each 2x2 block of outputs comes from a 4x4 tile of inputs, and the 9 taps become 16
 independent (tiles, C) x (C, O) matmuls, 2.25x fewer multiplications. The transforms are
-adds and halvings, so float32 results differ from XLA's convolution by rounding only (the
-tests compare both, forward and gradients). Every other convolution goes to
-`lax.conv_general_dilated` unchanged, bfloat16 and float16 ones included (so the bf16,
-fp16, fp8 and int8 policies keep XLA's convolution, which qwix quantizes).
-
-Why: on the 2-core Xeon VM, XLA:CPU's convolution for the seed CNN's second layer (256 x 4
-x 4 x 64 -> 128) took 3.75 ms forward and 9.47 ms for both gradients, this way 3.11 and
-5.94 ms (medians of 12 alternating rounds in one process); the CNN's step times are in
-benchmarks/results/cpu-xeon/perf_cpu/README.md. The cost is compile time: about a second
-more per layer on that machine.
+adds and halvings, so float32 results differ from XLA's convolution by rounding only. Every
+other convolution goes to `lax.conv_general_dilated` unchanged, bfloat16 and float16 ones
+included (so the bf16, fp16, fp8 and int8 policies keep XLA's convolution, which qwix
+quantizes).
 
 Shape letters: B batch, H height, W width, C input channels, O output channels, P the 16
 transformed positions, T tiles (B H/2 W/2).
@@ -27,10 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbig.models import init as inits
-
 MIN_CHANNELS = 8  # Below this the 16 matmuls are too thin to beat XLA's convolution.
-GROUPS = 2  # The 16 matmuls as 2 batched products: on 2 cores they ran side by side.
+GROUPS = 2  # The 16 matmuls as 2 batched products: XLA:CPU runs each on one thread, both at once.
 
 
 def _input_rows(d0, d1, d2, d3):

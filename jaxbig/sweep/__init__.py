@@ -8,7 +8,7 @@ workdir OUT/<member> with `train.train_and_evaluate`: a member whose summary.jso
 checkpoint, so the same command continues an interrupted sweep. OUT/sweep.json records the
 experiment, the members with their sizes (parameters, analytic FLOPs per step) and what was
 measured around each run (peak device memory, energy where a meter exists), and the command.
-`jaxbig report OUT` renders it (jaxbig/sweep_report.py).
+`jaxbig report OUT` renders it (jaxbig/sweep/report.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from flax import linen as nn
 
 from jaxbig import config as config_lib, train, workdir as workdir_lib
 from jaxbig.config import ConfigError
-from jaxbig.sweep_report import FILE
+from jaxbig.sweep.report import FILE
 
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')  # A member's name is a folder name.
 EMBEDDINGS = ('embed', 'pos_embed')  # Parameter tables left out of non-embedding counts.

@@ -1,22 +1,16 @@
-"""The random keys of the init and train step: JAX's Threefry-2x32, with its bits computed
-unrolled on CPUs.
+"""Threefry-2x32's random bits as straight-line code: `kernels.random_bits='unrolled'`.
 
-`jax.random`'s default key (`threefry2x32`) lowers its hash on XLA:CPU as a rolled loop of
-five iterations (smaller programs, quicker compiles), and XLA:CPU then runs every
-iteration as its own pass over the whole array: a dropout mask of 256 x 1024 took 2.0 ms
-alone, and its ops 3.3 of the 30.6 ms of the seed CNN's batch-256 train step (jax 0.10.2,
-`jax.profiler`, op times summed over threads).
-`UNROLLED` is the same generator as a JAX PRNG implementation (`jax.extend.random`) whose
-`random_bits` computes the 20 rounds as straight-line elementwise code, which XLA fuses
-into the consumer: 0.2 ms for that mask alone. Keys, `split` and `fold_in` are Threefry's own,
-and the bits are Threefry's bit for bit (tests/test_prng.py), so a run's dropout masks,
-samples and results do not depend on which of the two a platform uses.
+Reference: JAX's `threefry2x32` keys, matched bit for bit (tests/test_prng.py), so dropout
+masks, samples and results do not depend on which of the two a platform uses. Buys on CPUs:
+the seed CNN's batch-256 train step 15.99 -> 15.33 ms median, and its init compiles in a
+third of the time (1.8 -> 0.6 s), on the 2-core Xeon VM
+(benchmarks/results/cpu-xeon/perf_cpu/README.md).
 
-The init draws every parameter through it too: XLA:CPU compiles the init in a third to a half
-of the time (the seed CNN's 1.8 s -> 0.6 s, the ResNet's 5.6 s -> 2.2 s), with the same bits.
-`split` and `fold_in` written unrolled as well were bit-identical, but their larger fusions
-made the init slower to compile (the seed CNN's smoke init 0.5 s -> 1.6 s), so they stay
-Threefry's own.
+`jax.random`'s Threefry lowers its hash on XLA:CPU as a rolled loop of five iterations, each
+run as its own pass over the whole array. `UNROLLED` is the same generator as a JAX PRNG
+implementation (`jax.extend.random`) whose `random_bits` computes the 20 rounds as
+straight-line elementwise code, which XLA fuses into the consumer. Keys, `split` and
+`fold_in` are Threefry's own (unrolled, their larger fusions compile more slowly).
 """
 
 import math
@@ -25,9 +19,6 @@ import jax
 import jax.extend.random as jex_random
 import numpy as np
 from jax import lax
-
-# Platforms whose train step draws its bits through `UNROLLED`. JAX lowers Threefry unrolled
-# already everywhere else (GPUs, TPUs).
 
 _THREEFRY = jex_random.threefry_prng_impl
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32's, alternating per 4 rounds.

@@ -202,7 +202,7 @@ def _run(args) -> int:
                     profile=args.profile)
     print(f"results -> {os.path.join(out, 'results.jsonl')}")
   elif args.command == 'sweep':
-    from jaxbig import sweep
+    from jaxbig.sweep import run as sweep
     out = args.out or sweep.default_out(args.config)
     command = shlex.join(['jaxbig', *args.argv] + ([] if args.out else ['--out', out]))
     state = sweep.run_sweep(args.config, out, args.overrides, command)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 
-import jax
 import numpy as np
 
 from jaxbig.config import ConfigError
@@ -48,6 +47,7 @@ def check_host_batches(config, data) -> None:
 
 def check_step_bytes(config, mesh, train_bytes: int | None, eval_bytes: int | None) -> None:
   """The compiled steps must fit on a device, by XLA's memory analysis (None: not known)."""
+  import jax  # Here: the reports import this module for fmt_bytes alone.
   local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
   limit = device_bytes(local[0])
   for field, value, need in (('data.batch_size', config.data.batch_size, train_bytes),

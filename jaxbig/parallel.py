@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from flax import jax_utils
 
-from jaxbig import precision, sharding
-from jaxbig.models import axes, matmul
+from jaxbig import matmul, precision, sharding
+from jaxbig.models import axes
 from jaxbig.config import ConfigError
 
 MODES = ('jit', 'pmap')

@@ -77,9 +77,12 @@ def tracing(policy: Policy):
 
 def quantize(model: nn.Module, policy: Policy) -> nn.Module:
   """The model with the policy's low-precision matmuls (the model itself if it has none).
-  Its convolutions must be XLA's (`kernels.select(..., quantized=True)`)."""
+  Its convolutions must be XLA's (`kernels.select(..., quantized=True)`): Qwix quantizes
+  `conv_general_dilated`, not the matmuls of a rewrite."""
   if policy.fwd_qtype is None:
     return model
+  if getattr(model, 'conv', 'xla') != 'xla':
+    raise ValueError(f'precision={policy.name} needs conv=xla, got {model.conv}')
   import qwix  # Only the fp8 and int8 policies need it.
   fwd = dict(weight_qtype=policy.fwd_qtype, act_qtype=policy.fwd_qtype)
   rules = [  # The first rule that matches an op applies.

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from jaxbig import inference, models, sharding, train
+from jaxbig import inference, kernels as kernels_lib, models, sharding, train
 from jaxbig import workdir as workdir_lib
 from jaxbig.config import ConfigError
 
@@ -41,8 +41,8 @@ def _check_target(to: str) -> None:
 def _ptq_model(s: train.Setup, to: str) -> tuple[nn.Module, dict]:
   """The float32 model with quantised matmuls, and its abstract quantised parameters."""
   import qwix
-  # Qwix quantizes XLA's convolutions, not the matmuls of a rewrite.
-  kernels = dataclasses.replace(s.kernels, conv='xla')
+  kernels = kernels_lib.select(s.config.kernels, s.mesh.devices.flat[0].platform,
+                               quantized=True)
   base = models.build(s.config.model, s.data.meta, jnp.float32, kernels)
   rule = qwix.QuantizationRule(module_path='.*', weight_qtype=to, act_qtype=to)
   model = qwix.quantize_model(base, qwix.PtqProvider([rule]))

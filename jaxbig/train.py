@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from jaxbig import memory, metrics as metrics_lib, parallel, precision, sharding
 from jaxbig import workdir as workdir_lib
 from jaxbig.config import ConfigError
 from jaxbig.kernels import threefry
-from jaxbig.models import matmul
+from jaxbig import matmul
 
 
 @struct.dataclass
@@ -54,7 +53,6 @@ class Setup:
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   loss_fn: Callable
-  init: Callable[[jax.Array], TrainState]  # Boxed fresh state from the seed's key data.
   abstract_boxed: Any  # TrainState of ShapeDtypeStructs with logical-axis boxes.
   shardings: Any  # TrainState of NamedShardings.
   rules: tuple  # Logical axis name -> mesh axes (`sharding.rules`).
@@ -64,21 +62,10 @@ class Setup:
   scaling: precision.LossScaling | None  # Loss scaling (fp16), or None.
   skip_limit: int  # Non-finite steps in a row that a run may skip (0: none).
 
-
-def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: bool,
-          scaling: precision.LossScaling | None, unrolled_bits: bool) -> TrainState:
-  # The train step's key type: Threefry's bits, compiled faster on CPUs (see kernels/threefry.py).
-  key = threefry.wrap(rng, unrolled_bits)
-  params_key, dropout_key, key = jax.random.split(key, 3)
-  x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
-  variables = model.init({'params': params_key, 'dropout': dropout_key, 'sample': dropout_key},
-                         x, train=False)
-  params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=jax.random.key_data(key),
-                    loss_scale=scaling.init_state() if scaling else {},
-                    skips=faults.init_skips())
+  @property
+  def init(self) -> Callable[[jax.Array], TrainState]:
+    """The boxed fresh state as a function of the seed's Threefry key data."""
+    return _init_fn(self.model, self.tx, self.data.meta, self.scaling, self.kernels)
 
 
 def setup(config, devices=None) -> Setup:
@@ -87,22 +74,20 @@ def setup(config, devices=None) -> Setup:
   data = _data(config)
   policy = precision.get(config)
   scaling = precision.loss_scaling(config, policy)
+  skip_limit = faults.skip_limit(config, scaling is not None)
   mesh, rules, mode = _mesh(config, devices, data)
   kernels = kernels_lib.select(config.kernels, mesh.devices.flat[0].platform,
                                quantized=policy.fwd_qtype is not None)
   model = _model(config, data.meta, policy, kernels, mode)
   tx, schedule = optim.build(config.opt, config.train.steps)
   loss_fn = _loss(config, data)
-  init = functools.partial(_init, model=model, tx=tx, input_shape=data.meta.input_shape,
-                           tokens=data.meta.vocab_size > 0, scaling=scaling,
-                           unrolled_bits=kernels.random_bits == 'unrolled')
+  init = _init_fn(model, tx, data.meta, scaling, kernels)
   with matmul.compiling_for(mesh):  # As the steps will be traced.
     abstract_boxed = jax.eval_shape(init, jax.random.key_data(jax.random.key(0)))
   shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
   sharding.check_divisible(abstract_boxed, shardings)
-  return Setup(config, data, mesh, model, tx, schedule, loss_fn, init, abstract_boxed,
-               shardings, rules, mode, policy, kernels, scaling,
-               faults.skip_limit(config, scaling is not None))
+  return Setup(config, data, mesh, model, tx, schedule, loss_fn, abstract_boxed, shardings,
+               rules, mode, policy, kernels, scaling, skip_limit)
 
 
 def _data(config) -> data_lib.Data:
@@ -117,12 +102,13 @@ def _mesh(config, devices, data) -> tuple[jax.sharding.Mesh, tuple, str]:
   """(the device mesh, its logical-axis rules, jit or pmap); the batches must split over it
   and fit in host memory."""
   mode = parallel.mode(config)  # Before the mesh: pmap takes a data-only mesh.
+  rules = sharding.rules(config.mesh)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.data.batch_size // config.train.accum_steps, mesh,
                        'data.batch_size / train.accum_steps')
   sharding.check_batch(config.data.eval_batch_size, mesh, 'data.eval_batch_size')
   memory.check_host_batches(config, data)
-  return mesh, sharding.rules(config.mesh), mode
+  return mesh, rules, mode
 
 
 def _model(config, meta, policy: precision.Policy, kernels: kernels_lib.Kernels,
@@ -140,6 +126,30 @@ def _loss(config, data) -> Callable:
   if data.meta.task == 'classification' and config.train.loss == 'xent':
     weights = losses.class_weights(config.train, data.splits['train'][1], data.meta.num_classes)
   return losses.build(config.train, weights)
+
+
+def _init_fn(model: nn.Module, tx, meta, scaling: precision.LossScaling | None,
+             kernels: kernels_lib.Kernels) -> Callable[[jax.Array], TrainState]:
+  return functools.partial(_init, model=model, tx=tx, input_shape=meta.input_shape,
+                           tokens=meta.vocab_size > 0, scaling=scaling,
+                           unrolled_bits=kernels.random_bits == 'unrolled')
+
+
+def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: bool,
+          scaling: precision.LossScaling | None, unrolled_bits: bool) -> TrainState:
+  """The boxed fresh state: parameters, optimizer state, the key the steps fold in (drawn
+  by the policy's Threefry implementation), loss scale and skip counts."""
+  key = threefry.wrap(rng, unrolled_bits)
+  params_key, dropout_key, key = jax.random.split(key, 3)
+  x = jnp.zeros((1, *input_shape), jnp.int32 if tokens else jnp.float32)
+  variables = model.init({'params': params_key, 'dropout': dropout_key, 'sample': dropout_key},
+                         x, train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=jax.random.key_data(key),
+                    loss_scale=scaling.init_state() if scaling else {},
+                    skips=faults.init_skips())
 
 
 def init_state(s: Setup) -> TrainState:
@@ -259,7 +269,7 @@ def _accumulate(grad_fn: Callable, state: TrainState, batch: dict, rng,
                                               jax.random.fold_in(rng, i))
     return (add(grads_acc, grads), batch_stats, add(sums_acc, sums)), None
 
-  first = jax.tree.map(lambda a: a[0], micro_batches)
+  first = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), micro_batches)
   sums_shape = jax.eval_shape(grad_fn, state.params, state.batch_stats, first, rng)[0][1][0]
   carry = (jax.tree.map(jnp.zeros_like, state.params), state.batch_stats,
            jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sums_shape))
@@ -291,6 +301,7 @@ def eval_step(state: TrainState, batch: dict, *, model: nn.Module, loss_fn: Call
 
 
 def _train_fn(s: Setup, axis_name: str | None = None) -> Callable:
+  """train_step with the setup's model, optimizer, loss and policies bound."""
   return functools.partial(train_step, model=s.model, tx=s.tx, loss_fn=s.loss_fn,
                            accum_steps=s.config.train.accum_steps, axis_name=axis_name,
                            scaling=s.scaling, kernels=s.kernels)
@@ -351,7 +362,8 @@ def describe(s: Setup) -> list[str]:
   """What a run is made of, in two lines: its data, and its model on its devices."""
   c, meta = s.config, s.data.meta
   unit = 'bytes' if meta.task == 'lm' else 'examples'
-  sizes = ', '.join(f'{split} {n:,}' for split, n in meta.sizes.items())
+  sizes = ', '.join(f'{split} {meta.sizes[split]:,}' for split in data_lib.SPLITS
+                    if split in meta.sizes)
   devices = s.mesh.devices
   mesh = ' x '.join(f'{name} {n}' for name, n in s.mesh.shape.items())
   return [f'data {c.data.name}: {sizes} {unit}; batch {c.data.batch_size}',
@@ -409,9 +421,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         start, corrupt = resume_point(s, workdir, ckpts)
         done = workdir_lib.finished(workdir, start) if start == config.train.steps else None
         if done is not None:
-          if jax.process_index() == 0:
-            print(f'jaxbig: {workdir} has finished its {start} steps already; nothing to do '
-                  '(a larger train.steps trains on)', file=sys.stderr, flush=True)
+          metrics_lib.note(f'{workdir} has finished its {start} steps already; nothing to do '
+                           '(a larger train.steps trains on)')
           return {**done, 'finished_already': True}
         for line in describe(s):
           metrics_lib.note(line)
@@ -424,8 +435,9 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         metrics_lib.note('compiling the train and eval steps')
         steps = compile_steps(s, state)
         memory.check_step_bytes(config, s.mesh, steps.train_bytes, steps.eval_bytes)
-        metrics_lib.note(f'compiled in {steps.compile_s:.1f} s; training steps '
-                         f'{(start or 0) + 1}-{config.train.steps}')
+        left = (f'training steps {(start or 0) + 1}-{config.train.steps}'
+                if (start or 0) < config.train.steps else 'the final evaluation is left')
+        metrics_lib.note(f'compiled in {steps.compile_s:.1f} s; {left}')
         # Every check passed: from here on the run writes into the workdir.
         workdir_lib.write_config(workdir, config)
         ckpts.open_for_writing(corrupt)
@@ -436,27 +448,12 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         ckpts.close()
 
 
-_all_finite = jax.jit(precision.all_finite)
-
-
-def _save(s: Setup, steps: parallel.Steps, ckpts: checkpoint.Checkpoints,
-          log: metrics_lib.TrainLog,
-          state: TrainState, train_iter, step: int, saved: int | None) -> int:
-  """Starts the save of `step` (after the skip checks of every step before it); returns it."""
-  log.flush(saved)
-  log.check_unlogged(step, saved)
-  mesh_state = steps.unplace(state)
-  if not bool(_all_finite(mesh_state)):  # Never reached while train_step guards each step.
-    raise faults.NonFiniteError(f'train: refusing to save step {step}: the state holds '
-                                'non-finite values')
-  ckpts.save(step, mesh_state, data_lib.save_iter_state(train_iter), s.data.meta.to_json())
-  return step
-
-
 def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
            preemption: faults.Preemption, stop_after: int | None, t_start: float,
            start: int | None, state: TrainState, iter_state: dict | None,
            steps: parallel.Steps) -> dict | None:
+  """The loop from `start` (None: a fresh state) to train.steps or `stop_after`, then the
+  final save, evaluation and summary; see `train_and_evaluate` for what it returns."""
   config, cfg = s.config, s.config.train
   # Each process reads only the rows of a batch that its devices hold.
   train_iter = s.data.train_iter(steps.rows(config.data.batch_size))
@@ -522,22 +519,50 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
                            **{f'test/{k}': v for k, v in test.items()}})
   ckpts.wait()
   writer.close()
-  scalars = log.scalars
-  if not scalars:  # Nothing left to train: report the last logged training metrics.
-    scalars = workdir_lib.last_logged(workdir)
+  scalars = log.scalars or workdir_lib.last_logged(workdir)  # Or nothing was left to train.
+  summary = _summary(s, steps, state, scalars, val, test,
+                     wall_s=time.perf_counter() - t_start,
+                     steps_per_s=(cfg.steps - start) / train_s if cfg.steps > start else None,
+                     resumed_from=start or None)
+  if jax.process_index() == 0:
+    workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
+  return summary
+
+
+_all_finite = jax.jit(precision.all_finite)
+
+
+def _save(s: Setup, steps: parallel.Steps, ckpts: checkpoint.Checkpoints,
+          log: metrics_lib.TrainLog, state: TrainState, train_iter, step: int,
+          saved: int | None) -> int:
+  """Starts the save of `step` (after the skip checks of every step before it); returns it."""
+  log.flush(saved)
+  log.check_unlogged(step, saved)
+  mesh_state = steps.unplace(state)
+  if not bool(_all_finite(mesh_state)):  # Never reached while train_step guards each step.
+    raise faults.NonFiniteError(f'train: refusing to save step {step}: the state holds '
+                                'non-finite values')
+  ckpts.save(step, mesh_state, data_lib.save_iter_state(train_iter), s.data.meta.to_json())
+  return step
+
+
+def _summary(s: Setup, steps: parallel.Steps, state: TrainState, scalars: dict, val: dict,
+             test: dict, *, wall_s: float, steps_per_s: float | None,
+             resumed_from: int | None) -> dict:
+  """summary.json: the final metrics, the run's timings and what it ran on."""
   devices = s.mesh.devices.flatten()
-  summary = {
-      'step': cfg.steps,
+  return {
+      'step': s.config.train.steps,
       'train_loss': scalars.get('train/loss'),
       'train_accuracy': scalars.get('train/accuracy'),
       'eval': test,
       'val': val,
-      'wall_s': time.perf_counter() - t_start,
+      'wall_s': wall_s,
       'compile_s': steps.compile_s,
       # XLA's memory analysis of the compiled train step (jit): state, batch, temporaries.
       'train_step_bytes': steps.train_bytes,
-      'steps_per_s': (cfg.steps - start) / train_s if cfg.steps > start else None,
-      'resumed_from': start or None,
+      'steps_per_s': steps_per_s,
+      'resumed_from': resumed_from,
       'num_params': num_params(s),
       'precision': s.policy.name,
       # One device's copy: a scalar under jit, a one-element slice under pmap.
@@ -545,6 +570,3 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
       'device_kind': devices[0].device_kind,
       'num_devices': len(devices),
   }
-  if jax.process_index() == 0:
-    workdir_lib.write_json(os.path.join(workdir, 'summary.json'), summary)
-  return summary

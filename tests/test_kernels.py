@@ -18,6 +18,9 @@ def test_auto_is_the_fast_paths_on_cpus_and_the_reference_elsewhere():
     other = kernels.select('auto', platform)
     assert other.name == 'auto' and other == kernels.Kernels('auto')
   assert kernels.select('reference', 'cpu') == kernels.REFERENCE
+  # Quantized matmuls (Qwix) need XLA's convolutions; the other fast paths stay.
+  quantized = kernels.select('auto', 'cpu', quantized=True)
+  assert quantized.conv == 'xla' and quantized.attention == 'heads_major'
 
 
 def test_an_unknown_policy_is_one_line_naming_the_field():
@@ -29,7 +32,7 @@ def test_an_unknown_policy_is_one_line_naming_the_field():
 def test_reference_traces_no_fast_path_and_auto_does(spec, monkeypatch):
   """The train step of each experiment traced under both policies, counting the fast paths
   it calls (Winograd, heads-major attention, the fused RNN gradient) and the guard's branch
-  in its program (the unrolled bits: tests/test_prng.py)."""
+  in its program (the unrolled bits: tests/test_threefry.py)."""
   calls = []
 
   def counting(module, name):

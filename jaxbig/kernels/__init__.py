@@ -11,7 +11,7 @@ what to compute. Every fast path has a test against its reference:
 | conv | Winograd F(2, 3) for 3x3 convolutions (kernels/winograd.py) | CPU | the seed CNN's second layer, forward and gradients, 13.2 -> 9.1 ms (2-core Xeon; perf_cpu README) | tests/test_winograd.py |
 | attention | heads-major attention (kernels/attention.py) | CPU | the small GPT's attention gradient in about 0.7x the time (docs/performance.md) | tests/test_transformer.py |
 | rnn_grad | hand-written LSTM/GRU backward loop (kernels/rnn_scan.py `fused_scan`) | CPU | LSTM step -4%, GRU step -16% (2-core Xeon; benchmarks/results/cpu-xeon/perf_cpu/README.md) | tests/test_rnn.py |
-| random_bits | Threefry's bits as straight-line code (kernels/threefry.py), bit-identical | CPU | CNN batch-256 step 15.99 -> 15.33 ms median (perf_cpu README) | tests/test_prng.py |
+| random_bits | Threefry's bits as straight-line code (kernels/threefry.py), bit-identical | CPU | CNN batch-256 step 15.99 -> 15.33 ms median (perf_cpu README) | tests/test_threefry.py |
 | guard | non-finite guard as a branch (`lax.cond`) instead of a select | CPU | GPT step -2.5% (perf_cpu README) | tests/faults/test_fault_nonfinite.py |
 
 On GPUs and TPUs `auto` is the reference for all of these today (none was measured there);

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxbig.models import matmul
+from jaxbig import matmul
 
 UNROLL = 4  # Time steps per iteration of the forward loops (the backward loop: one).
 

@@ -1,6 +1,6 @@
 """Threefry-2x32's random bits as straight-line code: `kernels.random_bits='unrolled'`.
 
-Reference: JAX's `threefry2x32` keys, matched bit for bit (tests/test_prng.py), so dropout
+Reference: JAX's `threefry2x32` keys, matched bit for bit (tests/test_threefry.py), so dropout
 masks, samples and results do not depend on which of the two a platform uses. Buys on CPUs:
 the seed CNN's batch-256 train step 15.99 -> 15.33 ms median, and its init compiles in a
 third of the time (1.8 -> 0.6 s), on the 2-core Xeon VM

@@ -51,8 +51,9 @@ def _needs_sequence(cfg: ml_collections.ConfigDict, meta: DataMeta) -> int:
 
 
 def _choice(cfg: ml_collections.ConfigDict, field: str, choices: tuple) -> None:
-  if cfg[field] not in choices:
-    raise ConfigError(f"model.{field}: unknown '{cfg[field]}'; choose from {', '.join(choices)}")
+  value = getattr(cfg, field)  # AttributeError for an undeclared field: see build().
+  if value not in choices:
+    raise ConfigError(f"model.{field}: unknown '{value}'; choose from {', '.join(choices)}")
 
 
 def _cnn(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,

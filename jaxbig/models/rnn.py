@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxbig.kernels import rnn_scan
-from jaxbig.models import axes, init as inits, matmul
+from jaxbig import matmul
+from jaxbig.models import axes, init as inits
 
 CELLS = ('lstm', 'gru')
 POOLS = ('last', 'mean')

@@ -36,7 +36,8 @@ import numpy as np
 from jax import lax
 
 from jaxbig.kernels import attention as attention_kernel
-from jaxbig.models import axes, matmul
+from jaxbig import matmul
+from jaxbig.models import axes
 
 POS_TABLE = (None, 'embed')
 INPUT_KERNEL = (None, 'embed')

@@ -127,7 +127,7 @@ def _n(x, fmt: str = '.4g') -> str:
 def _memory(row: dict) -> str:
   """The device's measured peak, else XLA's analysis of the compiled train step."""
   if row.get('peak_bytes') is not None:
-    return fmt_bytes(row['peak_bytes'], 1, 'not recorded')
+    return fmt_bytes(row['peak_bytes'], 1)
   estimate = (row.get('summary') or {}).get('train_step_bytes')
   return 'not recorded' if estimate is None else f'{fmt_bytes(estimate, 1)} (XLA)'
 

@@ -2,7 +2,6 @@
 step's result does not depend on which of the two draws them."""
 
 import dataclasses
-import functools
 import pathlib
 
 import jax
@@ -20,10 +19,7 @@ UINTS = {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}
 
 def _with_bits(s: train.Setup, bits: str) -> train.Setup:
   """The setup with the policy's random bits set to `bits`, everything else kept."""
-  keywords = {**s.init.keywords, 'unrolled_bits': bits == 'unrolled'}
-  init = functools.partial(s.init.func, **keywords)
-  return dataclasses.replace(s, kernels=dataclasses.replace(s.kernels, random_bits=bits),
-                             init=init)
+  return dataclasses.replace(s, kernels=dataclasses.replace(s.kernels, random_bits=bits))
 
 
 def _pair(seed: int):

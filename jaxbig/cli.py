@@ -1,4 +1,4 @@
-"""The jaxbig command: train | eval | predict | generate | plan | quantize | bench | sweep | report.
+"""The jaxbig command: train eval predict generate plan quantize bench sweep report prepare.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 Exit codes: 0 done (also after a SIGTERM that saved a checkpoint), 2 bad input, 3 training
@@ -107,6 +107,27 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument('--max-tokens', type=int, default=65536,
                  help='cap on --tokens for models without a context limit, e.g. LSTMs '
                  '(default 65536; a Transformer is capped by its model.max_len)')
+  r = sub.add_parser('prepare', help='tokenize a corpus once into token shards for '
+                     'data.name=tokens (an interrupted run continues)')
+  r.add_argument('kind', choices=('text',), help='what to prepare')
+  r.add_argument('source', help='a folder of text files, a .jsonl file or one text file')
+  r.add_argument('--out', required=True, help='output folder (new, or one this command began)')
+  r.add_argument('--tokenizer', default='bytes',
+                 help="'bytes' (default), a tokenizers .json or a SentencePiece .model")
+  r.add_argument('--pattern', default='', help="file-name pattern in a folder (default '*')")
+  r.add_argument('--field', default='text', help="a .jsonl document's text field (default text)")
+  r.add_argument('--val-fraction', type=_finite_float, default=0.05)
+  r.add_argument('--test-fraction', type=_finite_float, default=0.05)
+  r.add_argument('--shard-mb', type=_finite_float, default=256.0,
+                 help='text per shard, MiB (default 256)')
+  r.add_argument('--workers', type=int, default=0, help='tokenizing processes (default: cores)')
+  k = sub.add_parser('tokenizer', help='train a byte-level BPE tokenizer on a corpus')
+  k.add_argument('action', choices=('train',))
+  k.add_argument('source', help='a folder of text files, a .jsonl file or one text file')
+  k.add_argument('--vocab', type=int, required=True, help='vocabulary size, e.g. 8192')
+  k.add_argument('--out', required=True, help='the tokenizer file to write (.json; must not exist)')
+  k.add_argument('--pattern', default='', help="file-name pattern in a folder (default '*')")
+  k.add_argument('--field', default='text', help="a .jsonl document's text field (default text)")
   return p
 
 
@@ -218,6 +239,23 @@ def _run(args) -> int:
     else:
       from jaxbig.bench import report
       print(report.report(args.results), end='')
+  elif args.command == 'prepare':
+    from jaxbig.data import prepare
+    if args.workers < 0:
+      raise ConfigError(f'--workers must be >= 0, got {args.workers}')
+    manifest = prepare.prepare_text(
+        args.source, args.out, args.tokenizer, pattern=args.pattern, field=args.field,
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        shard_mb=args.shard_mb, workers=args.workers)
+    counts = {s: manifest['splits'][s]['tokens'] for s in prepare.SPLITS}
+    print(f"prepared -> {args.out}: {', '.join(f'{s} {n:,}' for s, n in counts.items())} "
+          f"tokens; train with data.name=tokens data.path={args.out}")
+  elif args.command == 'tokenizer':
+    from jaxbig.data import tokenizer
+    info = tokenizer.train_bpe(args.source, args.vocab, args.out, pattern=args.pattern,
+                               field=args.field)
+    print(f"tokenizer -> {info['out']}: vocabulary {info['vocab_size']}, learnt from "
+          f"{info['documents']} training documents ({info['bytes'] / 2**20:.1f} MiB)")
   elif args.command == 'generate':
     from jaxbig import generate
     print(generate.generate(args.workdir, args.prompt, args.tokens, temperature=args.temperature,

@@ -242,7 +242,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   d = config.data
   _require(d.batch_size > 0, f'data.batch_size must be > 0, got {d.batch_size}')
   _require(d.eval_batch_size > 0, f'data.eval_batch_size must be > 0, got {d.eval_batch_size}')
-  _require(d.split_seed >= 0, f'data.split_seed must be >= 0, got {d.split_seed}')
+  if 'split_seed' in d:  # Data that is split by a seeded permutation.
+    _require(d.split_seed >= 0, f'data.split_seed must be >= 0, got {d.split_seed}')
   if 'augment_shift' in d:  # Image data only.
     _require(d.augment_shift >= 0, f'data.augment_shift must be >= 0, got {d.augment_shift}')
   _require(d.batch_size % t.accum_steps == 0,

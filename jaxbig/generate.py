@@ -36,8 +36,12 @@ def encode_prompt(prompt: str, vocab_size: int) -> np.ndarray:
   return tokens
 
 
-def pick(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
-  """Next tokens: argmax at temperature 0, else a sample from the (top-k) softened softmax."""
+def pick(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int,
+         valid: int | None = None) -> jax.Array:
+  """Next tokens: argmax at temperature 0, else a sample from the (top-k) softened softmax;
+  ids from `valid` on (the vocabulary's padding rows) are never picked."""
+  if valid is not None and valid < logits_BxV.shape[-1]:
+    logits_BxV = logits_BxV.at[:, valid:].set(-jnp.inf)
   if temperature == 0:
     return jnp.argmax(logits_BxV, -1).astype(jnp.int32)
   logits_BxV = logits_BxV.astype(jnp.float32) / temperature
@@ -47,9 +51,10 @@ def pick(logits_BxV: jax.Array, rng: jax.Array, temperature: float, top_k: int) 
   return jax.random.categorical(rng, logits_BxV).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('decoder', 'num_tokens', 'temperature', 'top_k'))
+@functools.partial(jax.jit, static_argnames=('decoder', 'num_tokens', 'temperature', 'top_k',
+                                             'valid'))
 def _decode(params, cache, prompt_BxP: jax.Array, rng: jax.Array, *, decoder: nn.Module,
-            num_tokens: int, temperature: float, top_k: int) -> jax.Array:
+            num_tokens: int, temperature: float, top_k: int, valid: int | None) -> jax.Array:
   """Reads the prompt into the cache, then samples `num_tokens` one position at a time."""
 
   def step(cache, tokens_BxT):
@@ -59,7 +64,7 @@ def _decode(params, cache, prompt_BxP: jax.Array, rng: jax.Array, *, decoder: nn
 
   def body(carry, key):
     cache, logits_BxV = carry
-    token_B = pick(logits_BxV, key, temperature, top_k)
+    token_B = pick(logits_BxV, key, temperature, top_k, valid)
     return step(cache, token_B[:, None]), token_B[0]
 
   _, tokens = jax.lax.scan(body, step(cache, prompt_BxP), jax.random.split(rng, num_tokens))
@@ -67,7 +72,8 @@ def _decode(params, cache, prompt_BxP: jax.Array, rng: jax.Array, *, decoder: nn
 
 
 def sample(model: nn.Module, params, prompt_P: np.ndarray, num_tokens: int, *,
-           temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> np.ndarray:
+           temperature: float = 1.0, top_k: int = 0, seed: int = 0,
+           valid: int | None = None) -> np.ndarray:
   """`num_tokens` new tokens after the prompt, decoded with the model's cache."""
   decoder = model.clone(decode=True)
   cache_len = getattr(model, 'max_len', 1)  # The KV cache spans max_len; RNN carries any.
@@ -77,7 +83,7 @@ def sample(model: nn.Module, params, prompt_P: np.ndarray, num_tokens: int, *,
   cache = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
   tokens = _decode(params, cache, jnp.asarray(prompt_P)[None], jax.random.key(seed),
                    decoder=decoder, num_tokens=num_tokens, temperature=float(temperature),
-                   top_k=int(top_k))
+                   top_k=int(top_k), valid=valid)
   return np.asarray(tokens)
 
 
@@ -112,7 +118,13 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
                       f'model.name={cfg.model.name} on data.name={cfg.data.name}')
   if not 0 <= top_k <= meta.vocab_size:
     raise ConfigError(f'--top-k must be in 0..{meta.vocab_size}, got {top_k}')
-  prompt_P = encode_prompt(prompt, meta.vocab_size)
+  tok = getattr(s.data, 'tokenizer', None)  # Prepared token shards; bytes otherwise.
+  if tok is None:
+    prompt_P = encode_prompt(prompt, meta.vocab_size)
+  else:
+    prompt_P = tok.encode(prompt)
+    if not len(prompt_P):
+      raise ConfigError('--prompt: must not be empty (the model needs at least one token)')
   max_len = getattr(s.model, 'max_len', None)
   if max_len is not None and len(prompt_P) + num_tokens > max_len:
     raise ConfigError(f'--tokens: the prompt ({len(prompt_P)} bytes) + --tokens ({num_tokens}) '
@@ -122,6 +134,8 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
                       '--max-tokens to generate more')
   with precision.tracing(s.policy):  # The run's matmul precision.
     new = sample(s.model, state.params, prompt_P, num_tokens, temperature=temperature,
-                 top_k=top_k, seed=seed)
+                 top_k=top_k, seed=seed, valid=meta.num_classes)
+  if tok is not None:
+    return tok.decode(np.concatenate([prompt_P, new]))
   return (prompt_P.astype(np.uint8).tobytes() + new.astype(np.uint8).tobytes()).decode(
       'utf-8', errors='replace')

@@ -148,15 +148,19 @@ class Profile:
               '(tensorboard --logdir, Profile tab)', file=sys.stderr, flush=True)
 
 
-def train_scalars(fetched: list[dict], task: str) -> dict[str, float]:
+def train_scalars(fetched: list[dict], task: str, tokens_per_byte: float = 1.0
+                  ) -> dict[str, float]:
   """Means over a log interval of the per-step metric sums (fetched from the device), over
-  the steps that were not skipped, and the number skipped."""
+  the steps that were not skipped, and the number skipped; a language model's bits per
+  byte of the training text (bits per token x `tokens_per_byte`)."""
   kept = [m for m in fetched if not float(np.asarray(m['skipped']))]
   out = {'train/loss': float('nan')}  # Every step of the interval skipped.
   if kept:
     totals = {k: float(sum(np.asarray(m[k]) for m in kept)) for k in kept[0]}
     out = {f'train/{k}': v for k, v in losses.finalize(totals, task).items()
            if k in ('loss', 'accuracy', 'bits_per_byte', 'elbo')}
+    if 'train/bits_per_byte' in out:
+      out['train/bits_per_byte'] *= tokens_per_byte
     out['grad_norm'] = totals['grad_norm'] / len(kept)
   out['train/skipped_steps'] = float(len(fetched) - len(kept))
   if 'loss_scale' in fetched[-1]:  # Loss scaling: the interval's last scale.
@@ -170,8 +174,9 @@ class TrainLog:
   device at a log step. The checks of non-finite steps run on what is fetched."""
 
   def __init__(self, writer: Writer, progress: Progress, task: str, schedule,
-               skip_limit: int):
+               skip_limit: int, tokens_per_byte: float = 1.0):
     self.writer, self.progress, self.task = writer, progress, task
+    self.tokens_per_byte = tokens_per_byte
     self.schedule, self.skip_limit = schedule, skip_limit
     self.pending = []  # Metrics of the steps after the newest closed interval.
     self.closed = None  # (last step, its metrics): an interval waiting to be fetched.
@@ -191,7 +196,7 @@ class TrainLog:
       return
     (step, metrics), self.closed = self.closed, None
     fetched = jax.device_get(metrics)
-    out = train_scalars(fetched, self.task)
+    out = train_scalars(fetched, self.task, self.tokens_per_byte)
     now = time.perf_counter()
     out['steps_per_s'] = len(fetched) / (now - self.t_last)
     out['lr'] = float(self.schedule(step - 1))

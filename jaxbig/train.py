@@ -350,7 +350,9 @@ def evaluate(s: Setup, steps: parallel.Steps, state: TrainState, split: str) -> 
   sums = [steps.eval(state, b) for b in s.data.eval_batches(split)]
   totals = {k: float(sum(np.asarray(x[k]) for x in jax.device_get(sums))) for k in sums[0]}
   out = losses.finalize(totals, s.data.meta.task, s.data.meta.y_std)
-  if s.data.meta.task == 'lm':
+  if s.data.meta.task == 'lm':  # Per token from the loss; per byte of the split's text.
+    out['bits_per_token'] = out['bits_per_byte']
+    out['bits_per_byte'] *= s.data.tokens_per_byte(split)
     out['unigram_bits_per_byte'] = s.data.unigram_bits_per_byte(split)
   if s.data.meta.task == 'regression':
     out['mse_vs_mean'] = out['mse'] / s.data.baseline_mse(split)
@@ -463,7 +465,9 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
   state = steps.place(state)
   writer = metrics_lib.Writer(workdir)
   progress = metrics_lib.Progress(cfg.steps, start)
-  log = metrics_lib.TrainLog(writer, progress, s.data.meta.task, s.schedule, s.skip_limit)
+  per_byte = s.data.tokens_per_byte('train') if s.data.meta.task == 'lm' else 1.0
+  log = metrics_lib.TrainLog(writer, progress, s.data.meta.task, s.schedule, s.skip_limit,
+                             per_byte)
   eval_s, preempted = 0.0, None
   t_loop = time.perf_counter()
   last = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps

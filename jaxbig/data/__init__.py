@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from jaxbig.config import ConfigError
-from jaxbig.data import sources, text
+from jaxbig.data import sources, text, tokens
 
 SPLITS = ('train', 'val', 'test')
 
@@ -295,6 +295,10 @@ def describe_change(saved: dict, new: dict) -> str | None:
              + _first(sorted(cur.keys() - old.keys()), 'added')
              + _first(sorted(old.keys() - cur.keys()), 'removed'))
     return f"{label}: {', '.join(parts) or 'the contents changed'}"
+  if source == 'tokens':
+    if saved.get('digest') == new.get('digest'):  # A moved folder is the same tokens.
+      return None
+    return f"data.path: the shards in {new.get('path')} changed (prepared again)"
   if saved.get('sha256') == new.get('sha256'):
     return None
   return f'data.name={source}: the loaded arrays changed'
@@ -308,10 +312,12 @@ def save_iter_state(it: grain.DatasetIterator) -> dict:
 TEXT_SOURCES = ('stdlib', 'text')
 
 
-def build(cfg, seed: int) -> 'Data | text.TextData':
+def build(cfg, seed: int) -> 'Data | text.TextData | tokens.TokensData':
   """Loads and splits the data named by the `data` section of a config."""
   if cfg.name in TEXT_SOURCES:
     return text.TextData(cfg, seed)
+  if cfg.name == 'tokens':
+    return tokens.TokensData(cfg, seed)
   return Data(cfg, seed)
 
 

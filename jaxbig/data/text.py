@@ -48,7 +48,7 @@ def stdlib_root() -> str:
   return sysconfig.get_paths()['stdlib']
 
 
-def _list_files(root: str, pattern: str) -> list[str]:
+def list_files(root: str, pattern: str) -> list[str]:
   """Relative paths of files under `root` matching `pattern`, sorted, site-packages excluded."""
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
@@ -65,7 +65,7 @@ def _hash_unit(relpath: str) -> float:
   return zlib.crc32(relpath.replace(os.sep, '/').encode()) / 2**32
 
 
-def _is_utf8(data: bytes) -> bool:
+def is_utf8(data: bytes) -> bool:
   try:
     data.decode('utf-8')
     return True
@@ -161,7 +161,7 @@ def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict, dict[str, str]]:
       raise ConfigError(f'data.path: {root} cannot be read')
     if not data:
       raise ConfigError(f'data.path: {root} is empty')
-    if not _is_utf8(data):
+    if not is_utf8(data):
       raise ConfigError(f'data.path: {root} is not UTF-8 text')
     n = len(data)
     n_train = int(n * (1 - fractions['val'] - fractions['test']))
@@ -174,7 +174,7 @@ def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict, dict[str, str]]:
                     'not_regular': 0}, hashes
   if not os.path.isdir(root):  # A FIFO, a device, a socket: never opened.
     raise ConfigError(f'data.path: {root} is not a regular file or a folder')
-  rels = _list_files(root, pattern)
+  rels = list_files(root, pattern)
   read, not_regular = _read_files([os.path.join(root, r) for r in rels], label, cfg)
   if not_regular:
     print(f'jaxbig: warning: {label}: skipped {len(not_regular)} entries that are not '
@@ -186,7 +186,7 @@ def load_splits(cfg) -> tuple[dict[str, np.ndarray], dict, dict[str, str]]:
     data = read.get(os.path.join(root, rel))
     if not data:  # Empty, or not a regular file.
       continue
-    if not _is_utf8(data):  # Binary or other encodings: not text for a byte model.
+    if not is_utf8(data):  # Binary or other encodings: not text for a byte model.
       skipped += 1
       continue
     hashes[_file_key(rel)] = hashlib.sha256(data).hexdigest()
@@ -300,6 +300,10 @@ class TextData:
       mask = np.concatenate([np.ones(len(w), np.float32), np.zeros(pad, np.float32)])
       w = np.concatenate([w, np.zeros((pad, w.shape[1]), np.int32)])
       yield {'x': w[:, :-1], 'y': w[:, 1:], 'mask': mask}
+
+  def tokens_per_byte(self, split: str) -> float:
+    del split  # A token is a byte.
+    return 1.0
 
   def unigram_bits_per_byte(self, split: str) -> float:
     """Bits per byte of the training split's byte frequencies on `split`: the bar to clear."""

@@ -1,0 +1,193 @@
+"""`data.name=tokens data.path=DIR`: training on token shards made by `jaxbig prepare text`.
+
+The shards are memory-mapped, never read whole: resident memory does not grow with the
+corpus. Training draws `data.batch_size` windows of `seq_len + 1` tokens at seeded random
+offsets (a shard chosen in proportion to its windows, then an offset in it); each process
+reads only its rows of the global batch; the iterator's position is checkpointed. Windows
+may cross a document's end-of-document token, as in GPT-2 and nanoGPT training.
+
+Evaluation reads up to `data.eval_windows` non-overlapping windows spread evenly over a
+split and reports bits per byte (bits per token x tokens per text byte of that split, so
+byte and BPE models share a scale) beside the loss per token.
+
+Every shard's size is checked against the manifest when the data is opened, and its
+SHA-256 with `data.verify_shards=true`; the run's tokenizer (`data.tokenizer`, by default
+the copy in DIR) must be the one that made the shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from jaxbig.config import ConfigError
+from jaxbig.data import prepare, text as text_lib, tokenizer as tokenizer_lib
+
+
+def read_manifest(path: str) -> dict:
+  """DIR/manifest.json, checked to be one `jaxbig prepare` wrote."""
+  file = os.path.join(path, prepare.MANIFEST)
+  if not os.path.isdir(path):
+    raise ConfigError(f'data.path: not a folder: {path} (a folder made by jaxbig prepare text)')
+  if not os.path.isfile(file):
+    raise ConfigError(f'data.path: {path} has no {prepare.MANIFEST}; prepare it with '
+                      '`jaxbig prepare text` (a run that was interrupted: run it again)')
+  try:
+    with open(file) as f:
+      manifest = json.load(f)
+    assert manifest['format'] == 'jaxbig-tokens-1'
+    _ = manifest['splits']['train']['shards'], manifest['tokenizer']['identity']
+  except (ValueError, KeyError, TypeError, AssertionError):
+    raise ConfigError(f'{file}: not a jaxbig token manifest') from None
+  return manifest
+
+
+def run_tokenizer(cfg, manifest: dict):
+  """The run's tokenizer: `data.tokenizer`, or the copy the prepared folder holds; it must
+  be the one the shards were made with."""
+  spec = cfg.get('tokenizer', '')
+  own = manifest['tokenizer']
+  if not spec:
+    spec = os.path.join(cfg.path, own['file']) if own['file'] else tokenizer_lib.BYTES
+  tok = tokenizer_lib.load(spec)
+  if tok.identity != own['identity']:
+    raise ConfigError(f'data.tokenizer: {spec} is not the tokenizer that made the shards in '
+                      f'{cfg.path} (SHA-256 {tok.identity[:12]} vs {own["identity"][:12]})')
+  return tok
+
+
+class _Windows(grain.transforms.RandomMap):
+  """A batch of indices -> random windows of seq_len + 1 tokens from the shards."""
+
+  def __init__(self, shards: list[np.ndarray], seq_len: int, rows: tuple[int, int] | None):
+    self.shards, self.seq_len, self.rows = shards, seq_len, rows
+    windows = np.array([max(len(s) - seq_len, 0) for s in shards], np.float64)
+    self.p = windows / windows.sum()
+
+  def random_map(self, idx, rng: np.random.Generator):
+    lo, hi = self.rows or (0, len(idx))  # Draw for the whole batch, keep this process's rows.
+    which = rng.choice(len(self.shards), size=len(idx), p=self.p)
+    unit = rng.random(len(idx))
+    rows = []
+    for w, u in zip(which[lo:hi], unit[lo:hi]):
+      shard = self.shards[w]
+      start = int(u * (len(shard) - self.seq_len))
+      rows.append(np.asarray(shard[start:start + self.seq_len + 1], np.int32))
+    windows = np.stack(rows)
+    return {'x': windows[:, :-1], 'y': windows[:, 1:]}
+
+
+class TokensData:
+  """Prepared token shards with the interface of `jaxbig.data.Data`."""
+
+  def __init__(self, cfg, seed: int):
+    from jaxbig.data import DataMeta  # Circular otherwise.
+    if not cfg.path:
+      raise ConfigError('data.path: required when data.name=tokens (a folder made by '
+                        'jaxbig prepare text)')
+    if cfg.seq_len <= 0:
+      raise ConfigError(f'data.seq_len must be > 0, got {cfg.seq_len}')
+    if cfg.eval_windows <= 0:
+      raise ConfigError(f'data.eval_windows must be > 0, got {cfg.eval_windows}')
+    self.manifest = read_manifest(cfg.path)
+    self.tokenizer = run_tokenizer(cfg, self.manifest)
+    dtype = np.dtype(self.manifest['dtype'])
+    self.shards = {}
+    for split, info in self.manifest['splits'].items():
+      self.shards[split] = [self._open(cfg, entry, dtype, cfg.get('verify_shards', False))
+                            for entry in info['shards']]
+    longest = max((len(s) for s in self.shards['train']), default=0)
+    if longest <= cfg.seq_len:
+      raise ConfigError(f'data.seq_len ({cfg.seq_len}) must be shorter than the longest '
+                        f'training shard ({longest} tokens)')
+    vocab = tokenizer_lib.padded_vocab(self.tokenizer.vocab_size)
+    sizes = {split: info['tokens'] for split, info in self.manifest['splits'].items()}
+    self.meta = DataMeta(input_shape=(cfg.seq_len,), num_outputs=vocab, task='lm',
+                         num_classes=self.tokenizer.vocab_size, sizes=sizes, vocab_size=vocab)
+    self.cfg, self.seed = cfg, seed
+    counts = np.load(os.path.join(cfg.path, 'unigram.npy')).astype(np.float64)[:vocab]
+    counts[:self.tokenizer.vocab_size] += 1.0  # Add-one smoothed; padding ids stay at 0.
+    with np.errstate(divide='ignore'):
+      self._unigram_log2 = np.log2(counts / counts.sum())
+
+  @staticmethod
+  def _open(cfg, entry: dict, dtype: np.dtype, verify: bool) -> np.ndarray:
+    path = os.path.join(cfg.path, entry['file'])
+    want = entry['tokens'] * dtype.itemsize
+    try:
+      size = os.path.getsize(path)
+    except OSError:
+      raise ConfigError(f'data.path: shard {path} is missing') from None
+    if size != want:
+      raise ConfigError(f'data.path: shard {path} has {size} bytes, the manifest {want}: '
+                        'damaged or truncated; prepare the folder again')
+    if entry['tokens'] == 0:
+      return np.zeros(0, dtype)
+    shard = np.memmap(path, dtype, 'r')
+    if verify and hashlib.sha256(shard).hexdigest() != entry['sha256']:
+      raise ConfigError(f'data.path: shard {path} does not match its SHA-256 in the manifest')
+    return shard
+
+  def identity(self) -> dict:
+    """What the tokens are (for resume checks): the manifest's shard digests."""
+    digest = hashlib.sha256(json.dumps(self.manifest['splits'], sort_keys=True).encode())
+    return {'source': 'tokens', 'path': os.path.abspath(self.cfg.path),
+            'digest': digest.hexdigest(), 'tokenizer': self.manifest['tokenizer']['identity']}
+
+  def tokens_per_byte(self, split: str) -> float:
+    info = self.manifest['splits'][split]
+    return info['tokens'] / max(info['bytes'], 1)
+
+  def train_iter(self, rows: tuple[int, int] | None = None) -> grain.DatasetIterator:
+    """An endless, seeded, checkpointable iterator of {'x', 'y'} int32 (batch, seq_len)."""
+    shards = [s for s in self.shards['train'] if len(s) > self.cfg.seq_len]
+    total = sum(len(s) for s in shards)
+    per_epoch = max(total // self.cfg.seq_len // self.cfg.batch_size, 1)
+    ds = (grain.MapDataset.range(per_epoch * self.cfg.batch_size).repeat()
+          .batch(self.cfg.batch_size, drop_remainder=True)
+          .random_map(_Windows(shards, self.cfg.seq_len, rows), seed=self.seed))
+    return iter(ds.to_iter_dataset(text_lib.READ_OPTIONS))
+
+  def batch_spec(self, size: int, with_mask: bool) -> dict:
+    shape = (size, self.cfg.seq_len)
+    spec = {'x': jax.ShapeDtypeStruct(shape, np.int32), 'y': jax.ShapeDtypeStruct(shape, np.int32)}
+    if with_mask:
+      spec['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
+    return spec
+
+  def eval_windows(self, split: str) -> np.ndarray:
+    """Up to `eval_windows` non-overlapping windows, evenly spread over the split's shards."""
+    length, shards = self.cfg.seq_len, self.shards[split]
+    ends = np.cumsum([max(len(s) - 1, 0) // length for s in shards])  # Windows so far.
+    if not len(ends) or ends[-1] == 0:
+      return np.zeros((0, length + 1), np.int32)
+    picks = np.unique(np.linspace(0, ends[-1] - 1, min(ends[-1], self.cfg.eval_windows))
+                      .astype(np.int64))
+    rows = []
+    for p in picks:
+      i = int(np.searchsorted(ends, p, side='right'))  # The shard holding window p.
+      k = int(p - (ends[i - 1] if i else 0))
+      rows.append(np.asarray(shards[i][k * length:(k + 1) * length + 1], np.int32))
+    return np.stack(rows)
+
+  def eval_batches(self, split: str) -> Iterator[dict]:
+    windows, bs = self.eval_windows(split), self.cfg.eval_batch_size
+    for start in range(0, len(windows), bs):
+      w = windows[start:start + bs]
+      pad = bs - len(w)
+      mask = np.concatenate([np.ones(len(w), np.float32), np.zeros(pad, np.float32)])
+      w = np.concatenate([w, np.zeros((pad, w.shape[1]), np.int32)])
+      yield {'x': w[:, :-1], 'y': w[:, 1:], 'mask': mask}
+
+  def unigram_bits_per_byte(self, split: str) -> float:
+    """Bits per byte of the training tokens' frequencies on `split`: the bar to clear."""
+    windows = self.eval_windows(split)
+    if not len(windows):
+      return float('nan')
+    return float(-self._unigram_log2[windows[:, 1:]].mean()) * self.tokens_per_byte(split)

@@ -1,0 +1,198 @@
+"""Token shards: `jaxbig prepare text`, `jaxbig tokenizer train` and `data.name=tokens`.
+
+A generated corpus of small files is prepared with the bytes tokenizer (whose counts are
+known exactly: one token per byte plus one per document) and with a BPE learnt from it;
+training on the shards reports bits per byte on the text's scale, resumes bit-identically,
+and every bad input named in issue 25 is one line that leaves the folder as it was.
+"""
+
+import json
+import os
+import pathlib
+import random
+
+import numpy as np
+import pytest
+
+import conftest
+from jaxbig import config as config_lib, train
+from jaxbig.config import ConfigError
+from jaxbig.data import prepare, text as text_lib, tokenizer as tokenizer_lib
+from jaxbig.data import tokens as tokens_lib
+
+EXPERIMENT = str(pathlib.Path(__file__).resolve().parents[1] / 'experiments' /
+                 'gpt_bpe_stdlib.py') + ':smoke'
+_main = conftest.run_cli
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory) -> str:
+  root = tmp_path_factory.mktemp('corpus')
+  rng = random.Random(0)
+  words = ['def', 'return', 'self', 'import', 'class', 'for', 'in', 'if', 'else', 'x', 'y']
+  for i in range(40):
+    folder = root / ('a' if i % 2 else '')
+    folder.mkdir(exist_ok=True)
+    lines = ['    ' + ' '.join(rng.choice(words) for _ in range(6)) for _ in range(30)]
+    (folder / f'f{i}.py').write_text('\n'.join(lines) + '\n')
+  (root / 'binary.py').write_bytes(b'\xff\xfe\x00')  # Not UTF-8: skipped.
+  return str(root)
+
+
+def _prepare(corpus, out, **kw):
+  kw = {'val_fraction': 0.1, 'test_fraction': 0.1, 'workers': 1, **kw}
+  return prepare.prepare_text(corpus, str(out), stream=open(os.devnull, 'w'), **kw)
+
+
+@pytest.fixture(scope='module')
+def prepared(corpus, tmp_path_factory) -> tuple[str, dict]:
+  out = tmp_path_factory.mktemp('prep') / 'bytes'
+  return str(out), _prepare(corpus, out, shard_mb=0.02)
+
+
+def test_bytes_shards_hold_every_byte_and_an_end_of_document_token(corpus, prepared):
+  out, manifest = prepared
+  texts = {}
+  for rel in sorted(pathlib.Path(corpus).rglob('*.py')):
+    data = rel.read_bytes()
+    if data != b'\xff\xfe\x00':
+      texts[str(rel.relative_to(corpus))] = data
+  splits = manifest['splits']
+  assert sum(s['documents'] for s in splits.values()) == len(texts) == 40
+  assert sum(s['bytes'] for s in splits.values()) == sum(map(len, texts.values()))
+  for split in splits.values():
+    assert split['tokens'] == split['bytes'] + split['documents']
+  assert len(splits['train']['shards']) > 1  # shard_mb=0.02: several shards.
+  ids = np.concatenate([np.fromfile(os.path.join(out, e['file']), manifest['dtype'])
+                        for e in splits['train']['shards']])
+  assert (ids == 256).sum() == splits['train']['documents'] and ids[-1] == 256
+  counts = np.load(os.path.join(out, 'unigram.npy'))
+  np.testing.assert_array_equal(counts[:257], np.bincount(ids, minlength=257))
+  # A document's split is the one data.name=text gives it (a hash of its path).
+  expected = {'train': 0, 'val': 0, 'test': 0}
+  for rel in texts:
+    u = text_lib._hash_unit(rel)  # pylint: disable=protected-access
+    expected['test' if u < 0.1 else 'val' if u < 0.2 else 'train'] += 1
+  assert expected == {k: v['documents'] for k, v in splits.items()}
+
+
+def test_an_interrupted_prepare_makes_only_the_missing_shards(corpus, prepared, tmp_path):
+  _, manifest = prepared
+  out = tmp_path / 'again'
+  _prepare(corpus, out, shard_mb=0.02)
+  names = [e['file'] for e in manifest['splits']['train']['shards']]
+  # As if killed while writing shard 1: its .bin half there, no sidecar; no manifest yet.
+  (out / names[1]).write_bytes(b'\x01\x02\x03')
+  os.remove(out / names[1].replace('.bin', '.json'))
+  os.remove(out / prepare.MANIFEST)
+  before = {n: os.stat(out / n).st_mtime_ns for n in names if n != names[1]}
+  again = _prepare(corpus, out, shard_mb=0.02)
+  assert again == manifest
+  assert {n: os.stat(out / n).st_mtime_ns for n in before} == before  # Not rewritten.
+  assert (out / names[1]).stat().st_size == manifest['splits']['train']['shards'][1]['tokens'] * 2
+
+
+def test_training_on_shards_reports_bits_per_byte_and_resumes_bit_identically(prepared,
+                                                                              tmp_path):
+  out, manifest = prepared
+  args = [f'data.path={out}', 'train.steps=12', 'train.log_every=1', 'train.ckpt_every=4']
+  straight, resumed = tmp_path / 'a', tmp_path / 'b'
+  summary = train.train_and_evaluate(config_lib.load(EXPERIMENT, args), str(straight))
+  train.train_and_evaluate(config_lib.load(EXPERIMENT, args), str(resumed), stop_after=6)
+  train.train_and_evaluate(config_lib.load(EXPERIMENT, args), str(resumed))
+  losses = lambda wd: [json.loads(l).get('train/loss') for l in open(wd / 'metrics.jsonl')]
+  assert losses(straight) == losses(resumed)
+  test = summary['eval']
+  per_byte = manifest['splits']['test']['tokens'] / manifest['splits']['test']['bytes']
+  assert test['bits_per_byte'] == pytest.approx(test['bits_per_token'] * per_byte)
+  assert test['bits_per_token'] == pytest.approx(test['loss'] / np.log(2))
+
+
+@pytest.mark.slow(reason='trains a tokenizer, prepares and trains')
+def test_a_bpe_tokenizer_trains_prepares_and_generates(corpus, tmp_path, capsys):
+  tok_file = tmp_path / 'tok.json'
+  code, out, err = _main(capsys, 'tokenizer', 'train', corpus, '--vocab', '320', '--out',
+                         tok_file)
+  assert code == 0, err
+  tok = tokenizer_lib.load(str(tok_file))
+  text = 'def x(self):\n    return y\n'
+  assert tok.decode(tok.encode(text)) == text
+  assert len(tok.encode(text)) < len(text.encode())  # Merges learnt.
+  manifest = _prepare(corpus, tmp_path / 'bpe', tokenizer=str(tok_file))
+  test = manifest['splits']['test']
+  assert test['tokens'] < test['bytes']
+  workdir = tmp_path / 'run'
+  code, _, err = _main(capsys, 'train', EXPERIMENT, f'data.path={tmp_path / "bpe"}',
+                       '--workdir', workdir)
+  assert code == 0, err
+  meta_vocab = json.loads((workdir / 'summary.json').read_text())
+  assert meta_vocab['eval']['bits_per_byte'] < meta_vocab['eval']['bits_per_token']
+  code, out, err = _main(capsys, 'generate', workdir, '--prompt', 'def ', '--tokens', '8')
+  assert code == 0 and out.startswith('def '), err
+  # The model's vocabulary is padded to 128 rows; padding ids are never sampled.
+  s = train.setup(config_lib.load(EXPERIMENT, [f'data.path={tmp_path / "bpe"}']))
+  assert s.data.meta.vocab_size == 384 and s.data.meta.num_classes == tok.vocab_size
+
+
+# Bad input: one line, exit 2, nothing written.
+
+def _one_line(err: str, named: str) -> None:
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('jaxbig: error: ') and named in lines[0], err
+
+
+def test_prepare_never_writes_into_a_folder_it_did_not_make(corpus, tmp_path, capsys):
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('keep')
+  code, _, err = _main(capsys, 'prepare', 'text', corpus, '--out', mine, '--workers', '1')
+  assert code == 2 and os.listdir(mine) == ['notes.txt']
+  _one_line(err, 'not a jaxbig prepare folder')
+
+
+def test_prepare_refuses_a_folder_made_with_another_tokenizer(corpus, prepared, tmp_path,
+                                                             capsys):
+  out, _ = prepared
+  before = sorted(os.listdir(out))
+  tok_file = tmp_path / 'tok.json'
+  tokenizer_lib.train_bpe(corpus, 300, str(tok_file))
+  code, _, err = _main(capsys, 'prepare', 'text', corpus, '--out', out, '--tokenizer',
+                       tok_file, '--workers', '1')
+  assert code == 2 and sorted(os.listdir(out)) == before
+  _one_line(err, 'another tokenizer')
+
+
+@pytest.mark.parametrize('content, named', [
+    (b'{"not": "a tokenizer"}', 'not a tokenizers file'),
+    (b'\x00\x01garbage', 'not a tokenizers file'),
+])
+def test_a_file_that_is_not_a_tokenizer_is_one_line(tmp_path, capsys, content, named):
+  bad = tmp_path / 'bad.json'
+  bad.write_bytes(content)
+  code, _, err = _main(capsys, 'prepare', 'text', str(tmp_path), '--out', tmp_path / 'o',
+                       '--tokenizer', bad)
+  assert code == 2 and not (tmp_path / 'o').exists()
+  _one_line(err, named)
+
+
+def test_damaged_shards_and_another_tokenizer_are_refused_before_training(prepared, corpus,
+                                                                          tmp_path, capsys):
+  out, manifest = prepared
+  copy = tmp_path / 'copy'
+  copy.mkdir()
+  for name in os.listdir(out):
+    (copy / name).write_bytes((pathlib.Path(out) / name).read_bytes())
+  shard = copy / manifest['splits']['val']['shards'][0]['file']
+  shard.write_bytes(shard.read_bytes()[:-2])  # Truncated.
+  workdir = tmp_path / 'run'
+  code, _, err = _main(capsys, 'train', EXPERIMENT, f'data.path={copy}', '--workdir', workdir)
+  assert code == 2 and not workdir.exists()
+  _one_line(err, 'truncated')
+  tok_file = tmp_path / 'tok.json'
+  tokenizer_lib.train_bpe(corpus, 300, str(tok_file))
+  code, _, err = _main(capsys, 'train', EXPERIMENT, f'data.path={out}',
+                       f'data.tokenizer={tok_file}', '--workdir', workdir)
+  assert code == 2 and not workdir.exists()
+  _one_line(err, 'is not the tokenizer that made the shards')
+  with pytest.raises(ConfigError, match='has no manifest.json'):
+    tokens_lib.read_manifest(str(tmp_path))

@@ -35,4 +35,5 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 16 if arg == 'smoke' else 64  # Windows per evaluation batch.
   c.data.eval_windows = 32 if arg == 'smoke' else 512  # Windows per evaluation, spread evenly.
   c.model.max_len = 64 if arg == 'smoke' else 128  # Positions (and the KV cache).
+  c.model.logits_chunk = 0  # Positions per logits chunk in the loss (0: whole logits).
   return c

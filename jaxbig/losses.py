@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxbig import matmul
 from jaxbig.config import ConfigError
 from jaxbig.models import vae
 
@@ -57,6 +58,54 @@ def cross_entropy(logits_BxK: jnp.ndarray, labels_B: jnp.ndarray, mask_B: jnp.nd
   loss_sum = jnp.sum(per_example_B * weights_B)
   correct = jnp.sum(argmax_is(logits_BxK, labels_B) * mask)
   return loss_sum, {'loss': loss_sum, 'correct': correct, 'count': jnp.sum(mask)}
+
+
+def chunked_cross_entropy(hidden_BxLxE: jnp.ndarray, table_VxE: jnp.ndarray,
+                          labels_BxL: jnp.ndarray, mask_B: jnp.ndarray, chunk: int, *,
+                          label_smoothing: float = 0.0) -> tuple[jnp.ndarray, Metrics]:
+  """`cross_entropy` of the logits hidden @ table.T, made `chunk` positions at a time.
+
+  Neither the float32 logits nor a one-hot of the whole batch exist at once: a scan over
+  position chunks makes each chunk's logits (float32 accumulation), reduces them to the
+  log-normaliser, the label's logit and the argmax test, and (`jax.checkpoint`) makes them
+  again in the backward pass. Peak memory is about B x chunk x V floats.
+  """
+  batch, length, width = hidden_BxLxE.shape
+  chunk = min(chunk, length)
+  pad = -length % chunk
+  if pad:  # Padded positions are masked out below.
+    hidden_BxLxE = jnp.pad(hidden_BxLxE, ((0, 0), (0, pad), (0, 0)))
+    labels_BxL = jnp.pad(labels_BxL, ((0, 0), (0, pad)))
+  steps = (length + pad) // chunk
+  valid_L = jnp.arange(length + pad) < length
+  hidden_NxBxCxE = hidden_BxLxE.reshape(batch, steps, chunk, width).swapaxes(0, 1)
+  labels_NxBxC = labels_BxL.reshape(batch, steps, chunk).swapaxes(0, 1)
+  valid_NxC = valid_L.reshape(steps, chunk)
+  mask_BxL = _per_position(mask_B, labels_BxL)
+
+  @jax.checkpoint
+  def one_chunk(hidden_BxCxE, labels_BxC):
+    logits_BxCxV = matmul.einsum_f32('bce,ve->bcv', hidden_BxCxE, table_VxE)
+    lse_BxC = jax.nn.logsumexp(logits_BxCxV, -1)
+    label_BxC = jnp.take_along_axis(logits_BxCxV, labels_BxC[..., None], -1)[..., 0]
+    loss_BxC = lse_BxC - label_BxC
+    if label_smoothing:  # Targets (1 - a) one-hot + a / V: the mean logit's share.
+      loss_BxC = (1 - label_smoothing) * loss_BxC + label_smoothing * (
+          lse_BxC - jnp.mean(logits_BxCxV, -1))
+    return loss_BxC, argmax_is(logits_BxCxV, labels_BxC)
+
+  def body(carry, inputs):
+    hidden_BxCxE, labels_BxC, valid_C = inputs
+    loss_BxC, correct_BxC = one_chunk(hidden_BxCxE, labels_BxC)
+    return carry, (loss_BxC * valid_C, correct_BxC & valid_C)
+
+  _, (loss_NxBxC, correct_NxBxC) = jax.lax.scan(
+      body, None, (hidden_NxBxCxE, labels_NxBxC, valid_NxC))
+  unchunk = lambda a: a.swapaxes(0, 1).reshape(batch, steps * chunk)[:, :length]
+  weights_BxL = mask_BxL[:, :length] if pad else mask_BxL
+  loss_sum = jnp.sum(unchunk(loss_NxBxC) * weights_BxL)
+  correct = jnp.sum(unchunk(correct_NxBxC) * weights_BxL)
+  return loss_sum, {'loss': loss_sum, 'correct': correct, 'count': jnp.sum(weights_BxL)}
 
 
 def mean_squared_error(preds_BxK: jnp.ndarray, targets_BxK: jnp.ndarray,
@@ -110,12 +159,16 @@ def check(train_cfg, task: str, data_name: str, model_name: str) -> None:
     raise ConfigError('train.class_weights, train.balance_classes: not for language models')
 
 
-def build(train_cfg, class_weights: jnp.ndarray | None) -> Callable:
-  """`loss_fn(outputs, batch) -> (loss sum, metric sums)` for `train.loss`."""
+def build(train_cfg, class_weights: jnp.ndarray | None, logits_chunk: int = 0) -> Callable:
+  """`loss_fn(outputs, batch) -> (loss sum, metric sums)` for `train.loss`; a language
+  model's outputs {'hidden', 'table'} (model.logits_chunk) take the chunked cross-entropy."""
   if train_cfg.loss == 'xent':
     smoothing = train_cfg.label_smoothing
 
     def loss_fn(outputs, batch):
+      if isinstance(outputs, dict):
+        return chunked_cross_entropy(outputs['hidden'], outputs['table'], batch['y'],
+                                     batch['mask'], logits_chunk, label_smoothing=smoothing)
       return cross_entropy(outputs, batch['y'], batch['mask'], label_smoothing=smoothing,
                            class_weights_K=class_weights)
     return loss_fn

@@ -125,7 +125,7 @@ def _loss(config, data) -> Callable:
   weights = None
   if data.meta.task == 'classification' and config.train.loss == 'xent':
     weights = losses.class_weights(config.train, data.splits['train'][1], data.meta.num_classes)
-  return losses.build(config.train, weights)
+  return losses.build(config.train, weights, config.model.get('logits_chunk', 0))
 
 
 def _init_fn(model: nn.Module, tx, meta, scaling: precision.LossScaling | None,

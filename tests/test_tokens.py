@@ -11,17 +11,20 @@ import os
 import pathlib
 import random
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 import conftest
-from jaxbig import config as config_lib, train
+from jaxbig import config as config_lib, data as data_lib, models, train
 from jaxbig.config import ConfigError
 from jaxbig.data import prepare, text as text_lib, tokenizer as tokenizer_lib
 from jaxbig.data import tokens as tokens_lib
 
-EXPERIMENT = str(pathlib.Path(__file__).resolve().parents[1] / 'experiments' /
-                 'gpt_bpe_stdlib.py') + ':smoke'
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
+EXPERIMENT = str(EXPERIMENTS / 'gpt_bpe_stdlib.py') + ':smoke'
 _main = conftest.run_cli
 
 
@@ -76,6 +79,7 @@ def test_bytes_shards_hold_every_byte_and_an_end_of_document_token(corpus, prepa
   assert expected == {k: v['documents'] for k, v in splits.items()}
 
 
+@pytest.mark.slow(reason='prepares a corpus twice in worker processes')
 def test_an_interrupted_prepare_makes_only_the_missing_shards(corpus, prepared, tmp_path):
   _, manifest = prepared
   out = tmp_path / 'again'
@@ -92,6 +96,7 @@ def test_an_interrupted_prepare_makes_only_the_missing_shards(corpus, prepared, 
   assert (out / names[1]).stat().st_size == manifest['splits']['train']['shards'][1]['tokens'] * 2
 
 
+@pytest.mark.slow(reason='trains and resumes runs')
 def test_training_on_shards_reports_bits_per_byte_and_resumes_bit_identically(prepared,
                                                                               tmp_path):
   out, manifest = prepared
@@ -196,3 +201,22 @@ def test_damaged_shards_and_another_tokenizer_are_refused_before_training(prepar
   _one_line(err, 'is not the tokenizer that made the shards')
   with pytest.raises(ConfigError, match='has no manifest.json'):
     tokens_lib.read_manifest(str(tmp_path))
+
+
+@pytest.mark.slow(reason='trains a run')
+def test_gpt_124m_smoke_trains_with_chunked_logits(prepared, tmp_path):
+  out, _ = prepared
+  spec = str(EXPERIMENTS / 'gpt_124m.py') + ':smoke'
+  config = config_lib.load(spec, [f'data.path={out}'])
+  assert config.model.logits_chunk < config.data.seq_len
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert np.isfinite(summary['eval']['bits_per_byte']) and summary['step'] == 10
+  # The full config (for a GPU) at GPT-2's vocabulary: its parameters, counted abstractly.
+  full = config_lib.load(str(EXPERIMENTS / 'gpt_124m.py'), [])
+  meta = data_lib.DataMeta(input_shape=(1024,), num_outputs=50304, task='lm',
+                           num_classes=50257, sizes={}, vocab_size=50304)
+  model = models.build(full.model, meta)
+  x = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+  shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, train=False), x)
+  count = sum(a.size for a in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
+  assert 124e6 < count < 125e6, count

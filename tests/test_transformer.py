@@ -379,3 +379,58 @@ def test_block_on_token_rows_equals_a_plain_three_dimensional_block():
     np.testing.assert_allclose(b, a, atol=1e-5 * np.abs(a).max())
   # The block changes its input far beyond the tolerance.
   assert abs(float(value) - float(loss(lambda p, x: x)(params, x))) > 1e-1
+
+
+# Large vocabularies: the loss made chunk by chunk (model.logits_chunk).
+
+def _lm_loss(model, params, x, y, mask, chunk, smoothing=0.0):
+  from jaxbig import losses  # pylint: disable=g-import-not-at-top
+  train_cfg = type('TrainCfg', (), {'loss': 'xent', 'label_smoothing': smoothing})()
+  out = model.apply({'params': params}, x, train=False)
+  return losses.build(train_cfg, None, chunk)(out, {'y': y, 'mask': mask})
+
+
+@pytest.mark.slow(reason='compiles eight gradient programs')
+@pytest.mark.parametrize('tie', [True, False])
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_chunked_cross_entropy_equals_the_whole_logits_loss(tie, smoothing):
+  """Loss, metric sums and gradients; 30 positions in chunks of 7 (a ragged last chunk), a
+  masked-out example; the same parameters in both forms."""
+  kw = dict(vocab_size=384, width=32, depth=2, heads=4, max_len=64, tie_embeddings=tie)
+  whole, chunked = TransformerLM(**kw), TransformerLM(**kw, logits_chunk=7)
+  x = jax.random.randint(jax.random.key(0), (3, 30), 0, 384)
+  y = jax.random.randint(jax.random.key(1), (3, 30), 0, 384).at[0, :5].set(x[0, :5])
+  mask = jnp.array([1.0, 1.0, 0.0])
+  params = whole.init(jax.random.key(2), x, train=False)['params']
+  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex_equal(params, chunked.init(jax.random.key(2), x, train=False)['params'])
+  grad = lambda m, chunk: jax.value_and_grad(
+      lambda p: _lm_loss(m, p, x, y, mask, chunk, smoothing), has_aux=True)(params)
+  (loss, sums), grads = grad(whole, 0)
+  (loss_c, sums_c), grads_c = grad(chunked, 7)
+  np.testing.assert_allclose(loss_c, loss, rtol=1e-6)
+  assert float(sums_c['count']) == float(sums['count']) == 60
+  assert float(sums_c['correct']) == float(sums['correct'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads_c, grads)
+
+
+@pytest.mark.slow(reason='compiles two large gradient programs')
+def test_chunked_cross_entropy_never_holds_the_whole_logits():
+  """XLA's memory analysis of the compiled gradient, vocabulary 32768 at 512 positions:
+  whole logits take over 3x their 128 MiB in temporaries (measured 415 MiB), chunks of 64
+  a small multiple of one chunk's 16 MiB (measured 71 MiB)."""
+  kw = dict(vocab_size=32768, width=64, depth=1, heads=4, max_len=512)
+  x = jnp.zeros((2, 512), jnp.int32)
+  mask = jnp.ones(2)
+
+  def temporaries(chunk):
+    model = TransformerLM(**kw, logits_chunk=chunk)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))['params']
+    params = nn.meta.unbox(params)
+    step = jax.jit(jax.grad(lambda p: _lm_loss(model, p, x, x, mask, chunk)[0]))
+    return step.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temporaries(0), temporaries(64)
+  logits_bytes, chunk_bytes = 2 * 512 * 32768 * 4, 2 * 64 * 32768 * 4
+  assert whole > 3 * logits_bytes  # Logits, their one-hot targets, softmax and gradient.
+  assert chunked < 5 * chunk_bytes and chunked < whole / 5, (whole, chunked)

@@ -108,8 +108,12 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   if length > cfg.max_len:
     raise ConfigError(f'data.seq_len ({length}) exceeds model.max_len ({cfg.max_len})')
   if meta.task == 'lm':
+    chunk = cfg.get('logits_chunk', 0)
+    if chunk < 0:
+      raise ConfigError(f'model.logits_chunk must be >= 0 (0: whole logits), got {chunk}')
     return transformer.TransformerLM(vocab_size=meta.vocab_size,
-                                     tie_embeddings=cfg.tie_embeddings, **common)
+                                     tie_embeddings=cfg.tie_embeddings, logits_chunk=chunk,
+                                     **common)
   return transformer.TransformerClassifier(num_outputs=meta.num_outputs,
                                            vocab_size=meta.vocab_size, **common)
 

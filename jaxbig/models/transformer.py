@@ -275,6 +275,18 @@ def _add_positions(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array) -> 
   return x_BxLxE + table(positions_L)[None]
 
 
+class _LogitsKernel(nn.Module):
+  """The untied logits kernel (ExV) alone, named and initialised as nn.Dense's would be."""
+  vocab_size: int
+  init_std: float
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, width: int) -> jax.Array:
+    init = axes.logical(nn.initializers.normal(self.init_std), axes.LOGITS_KERNEL)
+    return self.param('kernel', init, (width, self.vocab_size), self.param_dtype)
+
+
 class TransformerLM(nn.Module):
   """Decoder-only LM: token (+ learned position) embedding, causal blocks, norm, logits."""
 
@@ -295,10 +307,14 @@ class TransformerLM(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   decode: bool = False  # Use and advance the KV cache; see the module docstring.
+  # > 0: return the final hidden states and the logits table instead of logits, for a loss
+  # that computes them this many positions at a time (losses.chunked_cross_entropy).
+  logits_chunk: int = 0
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> jax.Array:
-    """Returns float32 logits_BxLxV for int tokens_BxL (in decode mode, the next chunk).
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> jax.Array | dict:
+    """Returns float32 logits_BxLxV for int tokens_BxL (in decode mode, the next chunk), or
+    with `logits_chunk` {'hidden': x_BxLxE, 'table': VxE} for the loss.
 
     In decode mode the positions are cache_index + arange(L) and cache_index advances by L;
     a chunk that would run past max_len yields NaN logits (the index is traced, so this
@@ -329,6 +345,11 @@ class TransformerLM(nn.Module):
     x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train)
     x_BxLxE = _rms_norm(x_BxLxE, dtype=self.dtype, param_dtype=self.param_dtype,
                         name='final_norm')
+    if self.logits_chunk and not self.decode:  # The loss makes the logits chunk by chunk.
+      table_VxE = (embed.embedding if self.tie_embeddings else
+                   _LogitsKernel(self.vocab_size, self.init_std, self.param_dtype,
+                                 name='logits')(self.width).T)
+      return {'hidden': x_BxLxE, 'table': table_VxE.astype(self.dtype)}
     # Compute-dtype inputs, float32 accumulation and output: bf16-rounded logits would cost
     # the loss about two significant digits.
     if self.tie_embeddings:

@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import random
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -220,3 +221,52 @@ def test_gpt_124m_smoke_trains_with_chunked_logits(prepared, tmp_path):
   shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, train=False), x)
   count = sum(a.size for a in jax.tree.leaves(nn.meta.unbox(shapes['params'])))
   assert 124e6 < count < 125e6, count
+
+
+def _fabricate(folder: pathlib.Path, tokens: int) -> None:
+  """A prepared folder of `tokens` bytes-tokenizer ids in 4 train shards, written directly
+  (as `jaxbig prepare text` lays it out) so that a large corpus costs no tokenizing."""
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  splits = {}
+  for split, count, shards in (('train', tokens, 4), ('val', 4096, 1), ('test', 4096, 1)):
+    entries = []
+    for i in range(shards):
+      ids = rng.integers(0, 257, count // shards, dtype=np.uint16)
+      name = f'{split}-{i:05d}.bin'
+      ids.tofile(folder / name)
+      entries.append({'file': name, 'tokens': len(ids), 'documents': 1, 'bytes': len(ids),
+                      'sha256': ''})
+    splits[split] = {'shards': entries, 'tokens': count, 'documents': shards, 'bytes': count}
+  np.save(folder / 'unigram.npy', np.ones(384, np.int64))
+  manifest = {'format': 'jaxbig-tokens-1', 'dtype': '<u2', 'splits': splits,
+              'tokenizer': {'identity': 'bytes', 'file': '', 'vocab_size': 257, 'eos_id': 256,
+                            'source': 'bytes'}}
+  (folder / prepare.MANIFEST).write_text(json.dumps(manifest))
+
+
+_PEAK_RSS = '''
+import resource, sys
+from jaxbig import config, train
+spec, *overrides, workdir = sys.argv[1:]
+train.train_and_evaluate(config.load(spec, overrides), workdir)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+'''
+
+
+@pytest.mark.slow(reason='trains in two subprocesses on 20 MB and 200 MB of shards')
+def test_resident_memory_does_not_grow_with_the_corpus(tmp_path):
+  """Peak RSS of a training process on 10x the tokens stays within 100 MB of the 1x one:
+  the shards are memory-mapped and only the drawn windows are read."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  peaks = []
+  for scale in (1, 10):
+    folder = tmp_path / f'x{scale}'
+    _fabricate(folder, 10_000_000 * scale)
+    args = [EXPERIMENT, f'data.path={folder}', 'train.steps=10', tmp_path / f'run{scale}']
+    # Both compile from scratch: a cached compile would lower the second run's peak.
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_ENABLE_COMPILATION_CACHE': 'false'}
+    out = subprocess.run([sys.executable, '-c', _PEAK_RSS, *map(str, args)], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    peaks.append(int(out.stdout.split()[-1]) * 1024)  # ru_maxrss is in KiB on Linux.
+  assert peaks[1] - peaks[0] < 100 * 2**20, peaks

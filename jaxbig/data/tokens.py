@@ -62,17 +62,34 @@ def run_tokenizer(cfg, manifest: dict):
   return tok
 
 
+class _Maps:
+  """Memory maps of shard files, opened on first use. Copies and pickles (grain copies its
+  transforms) carry the paths, never the tokens: copying a memory map reads it whole."""
+
+  def __init__(self, paths: list[str], dtype: np.dtype):
+    self.paths, self.dtype, self._maps = paths, dtype, None
+
+  def __getstate__(self):
+    return {'paths': self.paths, 'dtype': self.dtype, '_maps': None}
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    if self._maps is None:
+      self._maps = [np.memmap(p, self.dtype, 'r') for p in self.paths]
+    return self._maps[i]
+
+
 class _Windows(grain.transforms.RandomMap):
   """A batch of indices -> random windows of seq_len + 1 tokens from the shards."""
 
   def __init__(self, shards: list[np.ndarray], seq_len: int, rows: tuple[int, int] | None):
-    self.shards, self.seq_len, self.rows = shards, seq_len, rows
+    self.shards = _Maps([s.filename for s in shards], shards[0].dtype)
+    self.seq_len, self.rows = seq_len, rows
     windows = np.array([max(len(s) - seq_len, 0) for s in shards], np.float64)
     self.p = windows / windows.sum()
 
   def random_map(self, idx, rng: np.random.Generator):
     lo, hi = self.rows or (0, len(idx))  # Draw for the whole batch, keep this process's rows.
-    which = rng.choice(len(self.shards), size=len(idx), p=self.p)
+    which = rng.choice(len(self.p), size=len(idx), p=self.p)
     unit = rng.random(len(idx))
     rows = []
     for w, u in zip(which[lo:hi], unit[lo:hi]):

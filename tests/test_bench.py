@@ -171,6 +171,20 @@ def test_native_only_rows_are_skipped_where_emulated(capsys, tmp_path):
   assert '| mlp |' in out and '| cnn-fp8 |' not in out
 
 
+@pytest.mark.slow(reason='times a benchmark row')
+def test_input_rows_time_the_pipeline_beside_the_step(capsys, tmp_path):
+  suite = _suite(tmp_path, "[{'name': 'gpt', 'experiment': 'experiments/gpt_stdlib.py:smoke',"
+                           " 'input': 20}]")
+  code, out, _ = _main(capsys, 'bench', suite, '--out', tmp_path / 'out')
+  assert code == 0 and 'gpt: input ' in out, out
+  row = json.loads((tmp_path / 'out' / 'results.jsonl').read_text().splitlines()[0])
+  i = row['input']
+  assert i['batches'] == 20 and i['tokens_per_s'] == pytest.approx(8 * 32 / i['batch_time_s'])
+  assert i['per_step'] == pytest.approx(i['batch_time_s'] / row['step_time_s']['median'])
+  code, out, _ = _main(capsys, 'report', tmp_path / 'out')
+  assert '## The input pipeline alone' in out and '| gpt |' in out
+
+
 @pytest.mark.slow(reason='times benchmark rows (the module\'s rows fixture)')
 def test_profile_traces_each_row_after_its_timing(capsys, tmp_path):
   suite = _suite(tmp_path, "[{'name': 'mlp', 'experiment': 'experiments/mlp_diabetes.py:smoke'}]")

@@ -8,7 +8,8 @@ experiment and its overrides (model size, batch, precision, mesh), and optionall
 so that drift of the machine hits both alike; `native_only`: skip the row (recorded as
 {name, skipped: reason}) where its precision would be emulated; `loop` (a step count): also
 run the training loop itself for that many steps (`loop_time`) and report its host
-overhead. For each row, in this process: build the run as `train` would (mesh, data,
+overhead; `input` (a batch count): also time the input pipeline alone for that many
+batches (`input_time`), beside the step that consumes them. For each row, in this process: build the run as `train` would (mesh, data,
 model, sharded state: `train.setup`, `train.init_state`), put one batch on the devices,
 compile the train step (timed apart), warm up until the step time settles, then time a
 window of at least `min_steps` steps and `min_seconds` seconds with the energy meter read at
@@ -26,7 +27,9 @@ One JSON object per row goes to `DIR/results.jsonl` as soon as the row is done:
   warmup_max_s seconds), rounds, window_s, env {device_kind, num_devices, jax, jaxlib, flax,
   qwix, python, xla_flags, glibc_tunables, git_sha; PyTorch rows add torch, torch_threads,
   torch_device}, command (the `jaxbig bench` command line);
-  rows with `loop` add loop {steps, log_every, step_time_s, host_overhead}.
+  rows with `loop` add loop {steps, log_every, step_time_s, host_overhead}; rows with
+  `input` add input {batches, batch_time_s, samples_per_s, tokens_per_s, per_step (input
+  time over step time), bounds_step (per_step > 1: the pipeline cannot keep up)}.
 
 MFU divides the analytic FLOPs (else XLA's) by the step time and the device's dense peak
 for the precision's matmul type (`flops.PEAKS`); on CPUs by the float32 matmul rate measured
@@ -50,7 +53,7 @@ from jaxbig.config import ConfigError
 DEFAULTS = {'min_steps': 10, 'min_seconds': None, 'warmup_min': 3, 'warmup_max': 50,
             'warmup_max_s': 60.0, 'settle': 0.1, 'rounds': 4}
 ROW_KEYS = {'name', 'experiment', 'overrides', 'precision', 'batch', 'pytorch', 'native_only',
-            'loop'}
+            'loop', 'input'}
 # Log intervals of a row's training-loop run (`loop`); the first half is its warm-up.
 LOOP_INTERVALS = 10
 # Seconds of the timed window when neither the suite nor the command sets one: the NVML
@@ -297,6 +300,28 @@ def loop_time(config, steps: int) -> dict:
           'step_time_s': float(np.median([1.0 / r for r in rates[len(rates) // 2:]]))}
 
 
+def input_time(config, batches: int) -> dict:
+  """The input pipeline alone: the median time to make one training batch for this process
+  (the rows its devices hold), over `batches` batches after a warm-up of a tenth of them."""
+  import jax
+  from jaxbig import data as data_lib
+  data = data_lib.build(config.data, config.seed)
+  rows = config.data.batch_size // jax.process_count()
+  lo = jax.process_index() * rows
+  it = data.train_iter((lo, lo + rows) if jax.process_count() > 1 else None)
+  for _ in range(max(batches // 10, 1)):
+    next(it)
+  times = []
+  for _ in range(batches):
+    t0 = time.perf_counter()
+    next(it)
+    times.append(time.perf_counter() - t0)
+  batch_time = float(np.median(times))
+  tokens = rows * config.data.seq_len if data.meta.vocab_size else None
+  return {'batches': batches, 'batch_time_s': batch_time, 'samples_per_s': rows / batch_time,
+          'tokens_per_s': tokens / batch_time if tokens else None}
+
+
 def profile_steps(step, folder: str, steps: int) -> None:
   """A jax.profiler trace of `steps` calls of `step`, each annotated, into `folder`
   (FOLDER/plugins/profile/<time>/: `tensorboard --logdir FOLDER`, Profile tab)."""
@@ -353,6 +378,7 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None,
   if settings.get('profile') and profile_dir:
     profile_steps(jx.step, profile_dir, settings['profile'])
   loop = loop_time(config, row['loop']) if row.get('loop') else None
+  inputs = input_time(config, row['input']) if row.get('input') else None
 
   batch_size = config.data.batch_size
   meta = s.data.meta
@@ -414,6 +440,9 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None,
       # loop that hides all of it measures a little below zero.
       result['loop'] = {**loop,
                         'host_overhead': 1.0 - t['step_time_s']['median'] / loop['step_time_s']}
+    if inputs and jax_row:
+      per_step = inputs['batch_time_s'] / t['step_time_s']['median']
+      result['input'] = {**inputs, 'per_step': per_step, 'bounds_step': per_step > 1.0}
     out.append(result)
   if reference_error:
     out.append({'suite': suite, 'name': f"{row['name']}-pytorch", 'framework': 'pytorch',
@@ -482,6 +511,11 @@ def run_suite(path: str, out_dir: str, only: str | None = None,
         log(f"{r['name']}: {r['step_time_s']['median'] * 1e3:.2f} ms/step, "
             f"{r['samples_per_s']:.1f} samples/s, mfu {_fmt(r['mfu'])}, "
             f"energy {r['energy']['method']}")
+        if r.get('input'):
+          i = r['input']
+          log(f"{r['name']}: input {i['batch_time_s'] * 1e3:.2f} ms/batch, "
+              f"{i['per_step']:.3f} of the step"
+              + ('; the input pipeline bounds the step' if i['bounds_step'] else ''))
   return out
 
 

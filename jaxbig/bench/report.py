@@ -280,6 +280,17 @@ def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = No
     parts += [f"| {r['name']} | {r['step_time_s']['median'] * 1e3:.3g} "
               f"| {r['loop']['step_time_s'] * 1e3:.3g} | {r['loop']['steps']} "
               f"| {r['loop']['host_overhead']:.1%} |" for r in looped]
+  fed = [r for r in rows if r.get('input')]
+  if fed:
+    parts += ['', '## The input pipeline alone, beside the step', '',
+              "One process's batches (its rows of the global batch), median time per batch; "
+              'input / step above 1 means the pipeline cannot keep the step fed.', '',
+              '| row | input ms per batch | samples/s | tokens/s | step ms | input / step |',
+              '| --- | --- | --- | --- | --- | --- |']
+    parts += [f"| {r['name']} | {r['input']['batch_time_s'] * 1e3:.3g} "
+              f"| {r['input']['samples_per_s']:.4g} | {_num(r['input']['tokens_per_s'], '.4g')} "
+              f"| {r['step_time_s']['median'] * 1e3:.3g} | {r['input']['per_step']:.3f}"
+              f"{' (input-bound)' if r['input']['bounds_step'] else ''} |" for r in fed]
   found = sweeps(rows)
   if found:
     parts += ['', '## Step time against size (slope on log-log axes)', '']

@@ -232,6 +232,25 @@ class _Windows(grain.transforms.RandomMap):
     return {'x': windows[:, :-1], 'y': windows[:, 1:]}
 
 
+def window_batch_spec(size: int, seq_len: int, with_mask: bool) -> dict:
+  """Shapes and dtypes of a batch of `size` windows of a language model's tokens."""
+  shape = (size, seq_len)
+  spec = {'x': jax.ShapeDtypeStruct(shape, np.int32), 'y': jax.ShapeDtypeStruct(shape, np.int32)}
+  if with_mask:
+    spec['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
+  return spec
+
+
+def window_batches(windows: np.ndarray, batch_size: int) -> Iterator[dict]:
+  """(seq_len + 1)-token windows in padded batches with a 0/1 `mask` per window."""
+  for start in range(0, len(windows), batch_size):
+    w = windows[start:start + batch_size]
+    pad = batch_size - len(w)
+    mask = np.concatenate([np.ones(len(w), np.float32), np.zeros(pad, np.float32)])
+    w = np.concatenate([w, np.zeros((pad, w.shape[1]), np.int32)])
+    yield {'x': w[:, :-1], 'y': w[:, 1:], 'mask': mask}
+
+
 class TextData:
   """Byte-level language-modelling data with the interface of `jaxbig.data.Data`."""
 
@@ -277,12 +296,7 @@ class TextData:
     return iter(ds.to_iter_dataset(READ_OPTIONS))
 
   def batch_spec(self, size: int, with_mask: bool) -> dict:
-    """Shapes and dtypes of a batch of `size` windows."""
-    shape = (size, self.cfg.seq_len)
-    spec = {'x': jax.ShapeDtypeStruct(shape, np.int32), 'y': jax.ShapeDtypeStruct(shape, np.int32)}
-    if with_mask:
-      spec['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
-    return spec
+    return window_batch_spec(size, self.cfg.seq_len, with_mask)
 
   def eval_windows(self, split: str) -> np.ndarray:
     """Up to `eval_windows` non-overlapping (seq_len + 1)-byte windows, evenly spread."""
@@ -292,14 +306,7 @@ class TextData:
     return np.stack([tokens[i * length:i * length + length + 1] for i in picks]).astype(np.int32)
 
   def eval_batches(self, split: str) -> Iterator[dict]:
-    """The split's evaluation windows in padded batches with a 0/1 `mask` per window."""
-    windows, bs = self.eval_windows(split), self.cfg.eval_batch_size
-    for start in range(0, len(windows), bs):
-      w = windows[start:start + bs]
-      pad = bs - len(w)
-      mask = np.concatenate([np.ones(len(w), np.float32), np.zeros(pad, np.float32)])
-      w = np.concatenate([w, np.zeros((pad, w.shape[1]), np.int32)])
-      yield {'x': w[:, :-1], 'y': w[:, 1:], 'mask': mask}
+    return window_batches(self.eval_windows(split), self.cfg.eval_batch_size)
 
   def tokens_per_byte(self, split: str) -> float:
     del split  # A token is a byte.

@@ -23,7 +23,6 @@ import os
 from typing import Iterator
 
 import grain
-import jax
 import numpy as np
 
 from jaxbig.config import ConfigError
@@ -172,11 +171,7 @@ class TokensData:
     return iter(ds.to_iter_dataset(text_lib.READ_OPTIONS))
 
   def batch_spec(self, size: int, with_mask: bool) -> dict:
-    shape = (size, self.cfg.seq_len)
-    spec = {'x': jax.ShapeDtypeStruct(shape, np.int32), 'y': jax.ShapeDtypeStruct(shape, np.int32)}
-    if with_mask:
-      spec['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
-    return spec
+    return text_lib.window_batch_spec(size, self.cfg.seq_len, with_mask)
 
   def eval_windows(self, split: str) -> np.ndarray:
     """Up to `eval_windows` non-overlapping windows, evenly spread over the split's shards."""
@@ -194,13 +189,8 @@ class TokensData:
     return np.stack(rows)
 
   def eval_batches(self, split: str) -> Iterator[dict]:
-    windows, bs = self.eval_windows(split), self.cfg.eval_batch_size
-    for start in range(0, len(windows), bs):
-      w = windows[start:start + bs]
-      pad = bs - len(w)
-      mask = np.concatenate([np.ones(len(w), np.float32), np.zeros(pad, np.float32)])
-      w = np.concatenate([w, np.zeros((pad, w.shape[1]), np.int32)])
-      yield {'x': w[:, :-1], 'y': w[:, 1:], 'mask': mask}
+    """The split's evaluation windows in padded batches with a 0/1 `mask` per window."""
+    return text_lib.window_batches(self.eval_windows(split), self.cfg.eval_batch_size)
 
   def unigram_bits_per_byte(self, split: str) -> float:
     """Bits per byte of the training tokens' frequencies on `split`: the bar to clear."""

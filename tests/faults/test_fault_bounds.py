@@ -348,9 +348,10 @@ def cli_files(tmp_path, monkeypatch):
     reached.append('load')
     config = types.SimpleNamespace(model=types.SimpleNamespace(name='lstm'),
                                    data=types.SimpleNamespace(name='stdlib'))
-    return (types.SimpleNamespace(config=config, model=object(), policy=None),
+    return (types.SimpleNamespace(config=config, model=object(), policy=None,
+                                  data=types.SimpleNamespace()),  # Bytes: no tokenizer.
             types.SimpleNamespace(params={}), 1,
-            types.SimpleNamespace(task='lm', vocab_size=256))
+            types.SimpleNamespace(task='lm', vocab_size=256, num_classes=256))
 
   def sample(model, params, prompt, num_tokens, **kwargs):
     reached.append(('sample', num_tokens))

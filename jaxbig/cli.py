@@ -155,17 +155,17 @@ def _run(args) -> int:
     if summary.get('signal') == 'SIGINT':
       return INTERRUPTED
   elif args.command == 'eval':
-    from jaxbig import inference, quantize
+    from jaxbig.tools import inference, quantize
     if quantize.is_quantized(args.workdir):
       print(json.dumps(quantize.evaluate(args.workdir), indent=2))
     else:
       print(json.dumps(inference.evaluate(args.workdir), indent=2))
   elif args.command == 'quantize':
-    from jaxbig import quantize
+    from jaxbig.tools import quantize
     print(json.dumps(quantize.quantize(args.workdir, args.to), indent=2))
   elif args.command == 'predict':
     import numpy as np
-    from jaxbig import inference
+    from jaxbig.tools import inference
     from jaxbig.data import sources
     if not os.path.isfile(args.input):
       raise ConfigError(f'input file not found: {args.input}')
@@ -195,7 +195,8 @@ def _run(args) -> int:
     shown = ', '.join(str(v) for v in np.asarray(preds).ravel()[:10])
     print(f'{len(preds)} predictions -> {out}: {shown}{" ..." if len(preds) > 10 else ""}')
   elif args.command == 'plan':
-    from jaxbig import config as config_lib, plan
+    from jaxbig import config as config_lib
+    from jaxbig.tools import plan
     if args.topology is not None:
       plan.parse_topology(args.topology)  # A bad name fails before anything is loaded.
     d = plan.plan(config_lib.load(args.config, args.overrides), args.topology)
@@ -203,12 +204,12 @@ def _run(args) -> int:
     if d['fits'] is False:
       return 1
   elif args.command == 'bench' and args.suite == 'compare':
-    from jaxbig.bench import report
+    from jaxbig.tools.bench import report
     if len(args.compared) != 2:
       raise ConfigError('bench compare: give two results, OLD and NEW')
     print(report.compare(*args.compared)[1], end='')
   elif args.command == 'bench':
-    from jaxbig import bench
+    from jaxbig.tools import bench
     if args.compared:
       raise ConfigError(f"unrecognized arguments: {' '.join(args.compared)}")
     if args.min_seconds is not None and args.min_seconds < 0:
@@ -223,7 +224,7 @@ def _run(args) -> int:
                     profile=args.profile)
     print(f"results -> {os.path.join(out, 'results.jsonl')}")
   elif args.command == 'sweep':
-    from jaxbig.sweep import run as sweep
+    from jaxbig.tools.sweep import run as sweep
     out = args.out or sweep.default_out(args.config)
     command = shlex.join(['jaxbig', *args.argv] + ([] if args.out else ['--out', out]))
     state = sweep.run_sweep(args.config, out, args.overrides, command)
@@ -233,11 +234,11 @@ def _run(args) -> int:
     else:
       print(f"sweep -> {out} ({len(state['members'])} members); jaxbig report {out}")
   elif args.command == 'report':
-    from jaxbig.sweep import report as sweep_report
+    from jaxbig.tools.sweep import report as sweep_report
     if sweep_report.is_sweep(args.results):
       print(sweep_report.report(args.results), end='')
     else:
-      from jaxbig.bench import report
+      from jaxbig.tools.bench import report
       print(report.report(args.results), end='')
   elif args.command == 'prepare':
     from jaxbig.data import prepare
@@ -257,7 +258,7 @@ def _run(args) -> int:
     print(f"tokenizer -> {info['out']}: vocabulary {info['vocab_size']}, learnt from "
           f"{info['documents']} training documents ({info['bytes'] / 2**20:.1f} MiB)")
   elif args.command == 'generate':
-    from jaxbig import generate
+    from jaxbig.tools import generate
     print(generate.generate(args.workdir, args.prompt, args.tokens, temperature=args.temperature,
                             top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens))
   return 0

@@ -13,7 +13,7 @@ import pytest
 
 import conftest
 from jaxbig import cli, config as config_lib, train
-from jaxbig.bench import energy, flops
+from jaxbig.tools.bench import energy, flops
 
 SMOKE = 'benchmarks/suites/smoke.py'
 FIELDS = ('suite', 'name', 'framework', 'model', 'precision', 'batch', 'mesh', 'steps',
@@ -150,7 +150,7 @@ def test_pytorch_references_have_the_jaxbig_models_shapes(spec, overrides):
   """Same parameter count, except the second bias PyTorch's LSTM and GRU add per gate."""
   import jax
   import numpy as np
-  from jaxbig.bench import pytorch
+  from jaxbig.tools.bench import pytorch
   config = config_lib.load(spec, overrides)
   s = train.setup(config)
   n_jax = sum(np.prod(p.shape) for p in jax.tree.leaves(s.abstract_boxed.params))
@@ -369,7 +369,7 @@ def test_report_and_compare_need_results(capsys, tmp_path):
 @pytest.mark.parametrize('suite', sorted(glob.glob('benchmarks/suites/*.py')))
 def test_every_committed_suite_and_row_loads(suite):
   """A typo in a suite that only runs on a lent GPU would otherwise show there, in its time."""
-  from jaxbig import bench
+  from jaxbig.tools import bench
   _, rows, _ = bench.load_suite(suite)
   assert rows
   for row in rows:

@@ -1,11 +1,12 @@
-"""Tests for jaxbig.plan: local plans, TPU-topology plans (needs libtpu), bad topology names."""
+"""Tests for jaxbig.tools.plan: local plans, TPU-topology plans (needs libtpu), bad topology names."""
 
 import json
 import sys
 
 import pytest
 
-from jaxbig import config as config_lib, plan, train
+from jaxbig import config as config_lib, train
+from jaxbig.tools import plan
 from jaxbig.config import ConfigError
 
 CNN_SMOKE = 'experiments/cnn_digits.py:smoke'

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import pytest
 
 import conftest
-from jaxbig import cli, config as config_lib, inference, quantize, train
+from jaxbig import cli, config as config_lib, train
+from jaxbig.tools import inference, quantize
 
 CNN = 'experiments/cnn_digits.py:smoke'
 OVERRIDES = ['train.steps=400', 'model.features=16,32', 'model.hidden=128',

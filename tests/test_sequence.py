@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import conftest
-from jaxbig import config as config_lib, generate, inference, train
+from jaxbig import config as config_lib, train
+from jaxbig.tools import generate, inference
 
 pytestmark = pytest.mark.slow(reason='trains sequence models to an accuracy')
 

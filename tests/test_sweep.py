@@ -1,4 +1,4 @@
-"""Tests of sweeps (jaxbig/sweep/run.py) and their report (jaxbig/sweep/report.py).
+"""Tests of sweeps (jaxbig/tools/sweep/run.py) and their report (jaxbig/tools/sweep/report.py).
 
 The power-law fit must recover known parameters from noisy synthetic points, with honest
 uncertainties. A two-member tiny sweep of experiments/scaling_gpt.py is interrupted in its
@@ -17,8 +17,8 @@ import pytest
 
 import conftest
 from jaxbig import config as config_lib, train
-from jaxbig.sweep import run as sweep
-from jaxbig.sweep import report as sweep_report
+from jaxbig.tools.sweep import run as sweep
+from jaxbig.tools.sweep import report as sweep_report
 
 pytestmark = pytest.mark.slow(reason='trains every member of small sweeps')
 

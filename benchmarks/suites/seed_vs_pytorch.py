@@ -5,7 +5,7 @@
     jaxbig report benchmarks/results/<device>/vs_pytorch
 
 Each row trains the experiment's model with jaxbig and with the PyTorch reference of
-`jaxbig/bench/pytorch.py` (same shapes, loss, AdamW settings, clipping and schedule) on the
+`jaxbig/tools/bench/pytorch.py` (same shapes, loss, AdamW settings, clipping and schedule) on the
 same batch, in alternating windows (SETTINGS rounds) so that drift of the machine hits both
 alike. Rows: the seed CNN (digits, batch 64), the byte LSTM and GRU and the byte GPT
 (stdlib, 32 windows of 128 bytes), in fp32 and bf16 against eager PyTorch, and in fp32

@@ -24,9 +24,10 @@ import pytest
 
 import conftest
 import fault_helpers as fh
-from jaxbig import cli, config as config_lib, data as data_lib, generate, inference, train
-from jaxbig import bench
-from jaxbig.bench import load_suite, report
+from jaxbig import cli, config as config_lib, data as data_lib, train
+from jaxbig.tools import generate, inference
+from jaxbig.tools import bench
+from jaxbig.tools.bench import load_suite, report
 from jaxbig.config import ConfigError
 from jaxbig.data import text
 

@@ -16,7 +16,8 @@ import pytest
 
 import conftest
 import fault_helpers as fh
-from jaxbig import checkpoint, cli, config as config_lib, faults, inference, memory, train
+from jaxbig import checkpoint, cli, config as config_lib, faults, memory, train
+from jaxbig.tools import inference
 from jaxbig import workdir as workdir_lib
 
 RUN = fh.RESUMABLE

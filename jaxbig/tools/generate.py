@@ -109,7 +109,7 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
   `max_tokens` caps `num_tokens` for models without a context limit (RNNs): the scan's
   output and the compile grow with it. A Transformer is capped by its max_len instead.
   """
-  from jaxbig import inference
+  from jaxbig.tools import inference
   check_options(num_tokens, temperature, seed, max_tokens)
   s, state, _, meta = inference.load(workdir)
   cfg = s.config

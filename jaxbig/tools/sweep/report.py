@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from jaxbig.bench.report import plots_section
+from jaxbig.tools.bench.report import plots_section
 from jaxbig.config import ConfigError
 from jaxbig.memory import fmt_bytes
 
@@ -280,7 +280,7 @@ def render(sweep: dict, rows: list[dict], found: dict, figures=(), note=None,
       table(rows), '',
       'Train loss: the mean over the last logging interval of training (training mode); val '
       'loss: the final evaluation on the validation split (nats per '
-      f"{rows[0]['unit'][:-1]}). Train FLOPs: analytic matmul FLOPs x 3 (jaxbig/bench/flops.py). "
+      f"{rows[0]['unit'][:-1]}). Train FLOPs: analytic matmul FLOPs x 3 (jaxbig/tools/bench/flops.py). "
       'Peak memory: device 0\'s peak bytes in use in the sweep\'s process where the backend '
       'counts them; elsewhere (CPUs) XLA\'s memory analysis of the compiled train step '
       '(state, batch and temporaries), marked XLA. Energy: '

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from jaxbig import inference, kernels as kernels_lib, models, sharding, train
+from jaxbig import kernels as kernels_lib, models, sharding, train
+from jaxbig.tools import inference
 from jaxbig import workdir as workdir_lib
 from jaxbig.config import ConfigError
 

@@ -4,7 +4,7 @@ A suite (`benchmarks/suites/<name>.py`) defines `rows()`: a list of dicts, each 
 experiment and its overrides (model size, batch, precision, mesh), and optionally `SETTINGS`
 (DEFAULTS' keys). Row keys (ROW_KEYS): name, experiment, overrides, precision, batch;
 `pytorch` (True or 'eager', or 'compile'): also time the PyTorch reference of
-`jaxbig/bench/pytorch.py` on the same batch, in `rounds` alternating windows (A B, B A, ...)
+`jaxbig/tools/bench/pytorch.py` on the same batch, in `rounds` alternating windows (A B, B A, ...)
 so that drift of the machine hits both alike; `native_only`: skip the row (recorded as
 {name, skipped: reason}) where its precision would be emulated; `loop` (a step count): also
 run the training loop itself for that many steps (`loop_time`) and report its host
@@ -193,7 +193,7 @@ def row_config(row: dict):
     raise ConfigError(f"row {row['name']}: pytorch must be True, 'eager' or 'compile', got "
                       f'{reference!r}')
   if reference:
-    from jaxbig.bench import pytorch
+    from jaxbig.tools.bench import pytorch
     pytorch.check(config, row['name'])
   return config, overrides
 
@@ -338,8 +338,9 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None,
   when the row also runs the PyTorch reference (timed in alternating windows). With
   `settings['profile']` steps and a `profile_dir`, traces that many jaxbig steps after the
   timed windows."""
-  from jaxbig import parallel, plan, precision
-  from jaxbig.bench import energy, flops
+  from jaxbig import parallel, precision
+  from jaxbig.tools import plan
+  from jaxbig.tools.bench import energy, flops
 
   config, overrides = row_config(row)
   jx = _JaxRunner(config)
@@ -351,7 +352,7 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None,
   reference = row.get('pytorch')
   reference_error = None
   if reference:
-    from jaxbig.bench import pytorch
+    from jaxbig.tools.bench import pytorch
     torch_runner = pytorch.Runner(config, s.data.meta, jx.local, platform_)
     try:  # The first step (compiling, with 'compile'); some kernels exist on some CPUs only.
       first = torch_runner.step() if reference != 'compile' else pytorch.compiled(torch_runner)

@@ -8,7 +8,7 @@ workdir OUT/<member> with `train.train_and_evaluate`: a member whose summary.jso
 checkpoint, so the same command continues an interrupted sweep. OUT/sweep.json records the
 experiment, the members with their sizes (parameters, analytic FLOPs per step) and what was
 measured around each run (peak device memory, energy where a meter exists), and the command.
-`jaxbig report OUT` renders it (jaxbig/sweep/report.py).
+`jaxbig report OUT` renders it (jaxbig/tools/sweep/report.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from flax import linen as nn
 
 from jaxbig import config as config_lib, train, workdir as workdir_lib
 from jaxbig.config import ConfigError
-from jaxbig.sweep.report import FILE
+from jaxbig.tools.sweep.report import FILE
 
 _NAME = re.compile(r'^[A-Za-z0-9][A-Za-z0-9_.-]*$')  # A member's name is a folder name.
 EMBEDDINGS = ('embed', 'pos_embed')  # Parameter tables left out of non-embedding counts.
@@ -67,7 +67,7 @@ def non_embedding_params(params) -> int:
 
 def describe(s: train.Setup) -> dict:
   """A member's sizes from its setup (nothing allocated): parameters, FLOPs, units per step."""
-  from jaxbig.bench import flops  # pylint: disable=g-import-not-at-top
+  from jaxbig.tools.bench import flops  # pylint: disable=g-import-not-at-top
   c, meta = s.config, s.data.meta
   lm = meta.task == 'lm'
   per_step = c.data.batch_size * (meta.input_shape[0] if lm else 1)
@@ -114,7 +114,7 @@ def _check_out(out: str, head: dict) -> dict | None:
 
 def _measure() -> tuple[object, object]:
   """The energy meter of the local devices and its first reading."""
-  from jaxbig.bench import energy  # pylint: disable=g-import-not-at-top
+  from jaxbig.tools.bench import energy  # pylint: disable=g-import-not-at-top
   m = energy.meter(jax.local_devices())
   return m, m.read()
 

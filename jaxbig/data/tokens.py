@@ -72,30 +72,35 @@ class _Maps:
     return {'paths': self.paths, 'dtype': self.dtype, '_maps': None}
 
   def __getitem__(self, i: int) -> np.ndarray:
-    if self._maps is None:
-      self._maps = [np.memmap(p, self.dtype, 'r') for p in self.paths]
+    if self._maps is None:  # Plain arrays over the maps: np.memmap's slices are slow to make.
+      self._maps = [np.memmap(p, self.dtype, 'r').view(np.ndarray) for p in self.paths]
     return self._maps[i]
 
 
 class _Windows(grain.transforms.RandomMap):
-  """A batch of indices -> random windows of seq_len + 1 tokens from the shards."""
+  """A batch number -> a batch of random windows of seq_len + 1 tokens from the shards
+  (one grain element per batch: grain's per-element cost would dominate small windows)."""
 
-  def __init__(self, shards: list[np.ndarray], seq_len: int, rows: tuple[int, int] | None):
+  def __init__(self, shards: list[np.ndarray], seq_len: int, batch_size: int,
+               rows: tuple[int, int] | None):
     self.shards = _Maps([s.filename for s in shards], shards[0].dtype)
-    self.seq_len, self.rows = seq_len, rows
+    self.seq_len, self.batch_size, self.rows = seq_len, batch_size, rows
     windows = np.array([max(len(s) - seq_len, 0) for s in shards], np.float64)
     self.p = windows / windows.sum()
 
-  def random_map(self, idx, rng: np.random.Generator):
-    lo, hi = self.rows or (0, len(idx))  # Draw for the whole batch, keep this process's rows.
-    which = rng.choice(len(self.p), size=len(idx), p=self.p)
-    unit = rng.random(len(idx))
-    rows = []
-    for w, u in zip(which[lo:hi], unit[lo:hi]):
+  def random_map(self, batch, rng: np.random.Generator):
+    del batch  # The draws come from the per-batch rng.
+    size = self.batch_size
+    lo, hi = self.rows or (0, size)  # Draw for the whole batch, keep this process's rows.
+    which = rng.choice(len(self.p), size=size, p=self.p)[lo:hi]
+    unit = rng.random(size)[lo:hi]
+    windows = np.empty((hi - lo, self.seq_len + 1), np.int32)
+    offsets = np.arange(self.seq_len + 1)
+    for w in np.unique(which):  # One gather per shard drawn.
+      rows = np.flatnonzero(which == w)
       shard = self.shards[w]
-      start = int(u * (len(shard) - self.seq_len))
-      rows.append(np.asarray(shard[start:start + self.seq_len + 1], np.int32))
-    windows = np.stack(rows)
+      starts = (unit[rows] * (len(shard) - self.seq_len)).astype(np.int64)
+      windows[rows] = shard[starts[:, None] + offsets]
     return {'x': windows[:, :-1], 'y': windows[:, 1:]}
 
 
@@ -165,9 +170,8 @@ class TokensData:
     shards = [s for s in self.shards['train'] if len(s) > self.cfg.seq_len]
     total = sum(len(s) for s in shards)
     per_epoch = max(total // self.cfg.seq_len // self.cfg.batch_size, 1)
-    ds = (grain.MapDataset.range(per_epoch * self.cfg.batch_size).repeat()
-          .batch(self.cfg.batch_size, drop_remainder=True)
-          .random_map(_Windows(shards, self.cfg.seq_len, rows), seed=self.seed))
+    windows = _Windows(shards, self.cfg.seq_len, self.cfg.batch_size, rows)
+    ds = grain.MapDataset.range(per_epoch).repeat().random_map(windows, seed=self.seed)
     return iter(ds.to_iter_dataset(text_lib.READ_OPTIONS))
 
   def batch_spec(self, size: int, with_mask: bool) -> dict:

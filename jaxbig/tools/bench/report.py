@@ -283,7 +283,7 @@ def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = No
   fed = [r for r in rows if r.get('input')]
   if fed:
     parts += ['', '## The input pipeline alone, beside the step', '',
-              "One process's batches (its rows of the global batch), median time per batch; "
+              "One process's batches (its rows of the global batch), mean time per batch; "
               'input / step above 1 means the pipeline cannot keep the step fed.', '',
               '| row | input ms per batch | samples/s | tokens/s | step ms | input / step |',
               '| --- | --- | --- | --- | --- | --- |']

@@ -13,7 +13,10 @@ Command:   jaxbig train experiments/gpt_bpe_stdlib.py data.path=runs/stdlib-bpe 
            jaxbig generate WORKDIR --prompt "def " --tokens 100
 Smoke:     jaxbig train experiments/gpt_bpe_stdlib.py:smoke data.path=DIR (any prepared DIR)
 Hardware:  any CPU; sized like gpt_stdlib for 2 cores and 10 minutes.
-Expected:  not measured yet.
+Wall time: about 3.5 minutes on a 2-core CPU (204 s measured on an AMD EPYC VM, 3.9 s of
+           it compile; preparing: 8 s for the tokenizer, 14 s for the shards).
+Expected:  summary.json eval.bits_per_byte 1.73 on the held-out test files (val 1.81), below
+           gpt_stdlib's 2.03 in less time (gpt_stdlib: 368 s on the same VM).
 """
 
 import ml_collections

@@ -270,3 +270,28 @@ def test_resident_memory_does_not_grow_with_the_corpus(tmp_path):
                          capture_output=True, text=True, timeout=300, check=True)
     peaks.append(int(out.stdout.split()[-1]) * 1024)  # ru_maxrss is in KiB on Linux.
   assert peaks[1] - peaks[0] < 100 * 2**20, peaks
+
+
+@pytest.mark.parametrize('lines, named', [
+    (b'{"text": "ok"}\n[1, 2]\n', ':2: not a UTF-8 JSON object'),
+    (b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', ':2: not a UTF-8 JSON object'),
+    (b'{"text": "\\ud800"}\n', ":1: field 'text' is not valid Unicode"),
+    (b'{"body": "no text field"}\n', ":1: not a UTF-8 JSON object with a string field 'text'"),
+])
+def test_bad_jsonl_lines_are_one_line_naming_the_line(tmp_path, capsys, lines, named):
+  source = tmp_path / 'docs.jsonl'
+  source.write_bytes(lines)
+  code, _, err = _main(capsys, 'prepare', 'text', source, '--out', tmp_path / 'o')
+  assert code == 2 and not (tmp_path / 'o').exists()
+  _one_line(err, f'{source}{named}')
+
+
+def test_a_split_too_short_for_one_window_is_refused_at_the_start(prepared, tmp_path, capsys):
+  out, manifest = prepared
+  longest = max(e['tokens'] for e in manifest['splits']['val']['shards'])
+  workdir = tmp_path / 'run'
+  code, _, err = _main(capsys, 'train', EXPERIMENT, f'data.path={out}',
+                       f'data.seq_len={longest}', f'model.max_len={longest + 1}',
+                       '--workdir', workdir)
+  assert code == 2 and not workdir.exists()
+  _one_line(err, 'longest val shard')

@@ -26,6 +26,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import stat
 import sys
 import time
 import zlib
@@ -62,17 +63,23 @@ def documents(source: str, pattern: str, field: str, val_fraction: float,
       key = rel.replace(os.sep, '/')
       yield _split_of(key, val_fraction, test_fraction), key, data.decode('utf-8')
   elif source.endswith('.jsonl'):
-    with open(source, encoding='utf-8', errors='strict') as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
+    if not stat.S_ISREG(os.stat(source).st_mode):  # A FIFO would block.
+      raise ConfigError(f'{source}: not a regular file')
+    with open(source, 'rb') as f:
+      for n, raw in enumerate(f, 1):
+        if not raw.strip():
           continue
         try:
-          doc = json.loads(line)[field]
-        except (json.JSONDecodeError, KeyError, TypeError):
-          raise ConfigError(f"{source}:{n}: not a JSON object with a string field '{field}' "
-                            '(--field)') from None
+          doc = json.loads(raw.decode('utf-8'))[field]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
+          raise ConfigError(f"{source}:{n}: not a UTF-8 JSON object with a string field "
+                            f"'{field}' (--field)") from None
         if not isinstance(doc, str):
           raise ConfigError(f"{source}:{n}: field '{field}' is not a string")
+        try:
+          doc.encode('utf-8')
+        except UnicodeEncodeError:  # A lone surrogate escape.
+          raise ConfigError(f"{source}:{n}: field '{field}' is not valid Unicode") from None
         if doc:
           yield _split_of(doc, val_fraction, test_fraction), f'{n}', doc
   else:
@@ -259,7 +266,8 @@ def _finish(out: str, tok, spec: str, dtype, shards: dict, plan: dict) -> dict:
                                                 ('tokens', 'documents', 'bytes', 'sha256')}})
       if split == 'train':
         ids = np.memmap(os.path.join(out, name + '.bin'), dtype, 'r')
-        counts += np.bincount(ids, minlength=len(counts))[:len(counts)]
+        for lo in range(0, len(ids), 2**26):  # In slices: bincount copies to 8-byte ints.
+          counts += np.bincount(ids[lo:lo + 2**26], minlength=len(counts))[:len(counts)]
     splits[split] = {'shards': entries,
                      **{k: sum(e[k] for e in entries) for k in ('tokens', 'documents', 'bytes')}}
   np.save(os.path.join(out, 'unigram.npy.partial.npy'), counts)

@@ -133,6 +133,8 @@ def train_bpe(source: str, vocab_size: int, out: str, *, pattern: str = '', fiel
     raise ConfigError(f'--out: {out} exists; give a new file name')
   if not out.endswith('.json'):
     raise ConfigError(f'--out: {out}: a tokenizers file ends in .json')
+  if not os.path.isdir(os.path.dirname(out) or '.'):
+    raise ConfigError(f'--out: the folder of {out} does not exist')
   if not 256 + 1 < vocab_size < MAX_VOCAB:
     raise ConfigError(f'--vocab must be in 258..{MAX_VOCAB - 1}, got {vocab_size}')
   if not os.path.exists(source):

@@ -123,10 +123,11 @@ class TokensData:
     for split, info in self.manifest['splits'].items():
       self.shards[split] = [self._open(cfg, entry, dtype, cfg.get('verify_shards', False))
                             for entry in info['shards']]
-    longest = max((len(s) for s in self.shards['train']), default=0)
-    if longest <= cfg.seq_len:
-      raise ConfigError(f'data.seq_len ({cfg.seq_len}) must be shorter than the longest '
-                        f'training shard ({longest} tokens)')
+    for split, shards in self.shards.items():  # Every split with tokens needs a window.
+      longest = max((len(s) for s in shards), default=0)
+      if (split == 'train' or longest) and longest <= cfg.seq_len:
+        raise ConfigError(f'data.seq_len ({cfg.seq_len}) must be shorter than the longest '
+                          f'{split} shard ({longest} tokens)')
     vocab = tokenizer_lib.padded_vocab(self.tokenizer.vocab_size)
     sizes = {split: info['tokens'] for split, info in self.manifest['splits'].items()}
     self.meta = DataMeta(input_shape=(cfg.seq_len,), num_outputs=vocab, task='lm',

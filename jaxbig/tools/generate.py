@@ -122,6 +122,7 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
   if tok is None:
     prompt_P = encode_prompt(prompt, meta.vocab_size)
   else:
+    encode_prompt(prompt, 256)  # The same checks: not empty, valid UTF-8.
     prompt_P = tok.encode(prompt)
     if not len(prompt_P):
       raise ConfigError('--prompt: must not be empty (the model needs at least one token)')

@@ -28,7 +28,6 @@ def padded_vocab(n: int, multiple: int = 128) -> int:
 
 class Bytes:
   """UTF-8 bytes; 256 ends a document."""
-  name = BYTES
   vocab_size = 257
   eos_id = 256
   identity = BYTES
@@ -51,7 +50,7 @@ class HuggingFace:
       self._tok = tokenizers.Tokenizer.from_str(data.decode('utf-8'))
     except Exception as e:  # The library raises its own exception types for bad files.
       raise ConfigError(f'{path}: not a tokenizers file ({type(e).__name__})') from None
-    self.name, self.path = os.path.basename(path), path
+    self.path = path
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     ids = [self._tok.token_to_id(t) for t in EOS_NAMES]
     ids = [i for i in ids if i is not None]
@@ -62,10 +61,6 @@ class HuggingFace:
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
-
-  def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(e.ids, np.int32)
-            for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
@@ -81,7 +76,7 @@ class SentencePiece:
       self._sp.LoadFromSerializedProto(data)
     except Exception as e:  # RuntimeError or a protobuf error, by version.
       raise ConfigError(f'{path}: not a SentencePiece model ({type(e).__name__})') from None
-    self.name, self.path = os.path.basename(path), path
+    self.path = path
     self.vocab_size = self._sp.GetPieceSize()
     self.eos_id = self._sp.eos_id()
     if self.eos_id < 0:

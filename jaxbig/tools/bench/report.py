@@ -69,6 +69,15 @@ def _num(x, fmt: str) -> str:
   return '-' if x is None else format(x, fmt)
 
 
+def _section(rows: list[dict], title: str, intro: str, columns: tuple, cells) -> list[str]:
+  """A titled Markdown table of `cells(row)` for each row; nothing without rows."""
+  if not rows:
+    return []
+  return (['', title, '', intro, '', '| ' + ' | '.join(columns) + ' |',
+           '| ' + ' | '.join('---' for _ in columns) + ' |']
+          + ['| ' + ' | '.join(str(c) for c in cells(r)) + ' |' for r in rows])
+
+
 def table(rows: list[dict]) -> str:
   head = ('| row | framework | model | precision | batch | step ms (p10-p90) | samples/s | tokens/s | MFU '
           '| peak memory | J/step | samples/J | loss | compile s |')
@@ -270,27 +279,24 @@ def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = No
   if pairs(rows):
     parts += ['', '## jaxbig and PyTorch, timed in alternating windows', '',
               'Ratios above 1: PyTorch takes longer per step.', '', pair_table(rows)]
-  looped = [r for r in rows if r.get('loop')]
-  if looped:
-    parts += ['', '## The training loop against the bare step', '',
-              'The loop runs as `jaxbig train` does (input pipeline, logging), median over the '
-              'second half of its log intervals; host overhead = 1 - step / loop step.', '',
-              '| row | step ms | loop step ms | loop steps | host overhead |',
-              '| --- | --- | --- | --- | --- |']
-    parts += [f"| {r['name']} | {r['step_time_s']['median'] * 1e3:.3g} "
-              f"| {r['loop']['step_time_s'] * 1e3:.3g} | {r['loop']['steps']} "
-              f"| {r['loop']['host_overhead']:.1%} |" for r in looped]
-  fed = [r for r in rows if r.get('input')]
-  if fed:
-    parts += ['', '## The input pipeline alone, beside the step', '',
-              "One process's batches (its rows of the global batch), mean time per batch; "
-              'input / step above 1 means the pipeline cannot keep the step fed.', '',
-              '| row | input ms per batch | samples/s | tokens/s | step ms | input / step |',
-              '| --- | --- | --- | --- | --- | --- |']
-    parts += [f"| {r['name']} | {r['input']['batch_time_s'] * 1e3:.3g} "
-              f"| {r['input']['samples_per_s']:.4g} | {_num(r['input']['tokens_per_s'], '.4g')} "
-              f"| {r['step_time_s']['median'] * 1e3:.3g} | {r['input']['per_step']:.3f}"
-              f"{' (input-bound)' if r['input']['bounds_step'] else ''} |" for r in fed]
+  parts += _section(
+      [r for r in rows if r.get('loop')], '## The training loop against the bare step',
+      'The loop runs as `jaxbig train` does (input pipeline, logging), median over the '
+      'second half of its log intervals; host overhead = 1 - step / loop step.',
+      ('row', 'step ms', 'loop step ms', 'loop steps', 'host overhead'),
+      lambda r: (r['name'], f"{r['step_time_s']['median'] * 1e3:.3g}",
+                 f"{r['loop']['step_time_s'] * 1e3:.3g}", r['loop']['steps'],
+                 f"{r['loop']['host_overhead']:.1%}"))
+  parts += _section(
+      [r for r in rows if r.get('input')], '## The input pipeline alone, beside the step',
+      "One process's batches (its rows of the global batch), mean time per batch; "
+      'input / step above 1 means the pipeline cannot keep the step fed.',
+      ('row', 'input ms per batch', 'samples/s', 'tokens/s', 'step ms', 'input / step'),
+      lambda r: (r['name'], f"{r['input']['batch_time_s'] * 1e3:.3g}",
+                 f"{r['input']['samples_per_s']:.4g}", _num(r['input']['tokens_per_s'], '.4g'),
+                 f"{r['step_time_s']['median'] * 1e3:.3g}",
+                 f"{r['input']['per_step']:.3f}"
+                 + (' (input-bound)' if r['input']['bounds_step'] else '')))
   found = sweeps(rows)
   if found:
     parts += ['', '## Step time against size (slope on log-log axes)', '']

@@ -33,6 +33,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.path = 'runs/stdlib-bpe'  # The prepared folder.
   c.data.tokenizer = ''  # '' : the tokenizer copied into data.path; a path must be the same.
   c.data.verify_shards = False  # Check every shard's SHA-256 at the start (reads them all).
+  c.data.vocab_size = 0  # data.name=random_tokens (plans, benchmarks): its vocabulary.
+  c.data.pack = False  # True: attention stops at end-of-document tokens; positions restart.
   c.data.seq_len = 32 if arg == 'smoke' else 64  # Tokens per window (~2.5 bytes each).
   c.data.batch_size = 8 if arg == 'smoke' else 32  # Windows per step.
   c.data.eval_batch_size = 16 if arg == 'smoke' else 64  # Windows per evaluation batch.

@@ -29,6 +29,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.bidirectional = False  # Must stay False for a language model.
   c.model.pool = 'last'  # Classifiers only: last | mean over time.
   c.model.tie_embeddings = False  # Logits from the embedding table (needs embed_dim = hidden).
+  c.model.logits_chunk = 0  # Positions per logits chunk in the loss (0: whole logits).
   c.model.init = 'lecun'  # Kernel initialiser: normal | glorot | he | lecun.
   c.model.init_std = 0.02  # Standard deviation when init=normal.
   c.opt.lr = 3e-3

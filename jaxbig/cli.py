@@ -110,12 +110,14 @@ def _parser() -> argparse.ArgumentParser:
   r = sub.add_parser('prepare', help='tokenize a corpus once into token shards for '
                      'data.name=tokens (an interrupted run continues)')
   r.add_argument('kind', choices=('text',), help='what to prepare')
-  r.add_argument('source', help='a folder of text files, a .jsonl file or one text file')
+  r.add_argument('source', help='a folder of text files, a .jsonl or .parquet file (or a '
+                 'folder of them with --pattern), a datasets save_to_disk folder, or one text file')
   r.add_argument('--out', required=True, help='output folder (new, or one this command began)')
   r.add_argument('--tokenizer', default='bytes',
                  help="'bytes' (default), a tokenizers .json or a SentencePiece .model")
-  r.add_argument('--pattern', default='', help="file-name pattern in a folder (default '*')")
-  r.add_argument('--field', default='text', help="a .jsonl document's text field (default text)")
+  r.add_argument('--pattern', default='', help="file-name pattern in a folder (default '*'); "
+                 "'*.jsonl' or '*.parquet' reads records")
+  r.add_argument('--field', default='text', help="a record's text field (default text)")
   r.add_argument('--val-fraction', type=_finite_float, default=0.05)
   r.add_argument('--test-fraction', type=_finite_float, default=0.05)
   r.add_argument('--shard-mb', type=_finite_float, default=256.0,
@@ -123,11 +125,11 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument('--workers', type=int, default=0, help='tokenizing processes (default: cores)')
   k = sub.add_parser('tokenizer', help='train a byte-level BPE tokenizer on a corpus')
   k.add_argument('action', choices=('train',))
-  k.add_argument('source', help='a folder of text files, a .jsonl file or one text file')
+  k.add_argument('source', help='a source as for prepare')
   k.add_argument('--vocab', type=int, required=True, help='vocabulary size, e.g. 8192')
   k.add_argument('--out', required=True, help='the tokenizer file to write (.json; must not exist)')
-  k.add_argument('--pattern', default='', help="file-name pattern in a folder (default '*')")
-  k.add_argument('--field', default='text', help="a .jsonl document's text field (default text)")
+  k.add_argument('--pattern', default='', help="as for prepare")
+  k.add_argument('--field', default='text', help="as for prepare")
   return p
 
 

@@ -205,10 +205,10 @@ def test_damaged_shards_and_another_tokenizer_are_refused_before_training(prepar
 
 
 @pytest.mark.slow(reason='trains a run')
-def test_gpt_124m_smoke_trains_with_chunked_logits(prepared, tmp_path):
+def test_gpt_124m_smoke_trains_with_chunked_logits_and_packed_documents(prepared, tmp_path):
   out, _ = prepared
   spec = str(EXPERIMENTS / 'gpt_124m.py') + ':smoke'
-  config = config_lib.load(spec, [f'data.path={out}'])
+  config = config_lib.load(spec, [f'data.path={out}', 'data.pack=true'])
   assert config.model.logits_chunk < config.data.seq_len
   summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert np.isfinite(summary['eval']['bits_per_byte']) and summary['step'] == 10
@@ -295,3 +295,152 @@ def test_a_split_too_short_for_one_window_is_refused_at_the_start(prepared, tmp_
                        '--workdir', workdir)
   assert code == 2 and not workdir.exists()
   _one_line(err, 'longest val shard')
+
+
+# Sources: records in jsonl, parquet and datasets folders, and one large text file.
+
+def _docs(n: int = 30) -> list[str]:
+  rng = random.Random(1)
+  return [' '.join(rng.choice(['alpha', 'beta', 'gamma', 'é', '\n']) for _ in range(40))
+          for _ in range(n)]
+
+
+def _token_text(out, manifest) -> dict:
+  """Per split, the shards' ids (bytes tokenizer) as text, documents cut at the eos token."""
+  texts = {}
+  for split, info in manifest['splits'].items():
+    ids = np.concatenate([np.fromfile(os.path.join(out, e['file']), manifest['dtype'])
+                          for e in info['shards']] or [np.zeros(0, np.uint16)])
+    texts[split] = bytes(ids[ids != 256].astype(np.uint8)).decode('utf-8')
+  return texts
+
+
+def test_parquet_files_folders_and_datasets_folders_give_the_jsonl_documents(tmp_path):
+  pa = pytest.importorskip('pyarrow', reason='the sources extra (pyarrow) is not installed')
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  datasets = pytest.importorskip('datasets', reason='the sources extra is not installed')
+  docs = _docs()
+  with open(tmp_path / 'docs.jsonl', 'w') as f:
+    f.writelines(json.dumps({'text': d, 'id': i}) + '\n' for i, d in enumerate(docs))
+  pq.write_table(pa.table({'id': list(range(30)), 'text': docs}), tmp_path / 'docs.parquet')
+  (tmp_path / 'parts').mkdir()
+  for k, part in enumerate((docs[:12], docs[12:])):
+    pq.write_table(pa.table({'text': part}), tmp_path / 'parts' / f'p{k}.parquet')
+  datasets.Dataset.from_dict({'text': docs}).save_to_disk(str(tmp_path / 'hf'))
+  made = {}
+  for name, pattern in (('docs.jsonl', ''), ('docs.parquet', ''), ('parts', '*.parquet'),
+                        ('hf', '')):
+    out = tmp_path / f'out-{name}'
+    made[name] = _token_text(out, _prepare(str(tmp_path / name), out, pattern=pattern))
+  assert made['docs.parquet'] == made['docs.jsonl'] == made['parts'] == made['hf']
+  assert sorted(''.join(made['hf'].values())) == sorted(''.join(docs))
+
+
+def test_a_datasets_dict_keeps_its_own_test_split(tmp_path):
+  datasets = pytest.importorskip('datasets', reason='the sources extra is not installed')
+  docs = _docs(40)
+  datasets.DatasetDict({
+      'train': datasets.Dataset.from_dict({'text': docs[:30]}),
+      'test': datasets.Dataset.from_dict({'text': docs[30:]}),
+      'unsupervised': datasets.Dataset.from_dict({'text': ['left out'] * 5}),
+  }).save_to_disk(str(tmp_path / 'hf'))
+  manifest = _prepare(str(tmp_path / 'hf'), tmp_path / 'out', val_fraction=0.3)
+  splits = manifest['splits']
+  assert splits['test']['documents'] == 10 and splits['test']['bytes'] == sum(
+      len(d.encode()) for d in docs[30:])
+  assert splits['train']['documents'] + splits['val']['documents'] == 30
+  assert splits['val']['documents'] > 0  # Drawn from train by hash: the dict has none.
+  with pytest.raises(ConfigError, match="has no column 'body'"):
+    _prepare(str(tmp_path / 'hf'), tmp_path / 'out2', field='body')
+
+
+def test_a_parquet_file_without_the_field_is_one_line(tmp_path, capsys):
+  pa = pytest.importorskip('pyarrow', reason='the sources extra (pyarrow) is not installed')
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  pq.write_table(pa.table({'body': ['x']}), tmp_path / 'd.parquet')
+  code, _, err = _main(capsys, 'prepare', 'text', tmp_path / 'd.parquet', '--out',
+                       tmp_path / 'o')
+  assert code == 2 and not (tmp_path / 'o').exists()
+  _one_line(err, "no column 'text' (--field); it has body")
+
+
+def test_one_text_file_is_cut_at_line_ends_into_shards(tmp_path):
+  lines = [f'line {i} ' + 'é' * (i % 7) + '\n' for i in range(3000)]
+  source = tmp_path / 'one.txt'
+  source.write_text(''.join(lines))
+  prepare.PIECE_BYTES, old = 1000, prepare.PIECE_BYTES  # Pieces of a few lines.
+  try:
+    manifest = _prepare(str(source), tmp_path / 'out', shard_mb=0.01)
+  finally:
+    prepare.PIECE_BYTES = old
+  splits = manifest['splits']
+  assert len(splits['train']['shards']) > 3 and all(s['documents'] == 1 for s in
+                                                     splits.values())
+  texts = _token_text(tmp_path / 'out', manifest)
+  assert texts['train'] + texts['val'] + texts['test'] == ''.join(lines)
+  assert all(t.endswith('\n') for t in texts.values())  # Ranges end at line ends.
+  assert len(texts['val'].encode()) == pytest.approx(0.1 * source.stat().st_size, abs=30)
+
+
+def test_an_out_folder_inside_the_source_is_not_read_as_documents(corpus, tmp_path):
+  source = tmp_path / 'src'
+  source.mkdir()
+  for rel in ('f0.py', 'f2.py', 'a/f1.py'):
+    (source / rel).parent.mkdir(exist_ok=True)
+    (source / rel).write_bytes((pathlib.Path(corpus) / rel).read_bytes())
+  first = _prepare(str(source), source / 'prepared', val_fraction=0.0, test_fraction=0.0)
+  assert first['splits']['train']['documents'] == 3
+  assert _prepare(str(source), source / 'prepared', val_fraction=0.0,
+                  test_fraction=0.0) == first
+
+
+_PREPARE_RSS = '''
+import os, resource, sys
+from jaxbig.data import prepare
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepare.prepare_text(sys.argv[1], sys.argv[2], shard_mb=2, workers=1,
+                     stream=open(os.devnull, 'w'))
+print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+'''
+
+
+@pytest.mark.slow(reason='prepares 8 MB and 64 MB in subprocesses')
+def test_prepare_never_holds_the_whole_corpus(tmp_path):
+  """Preparing one text file in 2 MB shards raises the parent's peak RSS by the same amount
+  (within 24 MB) for 8 MB and 64 MB: the source is streamed, one shard per split at a
+  time. Holding the text, as before, made it 1.2 GB for the 64 MB file."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  line = b'the quick brown fox jumps over the lazy dog 0123456789\n'
+  growth = []
+  for mb in (8, 64):
+    source = tmp_path / f'{mb}.txt'
+    with open(source, 'wb') as f:
+      for _ in range(mb):
+        f.write(line * (2**20 // len(line)))
+    out = subprocess.run([sys.executable, '-c', _PREPARE_RSS, str(source),
+                          str(tmp_path / f'o{mb}')], env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+                         capture_output=True, text=True, timeout=300, check=True)
+    before, after = (int(v) * 1024 for v in out.stdout.split())
+    growth.append(after - before)
+  assert growth[1] - growth[0] < 24 * 2**20, growth
+
+
+def test_data_pack_gives_the_model_the_end_of_document_token(prepared):
+  out, _ = prepared
+  s = train.setup(config_lib.load(EXPERIMENT, [f'data.path={out}', 'data.pack=true']))
+  assert s.data.meta.doc_eos == s.model.doc_eos == 256
+  s = train.setup(config_lib.load(EXPERIMENT, [f'data.path={out}']))
+  assert s.data.meta.doc_eos == s.model.doc_eos == -1
+  lstm = config_lib.load(str(EXPERIMENTS / 'lstm_stdlib.py') + ':smoke', [])
+  with pytest.raises(ConfigError, match='data.pack: packed documents need model.name='):
+    models.build(lstm.model, s.data.meta.__class__(**{**vars(s.data.meta), 'doc_eos': 256}))
+
+
+def test_random_tokens_size_a_model_at_any_vocabulary_without_a_corpus():
+  args = ['data.name=random_tokens', 'data.vocab_size=1000']
+  s = train.setup(config_lib.load(EXPERIMENT, args))
+  assert (s.data.meta.vocab_size, s.data.meta.num_classes) == (1024, 1000)
+  batch = next(s.data.train_iter())
+  assert batch['x'].shape == (8, 32) and 0 <= batch['x'].min() and batch['x'].max() < 1000
+  with pytest.raises(ConfigError, match='data.vocab_size: data.name=random_tokens needs'):
+    train.setup(config_lib.load(EXPERIMENT, ['data.name=random_tokens']))

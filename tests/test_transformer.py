@@ -19,6 +19,7 @@ import pytest
 from jaxbig import sharding
 from jaxbig.kernels.attention import heads_major_attention
 from jaxbig.models import axes
+from jaxbig.models.rnn import RNNLM
 from jaxbig.models.transformer import (
     POS_TABLE, Block, TransformerClassifier, TransformerLM, causal_mask, reference_attention,
     rope)
@@ -83,6 +84,25 @@ def test_lm_is_causal(pos, scan_layers):
   # Every later position sees the edit (through its own token or through attention).
   later = np.abs(logits_edited - logits)[:, t + 1:].max(axis=-1)
   assert later.min() > 1e-3, later
+
+
+@pytest.mark.parametrize('pos, heads_major, scan_layers', [
+    ('rope', False, False), ('rope', True, True), ('learned', False, True),
+    ('learned', True, False)])
+def test_packed_documents_see_only_themselves(pos, heads_major, scan_layers):
+  """A row of three documents (the end token opening each next one) gives, position for
+  position, the logits of each document run alone from position 0."""
+  eos = 7
+  docs = [np.array([3, 4, 5, 2]), np.array([eos, 9, 1, 2, 3]), np.array([eos, 4, 4])]
+  row = jnp.asarray(np.concatenate(docs)[None], jnp.int32)
+  kw = dict(pos=pos, heads_major=heads_major, scan_layers=scan_layers)
+  params = _lm(**kw).init(jax.random.key(0), row, train=False)['params']
+  packed = _apply(_lm(doc_eos=eos, **kw))(params, row)
+  alone = jnp.concatenate([_apply(_lm(**kw))(params, jnp.asarray(d[None], jnp.int32))
+                           for d in docs], axis=1)
+  np.testing.assert_allclose(packed, alone, atol=1e-5)
+  whole = _apply(_lm(**kw))(params, row)  # Unpacked, the later documents see the earlier.
+  assert np.abs(whole - packed)[:, 4:].max() > 1e-2
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])
@@ -391,12 +411,19 @@ def _lm_loss(model, params, x, y, mask, chunk, smoothing=0.0):
 
 
 @pytest.mark.slow(reason='compiles four gradient programs')
-@pytest.mark.parametrize('tie, smoothing', [(True, 0.0), (False, 0.1)])
-def test_chunked_cross_entropy_equals_the_whole_logits_loss(tie, smoothing):
+@pytest.mark.parametrize('kind, tie, smoothing', [
+    ('transformer', True, 0.0), ('transformer', False, 0.1), ('lstm', True, 0.1),
+    ('lstm', False, 0.0)])
+def test_chunked_cross_entropy_equals_the_whole_logits_loss(kind, tie, smoothing):
   """Loss, metric sums and gradients; 30 positions in chunks of 7 (a ragged last chunk), a
   masked-out example; the same parameters in both forms."""
-  kw = dict(vocab_size=384, width=32, depth=2, heads=4, max_len=64, tie_embeddings=tie)
-  whole, chunked = TransformerLM(**kw), TransformerLM(**kw, logits_chunk=7)
+  if kind == 'lstm':
+    model = partial(RNNLM, vocab_size=384, hidden=32, embed_dim=32 if tie else 16,
+                    tie_embeddings=tie)
+  else:
+    model = partial(TransformerLM, vocab_size=384, width=32, depth=2, heads=4, max_len=64,
+                    tie_embeddings=tie)
+  whole, chunked = model(), model(logits_chunk=7)
   x = jax.random.randint(jax.random.key(0), (3, 30), 0, 384)
   y = jax.random.randint(jax.random.key(1), (3, 30), 0, 384).at[0, :5].set(x[0, :5])
   mask = jnp.array([1.0, 1.0, 0.0])

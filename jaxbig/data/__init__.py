@@ -38,6 +38,7 @@ class DataMeta:
   y_mean: float = 0.0
   y_std: float = 1.0
   vocab_size: int = 0  # Token inputs (int32) when > 0; float inputs otherwise.
+  doc_eos: int = -1  # >= 0: LM rows are packed documents ended by this token (data.pack).
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -318,6 +319,8 @@ def build(cfg, seed: int) -> 'Data | text.TextData | tokens.TokensData':
     return text.TextData(cfg, seed)
   if cfg.name == 'tokens':
     return tokens.TokensData(cfg, seed)
+  if cfg.name == 'random_tokens':
+    return tokens.RandomTokens(cfg, seed)
   return Data(cfg, seed)
 
 

@@ -252,4 +252,5 @@ def load(cfg) -> Arrays:
   if cfg.name == 'synthetic':
     return synthetic(tuple(cfg.shape), cfg.num_classes, cfg.size, cfg.split_seed)
   raise ConfigError(f"data.name: unknown data set '{cfg.name}'; "
-                    'choose from digits, diabetes, npz, synthetic, stdlib, text, tokens')
+                    'choose from digits, diabetes, npz, synthetic, stdlib, text, tokens, '
+                    'random_tokens')

@@ -134,19 +134,26 @@ def train_bpe(source: str, vocab_size: int, out: str, *, pattern: str = '', fiel
     raise ConfigError(f'--vocab must be in 258..{MAX_VOCAB - 1}, got {vocab_size}')
   if not os.path.exists(source):
     raise ConfigError(f'SOURCE: not found: {source}')
-  docs = [doc for split, _, doc in prepare.documents(source, pattern, field, val_fraction,
-                                                     test_fraction) if split == 'train']
-  if not docs:
-    raise ConfigError(f'{source}: no training document to learn a vocabulary from')
+  stats = {'documents': 0, 'bytes': 0}
+
+  def train_texts():  # Streamed: the corpus is never held whole.
+    for split, _, doc, _ in prepare.documents(source, pattern, field, val_fraction,
+                                              test_fraction):
+      if split == 'train':
+        stats['documents'] += 1
+        stats['bytes'] += len(doc.encode('utf-8'))
+        yield doc
+
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_NAMES[0]],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=True)
-  tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+  tok.train_from_iterator(train_texts(), trainer=trainer)
+  if not stats['documents']:
+    raise ConfigError(f'{source}: no training document to learn a vocabulary from')
   tmp = out + '.partial'
   tok.save(tmp)
   os.replace(tmp, out)
-  return {'out': out, 'vocab_size': tok.get_vocab_size(), 'documents': len(docs),
-          'bytes': sum(len(d.encode('utf-8')) for d in docs)}
+  return {'out': out, 'vocab_size': tok.get_vocab_size(), **stats}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import types
 from typing import Iterator
 
 import grain
@@ -83,7 +84,8 @@ class _Windows(grain.transforms.RandomMap):
 
   def __init__(self, shards: list[np.ndarray], seq_len: int, batch_size: int,
                rows: tuple[int, int] | None):
-    self.shards = _Maps([s.filename for s in shards], shards[0].dtype)
+    self.shards = (_Maps([s.filename for s in shards], shards[0].dtype)
+                   if all(isinstance(s, np.memmap) for s in shards) else shards)
     self.seq_len, self.batch_size, self.rows = seq_len, batch_size, rows
     windows = np.array([max(len(s) - seq_len, 0) for s in shards], np.float64)
     self.p = windows / windows.sum()
@@ -116,13 +118,7 @@ class TokensData:
       raise ConfigError(f'data.seq_len must be > 0, got {cfg.seq_len}')
     if cfg.eval_windows <= 0:
       raise ConfigError(f'data.eval_windows must be > 0, got {cfg.eval_windows}')
-    self.manifest = read_manifest(cfg.path)
-    self.tokenizer = run_tokenizer(cfg, self.manifest)
-    dtype = np.dtype(self.manifest['dtype'])
-    self.shards = {}
-    for split, info in self.manifest['splits'].items():
-      self.shards[split] = [self._open(cfg, entry, dtype, cfg.get('verify_shards', False))
-                            for entry in info['shards']]
+    self.manifest, self.tokenizer, self.shards, counts = self._load(cfg, seed)
     for split, shards in self.shards.items():  # Every split with tokens needs a window.
       longest = max((len(s) for s in shards), default=0)
       if (split == 'train' or longest) and longest <= cfg.seq_len:
@@ -131,12 +127,25 @@ class TokensData:
     vocab = tokenizer_lib.padded_vocab(self.tokenizer.vocab_size)
     sizes = {split: info['tokens'] for split, info in self.manifest['splits'].items()}
     self.meta = DataMeta(input_shape=(cfg.seq_len,), num_outputs=vocab, task='lm',
-                         num_classes=self.tokenizer.vocab_size, sizes=sizes, vocab_size=vocab)
+                         num_classes=self.tokenizer.vocab_size, sizes=sizes, vocab_size=vocab,
+                         doc_eos=self.tokenizer.eos_id if cfg.get('pack', False) else -1)
     self.cfg, self.seed = cfg, seed
-    counts = np.load(os.path.join(cfg.path, 'unigram.npy')).astype(np.float64)[:vocab]
+    counts = counts.astype(np.float64)[:vocab]
     counts[:self.tokenizer.vocab_size] += 1.0  # Add-one smoothed; padding ids stay at 0.
     with np.errstate(divide='ignore'):
       self._unigram_log2 = np.log2(counts / counts.sum())
+
+  @classmethod
+  def _load(cls, cfg, seed: int) -> tuple[dict, object, dict, np.ndarray]:
+    """(manifest, tokenizer, {split: [shard]}, training unigram counts)."""
+    del seed
+    manifest = read_manifest(cfg.path)
+    tokenizer = run_tokenizer(cfg, manifest)
+    dtype = np.dtype(manifest['dtype'])
+    shards = {split: [cls._open(cfg, entry, dtype, cfg.get('verify_shards', False))
+                      for entry in info['shards']]
+              for split, info in manifest['splits'].items()}
+    return manifest, tokenizer, shards, np.load(os.path.join(cfg.path, 'unigram.npy'))
 
   @staticmethod
   def _open(cfg, entry: dict, dtype: np.dtype, verify: bool) -> np.ndarray:
@@ -203,3 +212,28 @@ class TokensData:
     if not len(windows):
       return float('nan')
     return float(-self._unigram_log2[windows[:, 1:]].mean()) * self.tokens_per_byte(split)
+
+
+class RandomTokens(TokensData):
+  """`data.name=random_tokens`: uniformly random ids of a `data.vocab_size` vocabulary, for
+  `jaxbig plan` and `jaxbig bench` at any vocabulary without a corpus (nothing to learn:
+  the loss stays near ln(vocab)). The last id plays the end-of-document token."""
+
+  @classmethod
+  def _load(cls, cfg, seed: int):
+    vocab = cfg.get('vocab_size', 0)
+    if not 2 <= vocab < tokenizer_lib.MAX_VOCAB:
+      raise ConfigError(f'data.vocab_size: data.name=random_tokens needs a vocabulary of '
+                        f'2..{tokenizer_lib.MAX_VOCAB - 1}, got {vocab}')
+    rng = np.random.default_rng(seed)
+    size = {'train': max(2**20, 4 * (cfg.seq_len + 1)), 'val': 2 * (cfg.seq_len + 1)}
+    size['test'] = size['val']
+    shards = {s: [rng.integers(0, vocab, n, dtype=np.uint32)] for s, n in size.items()}
+    tokenizer = types.SimpleNamespace(vocab_size=vocab, eos_id=vocab - 1,
+                                      identity=f'random-{vocab}')
+    manifest = {'tokenizer': {'identity': tokenizer.identity},
+                'splits': {s: {'tokens': n, 'bytes': n, 'documents': 0} for s, n in size.items()}}
+    return manifest, tokenizer, shards, np.ones(vocab)
+
+  def identity(self) -> dict:
+    return {}  # Made by the config, as synthetic arrays are.

@@ -108,14 +108,19 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   if length > cfg.max_len:
     raise ConfigError(f'data.seq_len ({length}) exceeds model.max_len ({cfg.max_len})')
   if meta.task == 'lm':
-    chunk = cfg.get('logits_chunk', 0)
-    if chunk < 0:
-      raise ConfigError(f'model.logits_chunk must be >= 0 (0: whole logits), got {chunk}')
     return transformer.TransformerLM(vocab_size=meta.vocab_size,
-                                     tie_embeddings=cfg.tie_embeddings, logits_chunk=chunk,
+                                     tie_embeddings=cfg.tie_embeddings,
+                                     logits_chunk=_logits_chunk(cfg), doc_eos=meta.doc_eos,
                                      **common)
   return transformer.TransformerClassifier(num_outputs=meta.num_outputs,
                                            vocab_size=meta.vocab_size, **common)
+
+
+def _logits_chunk(cfg: ml_collections.ConfigDict) -> int:
+  chunk = cfg.get('logits_chunk', 0)
+  if chunk < 0:
+    raise ConfigError(f'model.logits_chunk must be >= 0 (0: whole logits), got {chunk}')
+  return chunk
 
 
 def _rnn(cell: str) -> Factory:
@@ -134,7 +139,8 @@ def _rnn(cell: str) -> Factory:
         raise ConfigError(f'model.tie_embeddings needs model.embed_dim == model.hidden, got '
                           f'{cfg.embed_dim} and {cfg.hidden}')
       return rnn.RNNLM(vocab_size=meta.vocab_size, embed_dim=cfg.embed_dim,
-                       tie_embeddings=cfg.tie_embeddings, **common)
+                       tie_embeddings=cfg.tie_embeddings, logits_chunk=_logits_chunk(cfg),
+                       **common)
     _choice(cfg, 'pool', rnn.POOLS)
     return rnn.RNNClassifier(num_outputs=meta.num_outputs, vocab_size=meta.vocab_size,
                              bidirectional=cfg.bidirectional, pool=cfg.pool, **common)
@@ -190,6 +196,9 @@ def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float
   _check_sizes(cfg)
   if 'init' in cfg:
     _choice(cfg, 'init', inits.INITIALIZERS)
+  if meta.doc_eos >= 0 and cfg.name != 'transformer':
+    raise ConfigError(f'data.pack: packed documents need model.name=transformer, not '
+                      f'{cfg.name}; set data.pack=false')
   try:
     return _FACTORIES[cfg.name](cfg, meta, dtype, kernels)
   except AttributeError as e:  # ConfigDict: a field this model needs is not declared.

@@ -1,7 +1,10 @@
 """Weight initialisers by name (`model.init`); parameters get their logical axis names
 from `axes.logical`."""
 
+from typing import Any, Callable
+
 import jax
+import flax.linen as nn
 
 _INITIALIZERS = {
     'normal': lambda std: jax.nn.initializers.normal(stddev=std),
@@ -18,3 +21,15 @@ def initializer(name: str, std: float = 0.02) -> jax.nn.initializers.Initializer
     raise ValueError(
         f"model.init: unknown initializer '{name}'; choose from {', '.join(INITIALIZERS)}")
   return _INITIALIZERS[name](std)
+
+
+class LogitsKernel(nn.Module):
+  """An untied logits kernel (E, V) alone, named and initialised as an nn.Dense's would be:
+  for a loss that makes the logits itself (model.logits_chunk)."""
+  vocab_size: int
+  param_dtype: Any
+  init: Callable
+
+  @nn.compact
+  def __call__(self, width: int) -> jax.Array:
+    return self.param('kernel', self.init, (width, self.vocab_size), self.param_dtype)

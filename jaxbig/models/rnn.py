@@ -306,10 +306,14 @@ class RNNLM(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   decode: bool = False
+  # > 0: return the last layer's outputs and the logits table instead of logits, for a
+  # loss that makes them this many positions at a time (losses.chunked_cross_entropy).
+  logits_chunk: int = 0
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> jax.Array:
-    """Returns float32 logits_BxLxV; logits t predict token t + 1."""
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> jax.Array | dict:
+    """Returns float32 logits_BxLxV (logits t predict token t + 1), or with `logits_chunk`
+    {'hidden': x_BxLxN, 'table': VxN} for the loss."""
     _check_cell(self.cell)
     embed_dim = self.embed_dim or self.hidden
     if self.tie_embeddings and embed_dim != self.hidden:
@@ -326,6 +330,12 @@ class RNNLM(nn.Module):
           init_std=self.init_std, dtype=self.dtype, param_dtype=self.param_dtype,
           name=f'layer_{i}')(x, table_VxE=table_VxE if i == 0 else None)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.logits_chunk and not self.decode:
+      table_VxN = (embed.embedding if self.tie_embeddings else inits.LogitsKernel(
+          self.vocab_size, self.param_dtype, name='logits',
+          init=axes.logical(inits.initializer(self.init_name, self.init_std),
+                            LM_LOGITS_KERNEL))(self.hidden).T)
+      return {'hidden': x, 'table': table_VxN.astype(self.dtype)}
     if self.tie_embeddings:
       logits_BxLxV = embed.attend(x)
     else:

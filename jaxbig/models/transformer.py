@@ -37,7 +37,7 @@ from jax import lax
 
 from jaxbig.kernels import attention as attention_kernel
 from jaxbig import matmul
-from jaxbig.models import axes
+from jaxbig.models import axes, init as inits
 
 POS_TABLE = (None, 'embed')
 INPUT_KERNEL = (None, 'embed')
@@ -68,7 +68,7 @@ def causal_mask(q_positions_L: jax.Array, num_keys: int) -> jax.Array:
 def rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, heads_major: bool = False) -> jax.Array:
   """Rotates feature pairs (i, i + D/2) by position-dependent angles, in float32.
 
-  `heads_major`: x is x_BxHxLxD instead.
+  `positions_L` may also be positions_BxL (packed documents). `heads_major`: x is x_BxHxLxD.
   """
   half = x_BxLxHxD.shape[-1] // 2
   # Positions known when tracing (numpy: training, evaluation) give constant tables: cos and
@@ -76,13 +76,30 @@ def rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, heads_major: bool = False
   # head. Traced positions (decoding) are computed in the program.
   xnp = np if isinstance(positions_L, np.ndarray) else jnp
   inv_freq = ROPE_BASE ** (-xnp.arange(half, dtype=np.float32) / np.float32(half))
-  angles_LxD2 = positions_L.astype(np.float32)[:, None] * inv_freq[None, :]
+  angles_LxD2 = positions_L.astype(np.float32)[..., None] * inv_freq  # Or angles_BxLxD2.
   cos, sin = xnp.cos(angles_LxD2), xnp.sin(angles_LxD2)
-  if not heads_major:
-    cos, sin = cos[:, None, :], sin[:, None, :]
+  if not heads_major:  # A heads axis before the features.
+    cos, sin = cos[..., None, :], sin[..., None, :]
+  elif positions_L.ndim == 2:  # A heads axis after the batch.
+    cos, sin = cos[:, None], sin[:, None]
   x1, x2 = jnp.split(x_BxLxHxD.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxLxHxD.dtype)
+
+
+def documents(tokens_BxL: jax.Array, eos: int) -> tuple[jax.Array, jax.Array]:
+  """Packed rows: (positions_BxL within each document, mask_Bx1xLxL True within a document).
+
+  A document begins at the row's start and at every `eos` token (which opens the next one,
+  as a BOS would), so a row that starts mid-document treats its part as a document.
+  """
+  length = tokens_BxL.shape[1]
+  index_L = jnp.arange(length, dtype=jnp.int32)
+  starts_BxL = (tokens_BxL == eos) | (index_L == 0)
+  segment_BxL = jnp.cumsum(starts_BxL, axis=1)
+  first_BxL = lax.cummax(jnp.where(starts_BxL, index_L, 0), axis=1)
+  same_BxLxL = segment_BxL[:, :, None] == segment_BxL[:, None, :]
+  return index_L - first_BxL, same_BxLxL[:, None]
 
 
 def _rms_norm(x: jax.Array, *, dtype: Any, param_dtype: Any, name: str) -> jax.Array:
@@ -127,8 +144,11 @@ class Attention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array) -> jax.Array:
-    """Returns out_BxLxE; `positions_L` are the absolute positions of the L inputs."""
+  def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array,
+               mask_Bx1xLxL: jax.Array | None = None) -> jax.Array:
+    """Returns out_BxLxE; `positions_L` are the positions of the L inputs (positions_BxL for
+    packed documents, with `mask_Bx1xLxL` True where a query may see a key beside the
+    causal rule)."""
     width = x_BxLxE.shape[-1]
     head_dim = width // self.heads
     qkv = dict(
@@ -149,7 +169,7 @@ class Attention(nn.Module):
       rotate = (partial(rope, positions_L=positions_L, heads_major=True)
                 if self.pos == 'rope' else None)
       out_BxLxHxD = attention_kernel.heads_major_attention(
-          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, self.causal, rotate)
+          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, self.causal, rotate, mask_Bx1xLxL)
       return self._out(out_BxLxHxD)
     if self.pos == 'rope':
       q_BxLxHxD = rope(q_BxLxHxD, positions_L)
@@ -174,7 +194,7 @@ class Attention(nn.Module):
       q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = matmul.upcast_f16_on_cpu(
           q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
       out_BxLxHxD = jax.nn.dot_product_attention(
-          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, is_causal=self.causal,
+          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask=mask_Bx1xLxL, is_causal=self.causal,
           implementation=_IMPLEMENTATIONS[self.attention])
     return self._out(out_BxLxHxD)
 
@@ -208,7 +228,8 @@ class Block(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array,
+               mask_Bx1xLxL: jax.Array | None = None) -> tuple[jax.Array, None]:
     width = x_BxLxE.shape[-1]
     norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -218,7 +239,7 @@ class Block(nn.Module):
         attention=self.attention, heads_major=self.heads_major, decode=self.decode,
         init_std=self.init_std,
         out_std=self.out_std, dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
-            h_BxLxE, positions_L)
+            h_BxLxE, positions_L, mask_Bx1xLxL)
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
     # The MLP sees tokens as rows of a matrix (T = B L): with the (B, L) pair kept, XLA:CPU
     # fuses the GELU gradient into a slow transposing copy for the weight gradient. Free
@@ -240,7 +261,7 @@ class Block(nn.Module):
 
 
 def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal: bool,
-            decode: bool, train: bool) -> jax.Array:
+            decode: bool, train: bool, mask_Bx1xLxL: jax.Array | None = None) -> jax.Array:
   """Runs `m.depth` blocks configured from `m`'s attributes (call inside a compact method)."""
   block_cls = Block
   if m.remat:
@@ -256,12 +277,12 @@ def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal:
   if m.scan_layers:
     stack = nn.scan(
         block_cls, variable_axes={'params': 0, 'cache': 0},
-        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,),
+        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, nn.broadcast),
         length=m.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BxLxE, _ = stack(**block, name='blocks')(x_BxLxE, positions_L)
+    x_BxLxE, _ = stack(**block, name='blocks')(x_BxLxE, positions_L, mask_Bx1xLxL)
     return x_BxLxE
   for i in range(m.depth):
-    x_BxLxE, _ = block_cls(**block, name=f'block{i}')(x_BxLxE, positions_L)
+    x_BxLxE, _ = block_cls(**block, name=f'block{i}')(x_BxLxE, positions_L, mask_Bx1xLxL)
   return x_BxLxE
 
 
@@ -272,19 +293,8 @@ def _add_positions(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array) -> 
   table = nn.Embed(
       m.max_len, m.width, dtype=m.dtype, param_dtype=m.param_dtype, name='pos_embed',
       embedding_init=axes.logical(nn.initializers.normal(m.init_std), POS_TABLE))
-  return x_BxLxE + table(positions_L)[None]
-
-
-class _LogitsKernel(nn.Module):
-  """The untied logits kernel (ExV) alone, named and initialised as nn.Dense's would be."""
-  vocab_size: int
-  init_std: float
-  param_dtype: Any
-
-  @nn.compact
-  def __call__(self, width: int) -> jax.Array:
-    init = axes.logical(nn.initializers.normal(self.init_std), axes.LOGITS_KERNEL)
-    return self.param('kernel', init, (width, self.vocab_size), self.param_dtype)
+  table_LxE = table(positions_L)
+  return x_BxLxE + (table_LxE if table_LxE.ndim == 3 else table_LxE[None])
 
 
 class TransformerLM(nn.Module):
@@ -310,6 +320,10 @@ class TransformerLM(nn.Module):
   # > 0: return the final hidden states and the logits table instead of logits, for a loss
   # that computes them this many positions at a time (losses.chunked_cross_entropy).
   logits_chunk: int = 0
+  # >= 0: rows are packed documents, each ended by this token (data.pack). A position
+  # attends only to its own document and positions restart at each; the end token begins
+  # the next document, as a BOS would. Not in decode mode: `generate` samples one document.
+  doc_eos: int = -1
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, *, train: bool) -> jax.Array | dict:
@@ -334,6 +348,9 @@ class TransformerLM(nn.Module):
         positions_L = start + positions_L
         index.value = start + length
         in_range = start + length <= self.max_len
+    mask_Bx1xLxL = None
+    if self.doc_eos >= 0 and not self.decode:
+      positions_L, mask_Bx1xLxL = documents(tokens_BxL, self.doc_eos)
 
     embed = nn.Embed(
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -342,13 +359,16 @@ class TransformerLM(nn.Module):
     x_BxLxE = _add_positions(self, axes.lookup(embed, tokens_BxL), positions_L)
     x_BxLxE = axes.constrain(x_BxLxE, axes.ACT_BxLxE)
     x_BxLxE = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxE)
-    x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train)
+    x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train,
+                      mask_Bx1xLxL=mask_Bx1xLxL)
     x_BxLxE = _rms_norm(x_BxLxE, dtype=self.dtype, param_dtype=self.param_dtype,
                         name='final_norm')
     if self.logits_chunk and not self.decode:  # The loss makes the logits chunk by chunk.
       table_VxE = (embed.embedding if self.tie_embeddings else
-                   _LogitsKernel(self.vocab_size, self.init_std, self.param_dtype,
-                                 name='logits')(self.width).T)
+                   inits.LogitsKernel(
+                       self.vocab_size, self.param_dtype, name='logits',
+                       init=axes.logical(nn.initializers.normal(self.init_std),
+                                         axes.LOGITS_KERNEL))(self.width).T)
       return {'hidden': x_BxLxE, 'table': table_VxE.astype(self.dtype)}
     # Compute-dtype inputs, float32 accumulation and output: bf16-rounded logits would cost
     # the loss about two significant digits.

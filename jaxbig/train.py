@@ -124,7 +124,7 @@ def _loss(config, data) -> Callable:
   """The loss and metric sums, with class weights where the config asks for them."""
   weights = None
   if data.meta.task == 'classification' and config.train.loss == 'xent':
-    weights = losses.class_weights(config.train, data.splits['train'][1], data.meta.num_classes)
+    weights = losses.class_weights(config.train, data.train_labels, data.meta.num_classes)
   return losses.build(config.train, weights, config.model.get('logits_chunk', 0))
 
 

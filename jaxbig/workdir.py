@@ -35,6 +35,8 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'trai
                      'mesh.rules', 'parallel.mode',
                      # Limits on reading text: the data's identity is checked on its own.
                      'data.max_file_mb', 'data.max_total_mb',
+                     # Decoding processes: the batches are the same with any number.
+                     'data.workers',
                      'train.profile_steps', 'train.profile_start')
 
 

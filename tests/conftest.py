@@ -5,9 +5,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 # JAX on the CPU. With libtpu installed (the [tpu] extra, for `jaxbig plan --topology`) JAX
 # would otherwise look for TPU chips at every start and take libtpu's machine-wide lock,
@@ -15,9 +17,12 @@ import tempfile
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # A persistent compilation cache for this session (and its subprocesses): many tests compile
 # the same smoke programs. It starts empty, so every program is still compiled once; this
-# halves tests/test_train.py's time (98 s -> 52 s).
-_CACHE = tempfile.mkdtemp(prefix='jaxbig-tests-xla-cache-')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+# halves tests/test_train.py's time (98 s -> 52 s). Under pytest-xdist the workers inherit
+# the controller's, so a program compiles once for all of them; its creator removes it.
+_CACHE = None
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix='jaxbig-tests-xla-cache-')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _CACHE
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
@@ -30,14 +35,26 @@ WORKERS = pytest.StashKey()  # Module name -> (process, results file, log file).
 
 def start_worker(folder: pathlib.Path, jobs: list[dict]):
   """Starts tests/mesh_worker.py (8 fake CPU devices) on `jobs`; returns it, its results
-  file and its log."""
+  file and its log. Its exit code lands in `rc` beside them (for other xdist workers)."""
   folder.mkdir(parents=True, exist_ok=True)
   jobs_file, out, log = folder / 'jobs.json', folder / 'results.json', folder / 'worker.log'
   jobs_file.write_text(json.dumps(jobs))
+  script = '"$0" "$@"; echo $? > "$RC.tmp" && mv "$RC.tmp" "$RC"'
   with open(log, 'w') as f:
-    proc = subprocess.Popen([sys.executable, str(WORKER), str(jobs_file), str(out)], cwd=REPO,
-                            stdout=f, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(['sh', '-c', script, sys.executable, str(WORKER), str(jobs_file),
+                             str(out)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                            env={**os.environ, 'RC': str(folder / 'rc')},
+                            start_new_session=True)  # Its own group: killed with its child.
   return proc, out, log
+
+
+def _xdist_folder(config) -> pathlib.Path | None:
+  """Under pytest-xdist, the folder all workers of this run share for the mesh workers (the
+  parent of each worker's own temporary folder): the first xdist worker (gw0) starts them,
+  whichever worker runs a module waits on them."""
+  if not os.environ.get('PYTEST_XDIST_WORKER'):
+    return None
+  return config._tmp_path_factory.getbasetemp().parent / 'mesh'  # pylint: disable=protected-access
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,8 +71,12 @@ def pytest_collection_finish(session):
   are known, so that it runs on the second core beside the other test files."""
   modules = {item.module for item in session.items if hasattr(item.module, 'worker_jobs')}
   started = session.config.stash.setdefault(WORKERS, {})
+  shared = _xdist_folder(session.config)
+  if shared is not None and os.environ.get('PYTEST_XDIST_WORKER') != 'gw0':
+    return  # Every xdist worker collects every module; gw0 starts their workers.
   for module in modules:
-    folder = session.config._tmp_path_factory.mktemp(module.__name__)  # pylint: disable=protected-access
+    folder = (shared / module.__name__ if shared is not None else
+              session.config._tmp_path_factory.mktemp(module.__name__))  # pylint: disable=protected-access
     started[module.__name__] = start_worker(folder, module.worker_jobs())
 
 
@@ -63,6 +84,16 @@ def worker_results(request, tmp_path_factory) -> list[dict]:
   """The results of the calling module's `worker_jobs()`, in order (waits for them)."""
   module = request.module
   started = request.config.stash.get(WORKERS, {}).get(module.__name__)
+  shared = _xdist_folder(request.config)
+  if started is None and shared is not None:  # Started by gw0: wait for its exit code.
+    folder = shared / module.__name__
+    deadline = time.monotonic() + 900
+    while not (folder / 'rc').exists():
+      assert time.monotonic() < deadline, f'{folder}: the mesh worker did not finish'
+      time.sleep(0.5)
+    log = folder / 'worker.log'
+    assert (folder / 'rc').read_text().strip() == '0', log.read_text()[-3000:]
+    return json.loads((folder / 'results.json').read_text())
   proc, out, log = started or start_worker(tmp_path_factory.mktemp(module.__name__),
                                            module.worker_jobs())
   assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
@@ -78,8 +109,13 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def pytest_sessionfinish(session):
-  """Stops the workers whose results no test collected; removes the compilation cache."""
+  """Stops the workers whose results no test collected (under xdist, waits for them: another
+  xdist worker may still need them); removes the compilation cache."""
   for proc, _, _ in session.config.stash.get(WORKERS, {}).values():
     if proc.poll() is None:
-      proc.kill()
-  shutil.rmtree(_CACHE, ignore_errors=True)
+      if _xdist_folder(session.config) is not None:
+        proc.wait(timeout=900)
+      else:
+        os.killpg(proc.pid, signal.SIGKILL)
+  if _CACHE is not None:
+    shutil.rmtree(_CACHE, ignore_errors=True)

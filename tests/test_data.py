@@ -253,3 +253,52 @@ def test_process_rows_are_slices_of_the_global_batch():
   assert parts[0][0]['x'].shape[0] == 8
   # Not vacuous: the augmentation draws differ between batches.
   assert not np.array_equal(whole[0]['x'], whole[1]['x'])
+
+
+def _write_cifar(folder: pathlib.Path, name: str, images: int, rng) -> dict:
+  """A binary release of `images` random images per file, as CIFAR lays it out (labels,
+  then the red, green and blue planes); returns the images and labels written per split."""
+  spec = sources.CIFAR[name]
+  folder.mkdir(parents=True)
+  written = {}
+  for split, files in spec['files'].items():
+    xs, ys = [], []
+    for f, _ in files:
+      x = rng.integers(0, 256, (images, 32, 32, 3), dtype=np.uint8)
+      labels = rng.integers(0, spec['classes'], (images, spec['labels']), dtype=np.uint8)
+      planes = x.transpose(0, 3, 1, 2).reshape(images, -1)
+      (folder / f).write_bytes(np.concatenate([labels, planes], axis=1).tobytes())
+      xs.append(x)
+      ys.append(labels[:, -1])
+    written[split] = np.concatenate(xs), np.concatenate(ys)
+  return written
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'cifar100'])
+def test_cifar_binary_release_reads_images_labels_and_the_fixed_test_split(tmp_path, name,
+                                                                           monkeypatch):
+  small = {k: {**v, 'files': {s: [(f, 20) for f, _ in fs] for s, fs in v['files'].items()}}
+           for k, v in sources.CIFAR.items()}
+  monkeypatch.setattr(sources, 'CIFAR', small)
+  folder = tmp_path / small[name]['folder']
+  written = _write_cifar(folder, name, 20, np.random.default_rng(0))
+  # The folder holding the release works too.
+  for path in (folder, tmp_path):
+    arrays = sources.cifar(name, str(path))
+    np.testing.assert_array_equal(arrays.x, written['train'][0].astype(np.float32))
+    np.testing.assert_array_equal(arrays.y, written['train'][1])
+    np.testing.assert_array_equal(arrays.x_test, written['test'][0].astype(np.float32))
+    assert arrays.num_classes == small[name]['classes']
+  data = _data(str(EXPERIMENTS / 'resnet_cifar10.py') + ':smoke', f'data.name={name}',
+               f'data.path={folder}', 'data.batch_size=8')
+  assert data.meta.sizes['test'] == 20 and data.meta.input_shape == (32, 32, 3)
+  x = data._prepared['train'][0]  # pylint: disable=protected-access
+  np.testing.assert_allclose(x.mean((0, 1, 2)), 0, atol=1e-4)  # data.normalize=channel.
+  np.testing.assert_allclose(x.std((0, 1, 2)), 1, atol=1e-3)
+  first = list(sources.CIFAR[name]['files']['train'])[0][0]
+  (folder / first).write_bytes((folder / first).read_bytes()[:-1])
+  with pytest.raises(ConfigError, match=f'{first} has .* bytes, not the 20 x'):
+    sources.cifar(name, str(folder))
+  (folder / first).unlink()
+  with pytest.raises(ConfigError, match=f'{first} is missing'):
+    sources.cifar(name, str(folder))

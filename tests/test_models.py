@@ -34,6 +34,7 @@ class Meta:
   num_outputs: int
   task: str = 'classification'
   vocab_size: int = 0
+  doc_eos: int = -1
 
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'

@@ -39,6 +39,7 @@ class DataMeta:
   y_std: float = 1.0
   vocab_size: int = 0  # Token inputs (int32) when > 0; float inputs otherwise.
   doc_eos: int = -1  # >= 0: LM rows are packed documents ended by this token (data.pack).
+  classes: tuple = ()  # Class names by id, where the source names them (imagefolder).
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -51,6 +52,7 @@ class DataMeta:
   def from_json(cls, d: dict) -> 'DataMeta':
     d = dict(d)
     d['input_shape'] = tuple(d['input_shape'])
+    d['classes'] = tuple(d.get('classes', ()))
     for k in ('x_mean', 'x_std'):
       d[k] = np.asarray(d[k], np.float32)
     return cls(**d)
@@ -77,10 +79,14 @@ def _stats(x: np.ndarray, mode: str) -> tuple:
     return float(x.mean()), float(x.std() + 1e-6)
   if mode == 'feature':
     return x.mean(0), x.std(0) + 1e-6
+  if mode == 'channel':  # Per channel (the last axis), over examples and positions.
+    axes = tuple(range(x.ndim - 1))
+    return x.mean(axes, dtype=np.float64).astype(np.float32), (
+        x.std(axes, dtype=np.float64) + 1e-6).astype(np.float32)
   if mode == 'minmax':  # Into [0, 1], e.g. pixels as Bernoulli probabilities for a VAE.
     return float(x.min()), float(x.max() - x.min() + 1e-6)
   raise ConfigError(f"data.normalize: unknown mode '{mode}'; "
-                    'choose from none, global, feature, minmax')
+                    'choose from none, global, feature, channel, minmax')
 
 
 @functools.lru_cache(maxsize=4)  # The newest epochs (thread-safe: the prefetch thread reads).
@@ -186,6 +192,10 @@ class Data:
     SHA-256; for digits and diabetes a SHA-256 of the arrays; {} for synthetic data, which
     the config fully determines."""
     return dict(self._identity)
+
+  @property
+  def train_labels(self) -> np.ndarray:
+    return self.splits['train'][1]
 
   def _prepare(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m = self.meta
@@ -321,6 +331,9 @@ def build(cfg, seed: int) -> 'Data | text.TextData | tokens.TokensData':
     return tokens.TokensData(cfg, seed)
   if cfg.name == 'random_tokens':
     return tokens.RandomTokens(cfg, seed)
+  if cfg.name == 'imagefolder':
+    from jaxbig.data import images  # pylint: disable=g-import-not-at-top
+    return images.ImageFolder(cfg, seed)
   return Data(cfg, seed)
 
 

@@ -174,11 +174,11 @@ def _file_pieces(source: str, val_fraction: float, test_fraction: float):
       return info.st_size
 
     n = info.st_size
-    cuts = [line_end(c) for c in (0, int(n * (1 - val_fraction - test_fraction)),
-                                  int(n * (1 - test_fraction)), n)]
     if not n:
       raise ConfigError(f'{source}: empty; give a non-empty UTF-8 text file, .jsonl, '
                         '.parquet or folder')
+    cuts = [line_end(c) for c in (0, int(n * (1 - val_fraction - test_fraction)),
+                                  int(n * (1 - test_fraction)), n)]
     for split, lo, hi in zip(SPLITS, cuts, cuts[1:]):
       pos = lo
       f.seek(lo)
@@ -192,7 +192,7 @@ def _file_pieces(source: str, val_fraction: float, test_fraction: float):
         try:
           text = data.decode('utf-8')
         except UnicodeDecodeError as e:
-          if pos + len(data) < hi and len(data) - e.start < 4:  # A character cut in two.
+          if pos + len(data) < hi and 0 < e.start and len(data) - e.start < 4:  # Cut in two.
             data = data[:e.start]
             f.seek(pos + len(data))
             text = data.decode('utf-8')

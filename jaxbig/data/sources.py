@@ -1,4 +1,5 @@
-"""Array data sets held in memory: sklearn's digits and diabetes, user `.npz` files, synthetic.
+"""Array data sets held in memory: sklearn's digits and diabetes, CIFAR-10/100 from their
+binary release, user `.npz` files, synthetic.
 
 Every source returns `Arrays`: `x` of shape (N, ...) float32 and `y` of shape (N,) int32
 (classification) or (N,) / (N, K) float32 (regression), plus an optional fixed test split.
@@ -221,6 +222,59 @@ def _check_pair(path: str, xn: str, yn: str, x: np.ndarray, y: np.ndarray) -> No
     raise ConfigError(f'data.path: {path}: {xn} and {yn} must be numeric arrays')
 
 
+# CIFAR's binary release: per image, its label byte(s), then 32x32 red, green and blue
+# planes, row-major. CIFAR-100 records carry the coarse label before the fine one.
+# `files`: (name, images) per split.
+CIFAR = {
+    'cifar10': dict(folder='cifar-10-batches-bin', labels=1, classes=10, files={
+        'train': [(f'data_batch_{i}.bin', 10_000) for i in range(1, 6)],
+        'test': [('test_batch.bin', 10_000)]}),
+    'cifar100': dict(folder='cifar-100-binary', labels=2, classes=100, files={
+        'train': [('train.bin', 50_000)], 'test': [('test.bin', 10_000)]}),
+}
+_CIFAR_PIXELS = 32 * 32 * 3
+
+
+def _cifar_file(path: str, images: int, labels: int,
+                classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(images_Nx32x32x3 uint8, fine labels) of one binary CIFAR file; raw bytes, no pickle."""
+  record = labels + _CIFAR_PIXELS
+  size = os.path.getsize(path)
+  if size != images * record:
+    raise ConfigError(f'data.path: {path} has {size} bytes, not the {images} x {record} of '
+                      'its CIFAR release: damaged, truncated or another file')
+  raw = np.fromfile(path, np.uint8).reshape(-1, record)
+  y = raw[:, labels - 1].astype(np.int32)  # The fine label is the last label byte.
+  if y.max() >= classes:
+    raise ConfigError(f'data.path: {path} holds label {y.max()}, over the {classes} classes: '
+                      'another CIFAR release?')
+  x = raw[:, labels:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+  return x, y
+
+
+def cifar(name: str, path: str) -> Arrays:
+  """CIFAR-10 or CIFAR-100 (fine labels) from the folder of its binary release (or the
+  folder holding it): 50,000 training and 10,000 test images, 32x32x3, values 0..255."""
+  spec = CIFAR[name]
+  if not path:
+    raise ConfigError(f"data.path: required when data.name={name} (the '{spec['folder']}' "
+                      'folder of the binary release)')
+  if os.path.isdir(os.path.join(path, spec['folder'])):
+    path = os.path.join(path, spec['folder'])
+  parts = {}
+  for split, files in spec['files'].items():
+    for f, _ in files:
+      if not os.path.isfile(os.path.join(path, f)):
+        raise ConfigError(f"data.path: {os.path.join(path, f)} is missing (data.name={name} "
+                          f"reads the binary release, '{spec['folder']}')")
+    xs, ys = zip(*(_cifar_file(os.path.join(path, f), n, spec['labels'], spec['classes'])
+                   for f, n in files))
+    parts[split] = np.concatenate(xs), np.concatenate(ys)
+  return Arrays(x=parts['train'][0].astype(np.float32), y=parts['train'][1],
+                task='classification', num_classes=spec['classes'],
+                x_test=parts['test'][0].astype(np.float32), y_test=parts['test'][1])
+
+
 def synthetic(shape: tuple, num_classes: int, size: int, seed: int) -> Arrays:
   """Random inputs of any per-example shape with random labels (benchmarks, tests)."""
   if size <= 0 or not shape or any(s <= 0 for s in shape):
@@ -251,6 +305,8 @@ def load(cfg) -> Arrays:
     return arrays
   if cfg.name == 'synthetic':
     return synthetic(tuple(cfg.shape), cfg.num_classes, cfg.size, cfg.split_seed)
+  if cfg.name in CIFAR:
+    return cifar(cfg.name, cfg.path)
   raise ConfigError(f"data.name: unknown data set '{cfg.name}'; "
-                    'choose from digits, diabetes, npz, synthetic, stdlib, text, tokens, '
-                    'random_tokens')
+                    'choose from digits, diabetes, cifar10, cifar100, npz, synthetic, stdlib, '
+                    'text, tokens, random_tokens, imagefolder')

@@ -1,0 +1,279 @@
+"""`data.name=imagefolder data.path=DIR`: ImageNet-layout folders of JPEG and PNG images.
+
+DIR/train/<class>/<image> and DIR/val/<class>/<image> (DIR/test/<class>/<image> too, if
+there is one; without it the final evaluation is of DIR/val, as ImageNet results are).
+Class ids follow the sorted class folder names of DIR/train, which are saved with the run
+(`DataMeta.classes`); every evaluation folder must hold the same classes.
+
+Images are decoded with Pillow in grain worker processes (`data.workers`; 0 decodes in the
+training process), a whole batch per element, each process decoding only its rows of the
+global batch. Training images get an Inception-style random-resized crop (area fraction in
+`data.crop_scale`, aspect ratio in `data.crop_ratio`, log-uniform) to `data.image_size`
+and, with `data.augment_flip`, a horizontal flip; evaluation images are resized so that a
+centre crop of `data.crop_fraction` of the shorter side becomes `data.image_size`. Pixels
+are normalised per channel with `data.mean` and `data.std` (0..255 units; ImageNet's by
+default). The draws come from the batch's seeded generator, so a resumed run sees the same
+crops. JPEGs are decoded at a reduced scale where the crop allows (Pillow's `draft`).
+Greyscale, palette and CMYK images are converted to RGB; an image over MAX_PIXELS is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from jaxbig.config import ConfigError
+
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+MAX_PIXELS = 64 * 2**20  # Bounds decoding: a 20000 x 20000 image is refused, not decoded.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def list_split(root: str, split: str) -> tuple[list[str], list[tuple[str, str]]]:
+  """(sorted class names, [(class, file name)]) of root/split; ConfigError for a missing
+  folder or a class folder without images."""
+  folder = os.path.join(root, split)
+  if not os.path.isdir(folder):
+    raise ConfigError(f'data.path: {folder} is missing (imagefolder needs DIR/train/<class>/ '
+                      'and DIR/val/<class>/)')
+  classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+  if not classes:
+    raise ConfigError(f'data.path: {folder} holds no class folders')
+  files = []
+  for c in classes:
+    names = sorted(e.name for e in os.scandir(os.path.join(folder, c))
+                   if e.is_file() and e.name.lower().endswith(EXTENSIONS))
+    if not names:
+      raise ConfigError(f'data.path: class folder {os.path.join(folder, c)} holds no images '
+                        f"({', '.join(EXTENSIONS)})")
+    files += [(c, n) for n in names]
+  return classes, files
+
+
+def _open(path: str):
+  """The image at `path`, opened (not decoded) and checked; ConfigError naming the file."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    image = Image.open(path)
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise ConfigError(f'data.path: {path}: not a readable image ({type(e).__name__})') from None
+  width, height = image.size
+  if width * height > MAX_PIXELS:
+    raise ConfigError(f'data.path: {path}: {width} x {height} pixels, over the '
+                      f'{MAX_PIXELS >> 20} M-pixel bound')
+  return image
+
+
+def _load(image, path: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+  """The `box` (left, top, right, bottom, in the image's pixels) of `image` resized to
+  size x size RGB uint8, decoding a JPEG at the smallest scale that keeps the box's pixels."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  width, height = image.size
+  scale = min((box[2] - box[0]) / size, (box[3] - box[1]) / size)
+  if image.format == 'JPEG' and scale >= 2:
+    image.draft('RGB', (math.ceil(width / scale), math.ceil(height / scale)))
+  sx, sy = image.size[0] / width, image.size[1] / height  # The draft's scale.
+  try:
+    rgb = image.convert('RGB')
+    out = rgb.resize((size, size), Image.BILINEAR,
+                     box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+  except (OSError, ValueError, SyntaxError) as e:  # Truncated or damaged data.
+    raise ConfigError(f'data.path: {path}: not a readable image ({e})') from None
+  return np.asarray(out, np.uint8)
+
+
+def random_box(width: int, height: int, rng: np.random.Generator, scale: tuple,
+               ratio: tuple) -> tuple[float, float, float, float]:
+  """An Inception-style crop: area fraction uniform in `scale`, aspect ratio log-uniform in
+  `ratio`; after 10 misses, the largest centred crop within `ratio`."""
+  area = width * height
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w, h = math.sqrt(target * aspect), math.sqrt(target / aspect)
+    if w <= width and h <= height:
+      x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+      return x0, y0, x0 + w, y0 + h
+  aspect = min(max(width / height, ratio[0]), ratio[1])
+  w, h = (width, width / aspect) if width / height <= aspect else (height * aspect, height)
+  return (width - w) / 2, (height - h) / 2, (width + w) / 2, (height + h) / 2
+
+
+def center_box(width: int, height: int, fraction: float) -> tuple[float, float, float, float]:
+  """A centred square of `fraction` of the shorter side."""
+  side = min(width, height) * fraction
+  return (width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2
+
+
+class _DecodeTrain(grain.transforms.RandomMap):
+  """An index batch -> this process's rows of the batch, decoded and augmented. The draws
+  are made for the whole batch, then sliced: a batch is the same over any process count."""
+
+  def __init__(self, paths: list[str], labels: np.ndarray, rows, cfg):
+    self.paths, self.labels, self.rows = paths, labels, rows
+    self.size, self.flip = cfg.image_size, cfg.augment_flip
+    self.scale, self.ratio = tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
+    self.mean = np.asarray(cfg.mean, np.float32)
+    self.std = np.asarray(cfg.std, np.float32)
+
+  def random_map(self, idx, rng: np.random.Generator):
+    seeds = rng.integers(0, 2**63, len(idx))
+    flips = rng.random(len(idx)) < 0.5
+    lo, hi = self.rows or (0, len(idx))
+    x = np.empty((hi - lo, self.size, self.size, 3), np.uint8)
+    for i, k in enumerate(range(lo, hi)):
+      path = self.paths[idx[k]]
+      image = _open(path)
+      box = random_box(*image.size, np.random.default_rng(seeds[k]), self.scale, self.ratio)
+      x[i] = _load(image, path, box, self.size)
+      if self.flip and flips[k]:
+        x[i] = x[i, :, ::-1].copy()
+    return {'x': (x - self.mean) / self.std, 'y': self.labels[idx[lo:hi]]}
+
+
+class _DecodeEval(grain.transforms.Map):
+  """A batch of (index or -1 for padding) -> the batch decoded, centre-cropped, masked."""
+
+  def __init__(self, paths: list[str], labels: np.ndarray, cfg):
+    self.paths, self.labels = paths, labels
+    self.size, self.fraction = cfg.image_size, cfg.crop_fraction
+    self.mean = np.asarray(cfg.mean, np.float32)
+    self.std = np.asarray(cfg.std, np.float32)
+
+  def map(self, idx):
+    x = np.zeros((len(idx), self.size, self.size, 3), np.float32)
+    for i, k in enumerate(idx):
+      if k >= 0:
+        image = _open(self.paths[k])
+        pixels = _load(image, self.paths[k], center_box(*image.size, self.fraction), self.size)
+        x[i] = (pixels - self.mean) / self.std
+    keep = idx >= 0
+    return {'x': x, 'y': np.where(keep, self.labels[np.maximum(idx, 0)], 0).astype(np.int32),
+            'mask': keep.astype(np.float32)}
+
+
+class BatchIterator:
+  """Batches of `make(start)`, from batch `start` on. Its state is the next batch's number,
+  not the worker processes' positions: a run resumes with any `data.workers`."""
+
+  def __init__(self, make):
+    self._make, self._next, self._it = make, 0, None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self._it is None:
+      self._it = self._make(self._next)
+    batch = next(self._it)
+    self._next += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {'next_batch': self._next}
+
+  def set_state(self, state: dict) -> None:
+    self._next, self._it = int(state['next_batch']), None
+
+
+class ImageFolder:
+  """ImageNet-layout image folders with the interface of `jaxbig.data.Data`."""
+
+  def __init__(self, cfg, seed: int):
+    from jaxbig.data import DataMeta  # Circular otherwise.
+    if not cfg.path:
+      raise ConfigError('data.path: required when data.name=imagefolder (DIR/train/<class>/, '
+                        'DIR/val/<class>/)')
+    if cfg.image_size <= 0:
+      raise ConfigError(f'data.image_size must be > 0, got {cfg.image_size}')
+    if not 0 < cfg.crop_fraction <= 1:
+      raise ConfigError(f'data.crop_fraction must be in (0, 1], got {cfg.crop_fraction}')
+    lo, hi = cfg.crop_scale
+    if not 0 < lo <= hi <= 1:
+      raise ConfigError(f'data.crop_scale must be 0 < lo <= hi <= 1, got {tuple(cfg.crop_scale)}')
+    lo, hi = cfg.crop_ratio
+    if not 0 < lo <= hi:
+      raise ConfigError(f'data.crop_ratio must be 0 < lo <= hi, got {tuple(cfg.crop_ratio)}')
+    if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
+      raise ConfigError('data.mean and data.std: three values each (RGB), std > 0')
+    self.classes, _ = list_split(cfg.path, 'train')
+    ids = {c: i for i, c in enumerate(self.classes)}
+    self._paths, self._labels = {}, {}
+    for split in ('train', 'val', 'test'):
+      if split == 'test' and not os.path.isdir(os.path.join(cfg.path, 'test')):
+        self._paths['test'], self._labels['test'] = self._paths['val'], self._labels['val']
+        continue
+      classes, files = list_split(cfg.path, split)
+      if classes != self.classes:
+        differ = sorted(set(classes) ^ set(self.classes))
+        raise ConfigError(f"data.path: the classes of {split}/ and train/ differ: "
+                          f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
+      self._paths[split] = [os.path.join(cfg.path, split, c, n) for c, n in files]
+      self._labels[split] = np.array([ids[c] for c, _ in files], np.int32)
+    if cfg.batch_size > len(self._paths['train']):
+      raise ConfigError(f'data.batch_size ({cfg.batch_size}) is larger than the training split '
+                        f"({len(self._paths['train'])} images)")
+    self.meta = DataMeta(
+        input_shape=(cfg.image_size, cfg.image_size, 3), num_outputs=len(self.classes),
+        task='classification', num_classes=len(self.classes),
+        sizes={k: len(v) for k, v in self._paths.items()},
+        x_mean=np.asarray(cfg.mean, np.float32), x_std=np.asarray(cfg.std, np.float32),
+        classes=tuple(self.classes))
+    self.cfg, self.seed = cfg, seed
+    self.workers = (os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+
+  @property
+  def train_labels(self) -> np.ndarray:
+    return self._labels['train']
+
+  def identity(self) -> dict:
+    """The folder and a digest of its file list (names and sizes), for resume checks."""
+    digest = hashlib.sha256()
+    for split in ('train', 'val', 'test'):
+      for path in self._paths[split]:
+        digest.update(f'{path}\0{os.path.getsize(path)}\n'.encode('utf-8', 'surrogatepass'))
+    return {'source': 'imagefolder', 'path': os.path.abspath(self.cfg.path),
+            'digest': digest.hexdigest()}
+
+  def _parallel(self, ds: grain.MapDataset) -> grain.IterDataset:
+    from jaxbig.data import text  # pylint: disable=g-import-not-at-top
+    it = ds.to_iter_dataset(text.READ_OPTIONS)
+    if self.workers:
+      from absl import flags  # pylint: disable=g-import-not-at-top
+      if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags' defaults.
+        flags.FLAGS.mark_as_parsed()
+      it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                       per_worker_buffer_size=2))
+    return it
+
+  def train_iter(self, rows: tuple[int, int] | None = None) -> 'BatchIterator':
+    """An endless, seeded, checkpointable iterator of augmented training batches."""
+    from jaxbig.data import _ShuffledBatches  # pylint: disable=g-import-not-at-top
+    decode = _DecodeTrain(self._paths['train'], self._labels['train'], rows, self.cfg)
+    ds = _ShuffledBatches(len(self._paths['train']), self.cfg.batch_size, self.seed)
+    ds = ds.random_map(decode, seed=self.seed + 1)  # Batch i's draws depend on i alone.
+    return BatchIterator(lambda start: iter(self._parallel(ds[start:])))
+
+  def batch_spec(self, size: int, with_mask: bool) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+    s = self.cfg.image_size
+    spec = {'x': jax.ShapeDtypeStruct((size, s, s, 3), np.float32),
+            'y': jax.ShapeDtypeStruct((size,), np.int32)}
+    if with_mask:
+      spec['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
+    return spec
+
+  def eval_batches(self, split: str) -> Iterator[dict]:
+    """Every image of `split` once, in order, centre-cropped, in padded, masked batches."""
+    n, bs = len(self._paths[split]), self.cfg.eval_batch_size
+    padded = np.full(-(-n // bs) * bs, -1, np.int64)
+    padded[:n] = np.arange(n)
+    ds = grain.MapDataset.source(padded.reshape(-1, bs)).map(
+        _DecodeEval(self._paths[split], self._labels[split], self.cfg))
+    return iter(self._parallel(ds))

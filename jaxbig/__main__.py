@@ -10,4 +10,5 @@ if not sys.flags.safe_path and sys.path and sys.path[0] in ('', os.getcwd()):
 
 from jaxbig.cli import main  # pylint: disable=g-import-not-at-top
 
-sys.exit(main())
+if __name__ == '__main__':  # Not when a worker process (spawn) imports this module again.
+  sys.exit(main())

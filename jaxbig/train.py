@@ -502,6 +502,8 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
   finally:
     profile.close()
     progress.close()
+    if hasattr(train_iter, 'close'):  # Decoding worker processes (data.workers).
+      train_iter.close()
   if preempted is not None or (stop_after is not None and last < cfg.steps):
     writer.close()
   if preempted is not None:

@@ -138,12 +138,12 @@ def test_a_truncated_image_is_one_line_naming_it(tmp_path):
 @pytest.mark.slow(reason='trains and resumes a ResNet')
 def test_training_resumes_bit_identically_with_augmentation_and_workers(folder, tmp_path):
   from jaxbig import train  # pylint: disable=g-import-not-at-top
-  args = [f'data.path={folder}', 'train.log_every=1', 'train.ckpt_every=3']
+  args = [f'data.path={folder}', 'train.log_every=1', 'train.ckpt_every=2', 'train.steps=4']
   load = lambda *more: config_lib.load(EXPERIMENT, [*args, *more])
   straight, resumed = tmp_path / 'a', tmp_path / 'b'
   summary = train.train_and_evaluate(load('data.workers=0'), str(straight))
-  train.train_and_evaluate(load('data.workers=2'), str(resumed), stop_after=3)
+  train.train_and_evaluate(load('data.workers=2'), str(resumed), stop_after=2)
   train.train_and_evaluate(load('data.workers=0'), str(resumed))
   losses = lambda wd: [json.loads(l).get('train/loss') for l in open(wd / 'metrics.jsonl')]
-  assert losses(straight) == losses(resumed) and len(losses(straight)) >= 6
-  assert 0 <= summary['eval']['accuracy'] <= 1 and summary['step'] == 6
+  assert losses(straight) == losses(resumed) and len(losses(straight)) >= 4
+  assert 0 <= summary['eval']['accuracy'] <= 1 and summary['step'] == 4

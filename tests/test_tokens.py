@@ -91,7 +91,7 @@ def test_an_interrupted_prepare_makes_only_the_missing_shards(corpus, prepared, 
   os.remove(out / names[1].replace('.bin', '.json'))
   os.remove(out / prepare.MANIFEST)
   before = {n: os.stat(out / n).st_mtime_ns for n in names if n != names[1]}
-  again = _prepare(corpus, out, shard_mb=0.02)
+  again = _prepare(corpus, out, shard_mb=0.02, workers=2)  # Worker processes: the same.
   assert again == manifest
   assert {n: os.stat(out / n).st_mtime_ns for n in before} == before  # Not rewritten.
   assert (out / names[1]).stat().st_size == manifest['splits']['train']['shards'][1]['tokens'] * 2
@@ -411,15 +411,15 @@ print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 '''
 
 
-@pytest.mark.slow(reason='prepares 8 MB and 64 MB in subprocesses')
+@pytest.mark.slow(reason='prepares 4 MB and 32 MB in subprocesses')
 def test_prepare_never_holds_the_whole_corpus(tmp_path):
-  """Preparing one text file in 2 MB shards raises the parent's peak RSS by the same amount
-  (within 24 MB) for 8 MB and 64 MB: the source is streamed, one shard per split at a
-  time. Holding the text, as before, made it 1.2 GB for the 64 MB file."""
+  """Preparing one text file in 2 MB shards raises the peak RSS by the same amount (within
+  24 MB) for 4 MB and 32 MB: the source is streamed, one shard per split at a time.
+  Holding the text, as before, took 1.2 GB for a 64 MB file."""
   import subprocess  # pylint: disable=g-import-not-at-top
   line = b'the quick brown fox jumps over the lazy dog 0123456789\n'
   growth = []
-  for mb in (8, 64):
+  for mb in (4, 32):
     source = tmp_path / f'{mb}.txt'
     with open(source, 'wb') as f:
       for _ in range(mb):

@@ -179,7 +179,19 @@ class BatchIterator:
     return {'next_batch': self._next}
 
   def set_state(self, state: dict) -> None:
-    self._next, self._it = int(state['next_batch']), None
+    self.close()
+    self._next = int(state['next_batch'])
+
+  def close(self) -> None:
+    """Stops the worker processes (and frees their shared memory)."""
+    _close(self._it)
+    self._it = None
+
+
+def _close(it) -> None:
+  close = getattr(it, 'close', None)
+  if close is not None:
+    close()
 
 
 class ImageFolder:
@@ -276,4 +288,8 @@ class ImageFolder:
     padded[:n] = np.arange(n)
     ds = grain.MapDataset.source(padded.reshape(-1, bs)).map(
         _DecodeEval(self._paths[split], self._labels[split], self.cfg))
-    return iter(self._parallel(ds))
+    it = iter(self._parallel(ds))
+    try:
+      yield from it
+    finally:
+      _close(it)

@@ -23,6 +23,7 @@ shard never counts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -275,11 +276,15 @@ def _worker_init(spec: str, dtype: str) -> None:
   _TOKENIZER, _DTYPE = tokenizer_lib.load(spec), np.dtype(dtype)
 
 
-def _encode(item: tuple[str, bool]) -> np.ndarray:
+def _encode_with(tok, dtype: np.dtype, item: tuple[str, bool]) -> np.ndarray:
   """The document's ids in the shard's dtype (the vocabulary fits it), eos appended."""
   doc, eos = item
-  ids = _TOKENIZER.encode(doc)
-  return np.append(ids, _TOKENIZER.eos_id).astype(_DTYPE) if eos else ids.astype(_DTYPE)
+  ids = tok.encode(doc)
+  return np.append(ids, tok.eos_id).astype(dtype) if eos else ids.astype(dtype)
+
+
+def _encode(item: tuple[str, bool]) -> np.ndarray:
+  return _encode_with(_TOKENIZER, _DTYPE, item)
 
 
 def _fmt_rate(n: float, seconds: float, unit: str) -> str:
@@ -321,8 +326,14 @@ def prepare_text(source: str, out: str, tokenizer: str = 'bytes', *, pattern: st
               for i in range(len(v))] for s, v in shards.items()}
   done_bytes, tokens_made = 0, 0
   t0 = time.perf_counter()
-  ctx = multiprocessing.get_context('spawn')  # No fork of a process that may hold threads.
-  with ctx.Pool(workers, _worker_init, (tokenizer, dtype.str)) as pool:
+  if workers > 1:
+    ctx = multiprocessing.get_context('spawn')  # No fork of a process that may hold threads.
+    pool = ctx.Pool(workers, _worker_init, (tokenizer, dtype.str))
+    encode = lambda items, chunk: pool.map(_encode, items, chunksize=chunk)
+  else:  # In this process: a worker's start (importing jaxbig.data) costs seconds.
+    pool = contextlib.nullcontext()
+    encode = lambda items, chunk: [_encode_with(tok, dtype, item) for item in items]
+  with pool:
     # The source again, a shard at a time: one open shard per split is all that is held.
     for split, i, docs in _regroup(read(), shards, todo):
       name, shard = f'{split}-{i:05d}', shards[split][i]
@@ -333,7 +344,7 @@ def prepare_text(source: str, out: str, tokenizer: str = 'bytes', *, pattern: st
         if check.digest.hexdigest() != digests[split][i]:
           raise ConfigError(f'{source}: changed while it was being prepared; run again')
         chunk = max(1, len(docs) // (4 * workers))
-        ids = np.concatenate(pool.map(_encode, [(d, e) for _, d, e in docs], chunksize=chunk))
+        ids = np.concatenate(encode([(d, e) for _, d, e in docs], chunk))
         _write_shard(out, name, ids, shard.eos, shard.bytes, tok.identity,
                      digests[split][i])
         tokens_made += len(ids)

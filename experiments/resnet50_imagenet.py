@@ -38,6 +38,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.mean = (123.675, 116.28, 103.53)  # Per-channel mean (0..255), ImageNet's.
   c.data.std = (58.395, 57.12, 57.375)  # Per-channel std (0..255), ImageNet's.
   c.data.workers = -1  # Decoding processes (-1: one per core; 0: in the training process).
+  c.data.max_bad_images = 100  # Unreadable training images skipped before the run stops.
   c.data.batch_size = BATCH  # Global training batch.
   c.data.eval_batch_size = 1000  # Evaluation batch (the last one is padded and masked).
 

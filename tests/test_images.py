@@ -127,12 +127,25 @@ def test_bad_folders_are_one_line(tmp_path, damage, named):
     _data(tmp_path)
 
 
-def test_a_truncated_image_is_one_line_naming_it(tmp_path):
+def test_bad_images_are_skipped_counted_and_stop_the_run_past_the_limit(tmp_path, capsys):
   _make(tmp_path, {'train': 3, 'val': 1})
-  bad = tmp_path / 'val' / 'dog' / '0.jpg'
-  bad.write_bytes(bad.read_bytes()[:100])
-  with pytest.raises(ConfigError, match=f'{bad}: not a readable image'):
-    list(_data(tmp_path, 'data.workers=0').eval_batches('val'))
+  for split in ('train', 'val'):
+    bad = tmp_path / split / 'dog' / '0.jpg'
+    bad.write_bytes(bad.read_bytes()[:100])  # Truncated.
+  (tmp_path / 'train' / 'cat' / '1.jpg').write_bytes(b'not an image')
+  batches = list(_data(tmp_path, 'data.workers=0', 'data.eval_batch_size=8').eval_batches('val'))
+  assert batches[0]['mask'].tolist() == [1, 0, 1, 0, 0, 0, 0, 0]  # dog/0.jpg masked out.
+  assert f"skipped bad image 1: {tmp_path / 'val' / 'dog' / '0.jpg'}" in capsys.readouterr().err
+  it = _data(tmp_path, 'data.workers=0', 'data.max_bad_images=100').train_iter()
+  seen = [next(it) for _ in range(9)]  # 9 images (2 bad), batches of 8: 8 epochs.
+  assert it.bad == 16 == it.get_state()['bad_images']  # Each time one is drawn.
+  assert all(b['x'].shape == (8, 32, 32, 3) for b in seen)
+  assert set(np.concatenate([b['y'] for b in seen])) == {0, 1, 2}
+  it = _data(tmp_path, 'data.workers=0', 'data.max_bad_images=1').train_iter()
+  with pytest.raises(ConfigError, match=r'readable image .*: \d bad images, more than '
+                     r'data.max_bad_images \(1\)'):
+    for _ in range(6):
+      next(it)
 
 
 @pytest.mark.slow(reason='trains and resumes a ResNet')

@@ -14,7 +14,11 @@ centre crop of `data.crop_fraction` of the shorter side becomes `data.image_size
 are normalised per channel with `data.mean` and `data.std` (0..255 units; ImageNet's by
 default). The draws come from the batch's seeded generator, so a resumed run sees the same
 crops. JPEGs are decoded at a reduced scale where the crop allows (Pillow's `draft`).
-Greyscale, palette and CMYK images are converted to RGB; an image over MAX_PIXELS is refused.
+Greyscale, palette and CMYK images are converted to RGB. An unreadable or truncated image,
+or one over MAX_PIXELS pixels (refused before decoding), is skipped and counted: in
+training another image of the batch takes its row, in evaluation its row is masked out.
+More than `data.max_bad_images` in a run's training batches stop it with one line naming
+the last one.
 """
 
 from __future__ import annotations
@@ -56,17 +60,21 @@ def list_split(root: str, split: str) -> tuple[list[str], list[tuple[str, str]]]
   return classes, files
 
 
+class BadImage(ConfigError):
+  """An image that cannot be decoded or is too large; skipped and counted where it occurs."""
+
+
 def _open(path: str):
-  """The image at `path`, opened (not decoded) and checked; ConfigError naming the file."""
+  """The image at `path`, opened (not decoded) and checked; BadImage naming the file."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
     image = Image.open(path)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise ConfigError(f'data.path: {path}: not a readable image ({type(e).__name__})') from None
+    raise BadImage(f'data.path: {path}: not a readable image ({type(e).__name__})') from None
   width, height = image.size
   if width * height > MAX_PIXELS:
-    raise ConfigError(f'data.path: {path}: {width} x {height} pixels, over the '
-                      f'{MAX_PIXELS >> 20} M-pixel bound')
+    raise BadImage(f'data.path: {path}: {width} x {height} pixels, over the '
+                   f'{MAX_PIXELS >> 20} M-pixel bound')
   return image
 
 
@@ -84,7 +92,7 @@ def _load(image, path: str, box: tuple[float, float, float, float], size: int) -
     out = rgb.resize((size, size), Image.BILINEAR,
                      box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
   except (OSError, ValueError, SyntaxError) as e:  # Truncated or damaged data.
-    raise ConfigError(f'data.path: {path}: not a readable image ({e})') from None
+    raise BadImage(f'data.path: {path}: not a readable image ({e})') from None
   return np.asarray(out, np.uint8)
 
 
@@ -127,14 +135,25 @@ class _DecodeTrain(grain.transforms.RandomMap):
     flips = rng.random(len(idx)) < 0.5
     lo, hi = self.rows or (0, len(idx))
     x = np.empty((hi - lo, self.size, self.size, 3), np.uint8)
-    for i, k in enumerate(range(lo, hi)):
+    rows, bad = [], []
+    for k in range(lo, hi):
       path = self.paths[idx[k]]
-      image = _open(path)
-      box = random_box(*image.size, np.random.default_rng(seeds[k]), self.scale, self.ratio)
-      x[i] = _load(image, path, box, self.size)
+      try:
+        image = _open(path)
+        box = random_box(*image.size, np.random.default_rng(seeds[k]), self.scale, self.ratio)
+        x[len(rows)] = _load(image, path, box, self.size)
+      except BadImage as e:
+        bad.append(str(e))
+        continue
       if self.flip and flips[k]:
-        x[i] = x[i, :, ::-1].copy()
-    return {'x': (x - self.mean) / self.std, 'y': self.labels[idx[lo:hi]]}
+        x[len(rows)] = x[len(rows), :, ::-1].copy()
+      rows.append(k)
+    if not rows:
+      raise ConfigError(f'{bad[-1]}; every image of a training batch is unreadable')
+    # The skipped rows repeat the batch's good ones, so the batch keeps its shape.
+    take = np.resize(np.arange(len(rows)), hi - lo)
+    return {'x': (x[take] - self.mean) / self.std, 'y': self.labels[idx[np.asarray(rows)[take]]],
+            BAD: bad}
 
 
 class _DecodeEval(grain.transforms.Map):
@@ -148,22 +167,37 @@ class _DecodeEval(grain.transforms.Map):
 
   def map(self, idx):
     x = np.zeros((len(idx), self.size, self.size, 3), np.float32)
+    keep, bad = idx >= 0, []
     for i, k in enumerate(idx):
       if k >= 0:
-        image = _open(self.paths[k])
-        pixels = _load(image, self.paths[k], center_box(*image.size, self.fraction), self.size)
-        x[i] = (pixels - self.mean) / self.std
-    keep = idx >= 0
+        try:
+          image = _open(self.paths[k])
+          box = center_box(*image.size, self.fraction)
+          x[i] = (_load(image, self.paths[k], box, self.size) - self.mean) / self.std
+        except BadImage as e:
+          keep[i] = False
+          bad.append(str(e))
     return {'x': x, 'y': np.where(keep, self.labels[np.maximum(idx, 0)], 0).astype(np.int32),
-            'mask': keep.astype(np.float32)}
+            'mask': keep.astype(np.float32), BAD: bad}
+
+
+BAD = 'bad_images'  # A batch's skipped images (their one-line reasons), taken out of it.
+
+
+def _note_bad(reasons: list[str], total: int) -> None:
+  from jaxbig import metrics  # pylint: disable=g-import-not-at-top
+  for i, reason in enumerate(reasons, total - len(reasons) + 1):
+    metrics.note(f'skipped bad image {i}: {reason.removeprefix("data.path: ")}')
 
 
 class BatchIterator:
-  """Batches of `make(start)`, from batch `start` on. Its state is the next batch's number,
-  not the worker processes' positions: a run resumes with any `data.workers`."""
+  """Batches of `make(start)`, from batch `start` on. Its state is the next batch's number
+  and the bad images met so far, not the worker processes' positions: a run resumes with
+  any `data.workers`. More than `max_bad` bad images stop it (ConfigError)."""
 
-  def __init__(self, make):
+  def __init__(self, make, max_bad: int):
     self._make, self._next, self._it = make, 0, None
+    self.max_bad, self.bad = max_bad, 0
 
   def __iter__(self):
     return self
@@ -173,14 +207,21 @@ class BatchIterator:
       self._it = self._make(self._next)
     batch = next(self._it)
     self._next += 1
+    reasons = list(batch.pop(BAD))
+    if reasons:
+      self.bad += len(reasons)
+      _note_bad(reasons, self.bad)
+      if self.bad > self.max_bad:
+        raise ConfigError(f'{reasons[-1]}: {self.bad} bad images, more than '
+                          f'data.max_bad_images ({self.max_bad})')
     return batch
 
   def get_state(self) -> dict:
-    return {'next_batch': self._next}
+    return {'next_batch': self._next, 'bad_images': self.bad}
 
   def set_state(self, state: dict) -> None:
     self.close()
-    self._next = int(state['next_batch'])
+    self._next, self.bad = int(state['next_batch']), int(state.get('bad_images', 0))
 
   def close(self) -> None:
     """Stops the worker processes (and frees their shared memory)."""
@@ -212,6 +253,8 @@ class ImageFolder:
     lo, hi = cfg.crop_ratio
     if not 0 < lo <= hi:
       raise ConfigError(f'data.crop_ratio must be 0 < lo <= hi, got {tuple(cfg.crop_ratio)}')
+    if cfg.max_bad_images < 0:
+      raise ConfigError(f'data.max_bad_images must be >= 0, got {cfg.max_bad_images}')
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
       raise ConfigError('data.mean and data.std: three values each (RGB), std > 0')
     self.classes, _ = list_split(cfg.path, 'train')
@@ -270,7 +313,8 @@ class ImageFolder:
     decode = _DecodeTrain(self._paths['train'], self._labels['train'], rows, self.cfg)
     ds = _ShuffledBatches(len(self._paths['train']), self.cfg.batch_size, self.seed)
     ds = ds.random_map(decode, seed=self.seed + 1)  # Batch i's draws depend on i alone.
-    return BatchIterator(lambda start: iter(self._parallel(ds[start:])))
+    return BatchIterator(lambda start: iter(self._parallel(ds[start:])),
+                         self.cfg.max_bad_images)
 
   def batch_spec(self, size: int, with_mask: bool) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
@@ -288,8 +332,12 @@ class ImageFolder:
     padded[:n] = np.arange(n)
     ds = grain.MapDataset.source(padded.reshape(-1, bs)).map(
         _DecodeEval(self._paths[split], self._labels[split], self.cfg))
-    it = iter(self._parallel(ds))
+    it, bad = iter(self._parallel(ds)), 0
     try:
-      yield from it
+      for batch in it:
+        reasons = list(batch.pop(BAD))
+        bad += len(reasons)
+        _note_bad(reasons, bad)
+        yield batch
     finally:
       _close(it)

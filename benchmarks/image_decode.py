@@ -11,6 +11,8 @@ bilinearly and flips half: one process, best of REPEATS passes.
 
 import argparse
 import io
+import os
+import sys
 import time
 
 import numpy as np
@@ -18,22 +20,16 @@ from PIL import Image
 
 from jaxbig.data import images
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_images  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 REPEATS = 3
 SIZE = 224
 
 
 def _photos(n: int) -> list[bytes]:
   rng = np.random.default_rng(0)
-  yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
-  out = []
-  for _ in range(n):
-    a, b, c = rng.uniform(0.005, 0.05, 3)
-    base = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * (xx + yy))], -1)
-    pixels = np.clip(127 + 100 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, 'JPEG', quality=90)
-    out.append(buf.getvalue())
-  return out
+  return [make_images.photo(rng, 500, 375) for _ in range(n)]
 
 
 def _pillow(data: bytes, rng, draft: bool) -> np.ndarray:

@@ -36,13 +36,14 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'trai
                      # Limits on reading text: the data's identity is checked on its own.
                      'data.max_file_mb', 'data.max_total_mb',
                      # Decoding processes: the batches are the same with any number.
-                     'data.workers',
+                     'data.workers', 'data.max_bad_images',
                      'train.profile_steps', 'train.profile_start')
 
 
 # Fields added since runs were first saved, with the value that reproduces what those runs
 # did: a config.json or fingerprint without the field counts as holding that value.
-ADDED_FIELDS = {'kernels': 'auto'}
+ADDED_FIELDS = {'kernels': 'auto', 'data.pack': False, 'data.vocab_size': 0,
+                'model.logits_chunk': 0}
 
 
 def fingerprint_config(config) -> dict:
@@ -89,7 +90,8 @@ def saved_config(workdir: str) -> dict:
         'is not a config')
     raise ConfigError(f'{path}: not a jaxbig config ({what}); use a new --workdir')
   for key, value in ADDED_FIELDS.items():
-    saved.setdefault(key, value)
+    if '.' not in key:  # Section fields: check_config matches them.
+      saved.setdefault(key, value)
   return saved
 
 
@@ -163,8 +165,12 @@ def check_config(workdir: str, config) -> None:
   """A resumed run must keep the saved config, but for RESUMABLE_CHANGES; writes nothing."""
   check_folder(workdir)
   if os.path.exists(os.path.join(workdir, 'config.json')):
-    changed = [k for k in config_lib.diff(saved_config(workdir), config_lib.to_dict(config))
-               if k not in RESUMABLE_CHANGES]
+    saved, new = saved_config(workdir), config_lib.to_dict(config)
+    flat_saved, flat_new = config_lib.flatten(saved), config_lib.flatten(new)
+    added = lambda k: (k in ADDED_FIELDS and k not in flat_saved
+                       and flat_new.get(k) == ADDED_FIELDS[k])
+    changed = [k for k in config_lib.diff(saved, new)
+               if k not in RESUMABLE_CHANGES and not added(k)]
     if changed:
       raise ConfigError(f"--workdir {workdir} holds a run with a different config "
                         f"({', '.join(changed)}); use a new --workdir")

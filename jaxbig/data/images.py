@@ -136,14 +136,19 @@ class _DecodeTrain(grain.transforms.RandomMap):
     lo, hi = self.rows or (0, len(idx))
     x = np.empty((hi - lo, self.size, self.size, 3), np.uint8)
     rows, bad = [], []
-    for k in range(lo, hi):
+    # This process's rows first; only if all of them are bad, the batch's others in turn.
+    for k in [*range(lo, hi), *range(hi, len(idx)), *range(lo)]:
+      if k >= hi or k < lo:
+        if rows:
+          break
       path = self.paths[idx[k]]
       try:
         image = _open(path)
         box = random_box(*image.size, np.random.default_rng(seeds[k]), self.scale, self.ratio)
         x[len(rows)] = _load(image, path, box, self.size)
       except BadImage as e:
-        bad.append(str(e))
+        if lo <= k < hi:
+          bad.append(str(e))
         continue
       if self.flip and flips[k]:
         x[len(rows)] = x[len(rows), :, ::-1].copy()
@@ -239,6 +244,14 @@ class ImageFolder:
   """ImageNet-layout image folders with the interface of `jaxbig.data.Data`."""
 
   def __init__(self, cfg, seed: int):
+    try:
+      self._init(cfg, seed)
+    except AttributeError as e:  # ConfigDict: a field this source needs is not declared.
+      field = str(e).splitlines()[0].strip('"\'')
+      raise ConfigError(f'data.{field}: data.name=imagefolder needs this field; the '
+                        "experiment's data section does not declare it") from None
+
+  def _init(self, cfg, seed: int) -> None:
     from jaxbig.data import DataMeta  # Circular otherwise.
     if not cfg.path:
       raise ConfigError('data.path: required when data.name=imagefolder (DIR/train/<class>/, '

@@ -88,6 +88,8 @@ def _needs(module: str, what: str):
 
 def _parquet_texts(path: str, field: str) -> Iterator[tuple[int, str]]:
   pq = _needs('pyarrow.parquet', f'{path}: a parquet source')
+  if not stat.S_ISREG(os.stat(path).st_mode):  # A FIFO would block.
+    raise ConfigError(f'{path}: not a regular file')
   try:
     table = pq.ParquetFile(path)
   except Exception as e:  # pyarrow raises several types for a file that is not parquet.
@@ -114,7 +116,8 @@ HF_SPLITS = {'train': 'train', 'validation': 'val', 'valid': 'val', 'val': 'val'
 def is_hf_folder(path: str) -> bool:
   """A folder written by `datasets`' `save_to_disk` (a Dataset or a DatasetDict)."""
   return (os.path.isfile(os.path.join(path, 'dataset_dict.json'))
-          or os.path.isfile(os.path.join(path, 'state.json')))
+          or (os.path.isfile(os.path.join(path, 'state.json'))
+              and os.path.isfile(os.path.join(path, 'dataset_info.json'))))
 
 
 def _hf_documents(source: str, field: str, val_fraction: float, test_fraction: float):
@@ -185,6 +188,8 @@ def _file_pieces(source: str, val_fraction: float, test_fraction: float):
       f.seek(lo)
       while pos < hi:
         data = f.read(min(PIECE_BYTES, hi - pos))
+        if not data:
+          raise ConfigError(f'{source}: shrank while it was being read; run again')
         if pos + len(data) < hi:
           at = data.rfind(b'\n')
           if at >= 0:
@@ -211,14 +216,14 @@ def documents(source: str, pattern: str, field: str, val_fraction: float,
   if os.path.isdir(source) and is_hf_folder(source):
     yield from _hf_documents(source, field, val_fraction, test_fraction)
   elif os.path.isdir(source):
-    skip = os.path.relpath(exclude, source) if exclude else ''
-    records = pattern.endswith(('.jsonl', '.parquet'))
+    skip = os.path.relpath(os.path.realpath(exclude), os.path.realpath(source)) if exclude else ''
+    jsonl = pattern.endswith('.jsonl')  # Else a .jsonl file is a text document.
     for rel in text_lib.list_files(source, pattern or '*'):
       if skip and not skip.startswith('..') and (rel + os.sep).startswith(skip + os.sep):
         continue
       path = os.path.join(source, rel)
       key = rel.replace(os.sep, '/')
-      if records:
+      if rel.endswith('.parquet') or (jsonl and rel.endswith('.jsonl')):
         for n, doc in _records(path, field):
           if doc:
             yield _split_of(doc, val_fraction, test_fraction), f'{key}:{n}', doc, True

@@ -111,9 +111,6 @@ class TokensData:
 
   def __init__(self, cfg, seed: int):
     from jaxbig.data import DataMeta  # Circular otherwise.
-    if not cfg.path:
-      raise ConfigError('data.path: required when data.name=tokens (a folder made by '
-                        'jaxbig prepare text)')
     if cfg.seq_len <= 0:
       raise ConfigError(f'data.seq_len must be > 0, got {cfg.seq_len}')
     if cfg.eval_windows <= 0:
@@ -139,6 +136,9 @@ class TokensData:
   def _load(cls, cfg, seed: int) -> tuple[dict, object, dict, np.ndarray]:
     """(manifest, tokenizer, {split: [shard]}, training unigram counts)."""
     del seed
+    if not cfg.path:
+      raise ConfigError('data.path: required when data.name=tokens (a folder made by '
+                        'jaxbig prepare text)')
     manifest = read_manifest(cfg.path)
     tokenizer = run_tokenizer(cfg, manifest)
     dtype = np.dtype(manifest['dtype'])

@@ -118,6 +118,9 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
                       f'model.name={cfg.model.name} on data.name={cfg.data.name}')
   if not 0 <= top_k <= meta.vocab_size:
     raise ConfigError(f'--top-k must be in 0..{meta.vocab_size}, got {top_k}')
+  if cfg.data.name == 'random_tokens':
+    raise ConfigError(f'{workdir}: trained on data.name=random_tokens, which has no text to '
+                      'read a prompt into')
   tok = getattr(s.data, 'tokenizer', None)  # Prepared token shards; bytes otherwise.
   if tok is None:
     prompt_P = encode_prompt(prompt, meta.vocab_size)
@@ -126,6 +129,9 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
     prompt_P = tok.encode(prompt)
     if not len(prompt_P):
       raise ConfigError('--prompt: must not be empty (the model needs at least one token)')
+  eos = getattr(s.model, 'doc_eos', -1)
+  if eos >= 0:  # Packed documents: the end token opens a document, as in training.
+    prompt_P = np.concatenate([[eos], prompt_P]).astype(prompt_P.dtype)
   max_len = getattr(s.model, 'max_len', None)
   if max_len is not None and len(prompt_P) + num_tokens > max_len:
     raise ConfigError(f'--tokens: the prompt ({len(prompt_P)} bytes) + --tokens ({num_tokens}) '
@@ -136,6 +142,9 @@ def generate(workdir: str, prompt: str, num_tokens: int, *, temperature: float =
   with precision.tracing(s.policy):  # The run's matmul precision.
     new = sample(s.model, state.params, prompt_P, num_tokens, temperature=temperature,
                  top_k=top_k, seed=seed, valid=meta.num_classes)
+  if eos >= 0:  # One document: up to the first end token.
+    ends = np.flatnonzero(new == eos)
+    prompt_P, new = prompt_P[1:], new[:ends[0]] if len(ends) else new
   if tok is not None:
     return tok.decode(np.concatenate([prompt_P, new]))
   return (prompt_P.astype(np.uint8).tobytes() + new.astype(np.uint8).tobytes()).decode(

@@ -237,7 +237,10 @@ class _JaxRunner:
     # Synthetic data already on the devices: one real batch, reused by every step.
     batch_sh = sharding.batch_sharding(s.mesh)
     size = config.data.batch_size
-    self.local = next(s.data.train_iter(sharding.process_rows(batch_sh, size)))
+    it = s.data.train_iter(sharding.process_rows(batch_sh, size))
+    self.local = next(it)
+    if hasattr(it, 'close'):  # Decoding worker processes (data.workers).
+      it.close()
     self.batch = jax.block_until_ready(sharding.to_global(self.local, batch_sh, size))
     self.sums = None
 
@@ -316,6 +319,8 @@ def input_time(config, batches: int) -> dict:
   for _ in range(batches):
     next(it)
   batch_time = (time.perf_counter() - t0) / batches
+  if hasattr(it, 'close'):
+    it.close()
   tokens = rows * config.data.seq_len if data.meta.vocab_size else None
   return {'batches': batches, 'batch_time_s': batch_time, 'samples_per_s': rows / batch_time,
           'tokens_per_s': tokens / batch_time if tokens else None}

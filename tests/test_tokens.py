@@ -205,13 +205,18 @@ def test_damaged_shards_and_another_tokenizer_are_refused_before_training(prepar
 
 
 @pytest.mark.slow(reason='trains a run')
-def test_gpt_124m_smoke_trains_with_chunked_logits_and_packed_documents(prepared, tmp_path):
+def test_gpt_124m_smoke_trains_with_chunked_logits_and_packed_documents(prepared, tmp_path,
+                                                                        capsys):
   out, _ = prepared
   spec = str(EXPERIMENTS / 'gpt_124m.py') + ':smoke'
   config = config_lib.load(spec, [f'data.path={out}', 'data.pack=true'])
   assert config.model.logits_chunk < config.data.seq_len
   summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert np.isfinite(summary['eval']['bits_per_byte']) and summary['step'] == 10
+  # Sampling one document: the prompt opened by the end token, the text cut at the next.
+  code, text, err = _main(capsys, 'generate', tmp_path / 'run', '--prompt', 'def ',
+                          '--tokens', '16', '--seed', '3')
+  assert code == 0 and text.startswith('def '), err
   # The full config (for a GPU) at GPT-2's vocabulary: its parameters, counted abstractly.
   full = config_lib.load(str(EXPERIMENTS / 'gpt_124m.py'), [])
   meta = data_lib.DataMeta(input_shape=(1024,), num_outputs=50304, task='lm',
@@ -470,3 +475,23 @@ def test_one_file_that_is_not_utf8_is_one_line(tmp_path, capsys, monkeypatch, co
   code, _, err = _main(capsys, 'prepare', 'text', source, '--out', tmp_path / 'o')
   assert code == 2 and not (tmp_path / 'o').exists()
   _one_line(err, f'{source}: not UTF-8 text (byte ')
+
+
+def test_runs_saved_before_the_new_token_fields_still_resume(tmp_path):
+  """A config.json without data.pack, data.vocab_size (gpt_bpe_stdlib) and
+  model.logits_chunk (lstm_stdlib), as runs saved before them have, matches the defaults;
+  a different value does not."""
+  from jaxbig import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  for spec, fields in ((EXPERIMENT, ('data.pack', 'data.vocab_size')),
+                       (str(EXPERIMENTS / 'lstm_stdlib.py') + ':smoke', ('model.logits_chunk',))):
+    run = tmp_path / pathlib.Path(spec).stem
+    run.mkdir()
+    old = config_lib.to_dict(config_lib.load(spec, []))
+    for field in fields:
+      section, name = field.split('.')
+      del old[section][name]
+    (run / 'config.json').write_text(json.dumps(old))
+    workdir_lib.check_config(str(run), config_lib.load(spec, []))
+    changed = f"{fields[0]}={'true' if fields[0] == 'data.pack' else 7}"
+    with pytest.raises(ConfigError, match=f'different config .{fields[0]}'):
+      workdir_lib.check_config(str(run), config_lib.load(spec, [changed]))

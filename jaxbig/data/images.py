@@ -270,14 +270,15 @@ class ImageFolder:
       raise ConfigError(f'data.max_bad_images must be >= 0, got {cfg.max_bad_images}')
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
       raise ConfigError('data.mean and data.std: three values each (RGB), std > 0')
-    self.classes, _ = list_split(cfg.path, 'train')
+    train = list_split(cfg.path, 'train')  # Listed once: ImageNet's has 1.28M files.
+    self.classes = train[0]
     ids = {c: i for i, c in enumerate(self.classes)}
     self._paths, self._labels = {}, {}
     for split in ('train', 'val', 'test'):
       if split == 'test' and not os.path.isdir(os.path.join(cfg.path, 'test')):
         self._paths['test'], self._labels['test'] = self._paths['val'], self._labels['val']
         continue
-      classes, files = list_split(cfg.path, split)
+      classes, files = train if split == 'train' else list_split(cfg.path, split)
       if classes != self.classes:
         differ = sorted(set(classes) ^ set(self.classes))
         raise ConfigError(f"data.path: the classes of {split}/ and train/ differ: "

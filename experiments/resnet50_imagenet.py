@@ -3,6 +3,9 @@
 Data:      DIR/train/<wnid>/*.JPEG (1,281,167 images) and DIR/val/<wnid>/*.JPEG (50,000,
            sorted into class folders), e.g. data/imagenet.
 Command:   jaxbig train experiments/resnet50_imagenet.py data.path=DIR [key=value ...]
+Packed:    jaxbig prepare images DIR --out PACKED   (ArrayRecord shards of the JPEG bytes,
+           for filesystems slow at many small files), then train with
+           data.name=imagerecords data.path=PACKED: the same batches.
 Smoke:     jaxbig train experiments/resnet50_imagenet.py:smoke data.path=DIR   (32x32 crops,
            a tiny ResNet, a few steps: any small folder of the same layout)
 Hardware:  8 GPUs (A100/H100) or a TPU v5e-16 with mesh.data=-1; bf16; decoding needs
@@ -28,7 +31,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     raise ValueError(f"unknown variant '{arg}'; the only one is 'smoke'")
   c = base.get_config()
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'imagefolder'
+  c.data.name = 'imagefolder'  # Or imagerecords: the folder packed by `jaxbig prepare images`.
   c.data.path = 'data/imagenet'  # DIR/train/<class>/, DIR/val/<class>/ (DIR/test/ optional).
   c.data.image_size = 224  # Training crops and evaluation centre crops, pixels per side.
   c.data.crop_fraction = 0.875  # Evaluation: the centre crop's share of the shorter side.
@@ -39,6 +42,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.std = (58.395, 57.12, 57.375)  # Per-channel std (0..255), ImageNet's.
   c.data.workers = -1  # Decoding processes (-1: one per core; 0: in the training process).
   c.data.max_bad_images = 100  # Unreadable training images skipped before the run stops.
+  c.data.verify_shards = False  # imagerecords: check every shard's SHA-256 first (reads all).
   c.data.batch_size = BATCH  # Global training batch.
   c.data.eval_batch_size = 1000  # Evaluation batch (the last one is padded and masked).
 

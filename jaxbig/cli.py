@@ -107,22 +107,28 @@ def _parser() -> argparse.ArgumentParser:
   g.add_argument('--max-tokens', type=int, default=65536,
                  help='cap on --tokens for models without a context limit, e.g. LSTMs '
                  '(default 65536; a Transformer is capped by its model.max_len)')
-  r = sub.add_parser('prepare', help='tokenize a corpus once into token shards for '
-                     'data.name=tokens (an interrupted run continues)')
-  r.add_argument('kind', choices=('text',), help='what to prepare')
-  r.add_argument('source', help='a folder of text files, a .jsonl or .parquet file (or a '
-                 'folder of them with --pattern), a datasets save_to_disk folder, or one text file')
+  r = sub.add_parser('prepare', help='tokenize a corpus into token shards (data.name=tokens), '
+                     'or pack an image folder into ArrayRecord shards (data.name=imagerecords); '
+                     'an interrupted run continues')
+  r.add_argument('kind', choices=('text', 'images'), help='what to prepare')
+  r.add_argument('source', help='text: a folder of text files, a .jsonl or .parquet file (or a '
+                 'folder of them with --pattern), a datasets save_to_disk folder, or one text '
+                 'file; images: a folder DIR/train/<class>/, DIR/val/<class>/ [DIR/test/<class>/]')
   r.add_argument('--out', required=True, help='output folder (new, or one this command began)')
-  r.add_argument('--tokenizer', default='bytes',
-                 help="'bytes' (default), a tokenizers .json or a SentencePiece .model")
-  r.add_argument('--pattern', default='', help="file-name pattern in a folder (default '*'); "
-                 "'*.jsonl' or '*.parquet' reads records")
-  r.add_argument('--field', default='text', help="a record's text field (default text)")
-  r.add_argument('--val-fraction', type=_finite_float, default=0.05)
-  r.add_argument('--test-fraction', type=_finite_float, default=0.05)
   r.add_argument('--shard-mb', type=_finite_float, default=256.0,
-                 help='text per shard, MiB (default 256)')
-  r.add_argument('--workers', type=int, default=0, help='tokenizing processes (default: cores)')
+                 help='text or image bytes per shard, MiB (default 256)')
+  r.add_argument('--workers', type=int, default=0,
+                 help='text: tokenizing processes; images: packing threads (default: cores)')
+  text_only = r.add_argument_group('text only')
+  text_only.add_argument('--tokenizer', default=None,
+                         help="'bytes' (default), a tokenizers .json or a SentencePiece .model")
+  text_only.add_argument('--pattern', default=None, help="file-name pattern in a folder "
+                         "(default '*'); '*.jsonl' or '*.parquet' reads records")
+  text_only.add_argument('--field', default=None, help="a record's text field (default text)")
+  text_only.add_argument('--val-fraction', type=_finite_float, default=None,
+                         help='default 0.05')
+  text_only.add_argument('--test-fraction', type=_finite_float, default=None,
+                         help='default 0.05')
   k = sub.add_parser('tokenizer', help='train a byte-level BPE tokenizer on a corpus')
   k.add_argument('action', choices=('train',))
   k.add_argument('source', help='a source as for prepare')
@@ -243,16 +249,28 @@ def _run(args) -> int:
       from jaxbig.tools.bench import report
       print(report.report(args.results), end='')
   elif args.command == 'prepare':
-    from jaxbig.data import prepare
     if args.workers < 0:
       raise ConfigError(f'--workers must be >= 0, got {args.workers}')
-    manifest = prepare.prepare_text(
-        args.source, args.out, args.tokenizer, pattern=args.pattern, field=args.field,
-        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-        shard_mb=args.shard_mb, workers=args.workers)
-    counts = {s: manifest['splits'][s]['tokens'] for s in prepare.SPLITS}
-    print(f"prepared -> {args.out}: {', '.join(f'{s} {n:,}' for s, n in counts.items())} "
-          f"tokens; train with data.name=tokens data.path={args.out}")
+    text_args = {'tokenizer': 'bytes', 'pattern': '', 'field': 'text', 'val_fraction': 0.05,
+                 'test_fraction': 0.05}
+    if args.kind == 'images':
+      given = [k for k in text_args if getattr(args, k) is not None]
+      if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')}: only for prepare text")
+      from jaxbig.data import image_records
+      manifest = image_records.prepare_images(args.source, args.out, shard_mb=args.shard_mb,
+                                              workers=args.workers)
+      counts = ', '.join(f"{s} {v['records']:,}" for s, v in manifest['splits'].items())
+      print(f'prepared -> {args.out}: {counts} images, {len(manifest["classes"])} classes; '
+            f'train with data.name=imagerecords data.path={args.out}')
+    else:
+      from jaxbig.data import prepare
+      text_args.update({k: v for k in text_args if (v := getattr(args, k)) is not None})
+      manifest = prepare.prepare_text(args.source, args.out, shard_mb=args.shard_mb,
+                                      workers=args.workers, **text_args)
+      counts = {s: manifest['splits'][s]['tokens'] for s in prepare.SPLITS}
+      print(f"prepared -> {args.out}: {', '.join(f'{s} {n:,}' for s, n in counts.items())} "
+            f"tokens; train with data.name=tokens data.path={args.out}")
   elif args.command == 'tokenizer':
     from jaxbig.data import tokenizer
     info = tokenizer.train_bpe(args.source, args.vocab, args.out, pattern=args.pattern,

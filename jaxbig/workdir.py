@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'trai
                      'data.max_file_mb', 'data.max_total_mb',
                      # Decoding processes: the batches are the same with any number.
                      'data.workers', 'data.max_bad_images',
+                     'data.verify_shards',  # A check of the shards: they are what they were.
                      'train.profile_steps', 'train.profile_start')
 
 

@@ -105,7 +105,7 @@ def test_a_huge_image_is_refused_unread(folder, tmp_path, monkeypatch):
   big = tmp_path / 'big.png'
   Image.new('RGB', (61, 60)).save(big)
   with pytest.raises(ConfigError, match='61 x 60 pixels, over the'):
-    images._open(str(big))  # pylint: disable=protected-access
+    images.open_image(str(big), str(big))
 
 
 @pytest.mark.parametrize('damage, named', [

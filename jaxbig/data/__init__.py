@@ -334,6 +334,9 @@ def build(cfg, seed: int) -> 'Data | text.TextData | tokens.TokensData':
   if cfg.name == 'imagefolder':
     from jaxbig.data import images  # pylint: disable=g-import-not-at-top
     return images.ImageFolder(cfg, seed)
+  if cfg.name == 'imagerecords':
+    from jaxbig.data import image_records  # pylint: disable=g-import-not-at-top
+    return image_records.ImageRecords(cfg, seed)
   return Data(cfg, seed)
 
 

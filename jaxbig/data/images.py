@@ -39,46 +39,82 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-def list_split(root: str, split: str) -> tuple[list[str], list[tuple[str, str]]]:
+SPLITS = ('train', 'val', 'test')
+
+
+def list_split(root: str, split: str, field: str = 'data.path'
+               ) -> tuple[list[str], list[tuple[str, str]]]:
   """(sorted class names, [(class, file name)]) of root/split; ConfigError for a missing
   folder or a class folder without images."""
   folder = os.path.join(root, split)
   if not os.path.isdir(folder):
-    raise ConfigError(f'data.path: {folder} is missing (imagefolder needs DIR/train/<class>/ '
+    raise ConfigError(f'{field}: {folder} is missing (an image folder needs DIR/train/<class>/ '
                       'and DIR/val/<class>/)')
   classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
   if not classes:
-    raise ConfigError(f'data.path: {folder} holds no class folders')
+    raise ConfigError(f'{field}: {folder} holds no class folders')
   files = []
   for c in classes:
     names = sorted(e.name for e in os.scandir(os.path.join(folder, c))
                    if e.is_file() and e.name.lower().endswith(EXTENSIONS))
     if not names:
-      raise ConfigError(f'data.path: class folder {os.path.join(folder, c)} holds no images '
+      raise ConfigError(f'{field}: class folder {os.path.join(folder, c)} holds no images '
                         f"({', '.join(EXTENSIONS)})")
     files += [(c, n) for n in names]
   return classes, files
+
+
+def list_folder(root: str, field: str = 'data.path'
+                ) -> tuple[list[str], dict[str, list[tuple[str, str]]]]:
+  """(classes, {split: [(class, file name)]}) of an ImageNet-layout folder: train/ and val/,
+  and test/ where there is one; every split must hold the classes of train/."""
+  classes, train = list_split(root, 'train', field)  # Listed once: ImageNet's has 1.28M files.
+  splits = {'train': train}
+  for split in SPLITS[1:]:
+    if split == 'test' and not os.path.isdir(os.path.join(root, 'test')):
+      continue
+    others, splits[split] = list_split(root, split, field)
+    if others != classes:
+      differ = sorted(set(others) ^ set(classes))
+      raise ConfigError(f"{field}: the classes of {split}/ and train/ differ: "
+                        f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
+  return classes, splits
 
 
 class BadImage(ConfigError):
   """An image that cannot be decoded or is too large; skipped and counted where it occurs."""
 
 
-def _open(path: str):
-  """The image at `path`, opened (not decoded) and checked; BadImage naming the file."""
+def open_image(file, where: str):
+  """The image in `file` (a path or a file object), opened, not decoded, and checked;
+  BadImage naming it as `where`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   try:
-    image = Image.open(path)
+    image = Image.open(file)
   except (OSError, ValueError, Image.DecompressionBombError) as e:
-    raise BadImage(f'data.path: {path}: not a readable image ({type(e).__name__})') from None
+    raise BadImage(f'data.path: {where}: not a readable image ({type(e).__name__})') from None
   width, height = image.size
   if width * height > MAX_PIXELS:
-    raise BadImage(f'data.path: {path}: {width} x {height} pixels, over the '
+    raise BadImage(f'data.path: {where}: {width} x {height} pixels, over the '
                    f'{MAX_PIXELS >> 20} M-pixel bound')
   return image
 
 
-def _load(image, path: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
+class Files:
+  """A split's images by index, one file each."""
+
+  def __init__(self, paths: list[str]):
+    self.paths = paths
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def open(self, k: int):
+    """(opened image, its name for messages); BadImage if it is not a readable image."""
+    return open_image(self.paths[k], self.paths[k]), self.paths[k]
+
+
+def _load(image, where: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
   """The `box` (left, top, right, bottom, in the image's pixels) of `image` resized to
   size x size RGB uint8, decoding a JPEG at the smallest scale that keeps the box's pixels."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -92,7 +128,7 @@ def _load(image, path: str, box: tuple[float, float, float, float], size: int) -
     out = rgb.resize((size, size), Image.BILINEAR,
                      box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
   except (OSError, ValueError, SyntaxError) as e:  # Truncated or damaged data.
-    raise BadImage(f'data.path: {path}: not a readable image ({e})') from None
+    raise BadImage(f'data.path: {where}: not a readable image ({e})') from None
   return np.asarray(out, np.uint8)
 
 
@@ -123,8 +159,8 @@ class _DecodeTrain(grain.transforms.RandomMap):
   """An index batch -> this process's rows of the batch, decoded and augmented. The draws
   are made for the whole batch, then sliced: a batch is the same over any process count."""
 
-  def __init__(self, paths: list[str], labels: np.ndarray, rows, cfg):
-    self.paths, self.labels, self.rows = paths, labels, rows
+  def __init__(self, images, labels: np.ndarray, rows, cfg):
+    self.images, self.labels, self.rows = images, labels, rows
     self.size, self.flip = cfg.image_size, cfg.augment_flip
     self.scale, self.ratio = tuple(cfg.crop_scale), tuple(cfg.crop_ratio)
     self.mean = np.asarray(cfg.mean, np.float32)
@@ -141,11 +177,10 @@ class _DecodeTrain(grain.transforms.RandomMap):
       if k >= hi or k < lo:
         if rows:
           break
-      path = self.paths[idx[k]]
       try:
-        image = _open(path)
+        image, where = self.images.open(idx[k])
         box = random_box(*image.size, np.random.default_rng(seeds[k]), self.scale, self.ratio)
-        x[len(rows)] = _load(image, path, box, self.size)
+        x[len(rows)] = _load(image, where, box, self.size)
       except BadImage as e:
         if lo <= k < hi:
           bad.append(str(e))
@@ -164,8 +199,8 @@ class _DecodeTrain(grain.transforms.RandomMap):
 class _DecodeEval(grain.transforms.Map):
   """A batch of (index or -1 for padding) -> the batch decoded, centre-cropped, masked."""
 
-  def __init__(self, paths: list[str], labels: np.ndarray, cfg):
-    self.paths, self.labels = paths, labels
+  def __init__(self, images, labels: np.ndarray, cfg):
+    self.images, self.labels = images, labels
     self.size, self.fraction = cfg.image_size, cfg.crop_fraction
     self.mean = np.asarray(cfg.mean, np.float32)
     self.std = np.asarray(cfg.std, np.float32)
@@ -176,9 +211,9 @@ class _DecodeEval(grain.transforms.Map):
     for i, k in enumerate(idx):
       if k >= 0:
         try:
-          image = _open(self.paths[k])
+          image, where = self.images.open(k)
           box = center_box(*image.size, self.fraction)
-          x[i] = (_load(image, self.paths[k], box, self.size) - self.mean) / self.std
+          x[i] = (_load(image, where, box, self.size) - self.mean) / self.std
         except BadImage as e:
           keep[i] = False
           bad.append(str(e))
@@ -243,19 +278,20 @@ def _close(it) -> None:
 class ImageFolder:
   """ImageNet-layout image folders with the interface of `jaxbig.data.Data`."""
 
+  SOURCE = 'imagefolder'
+
   def __init__(self, cfg, seed: int):
     try:
       self._init(cfg, seed)
     except AttributeError as e:  # ConfigDict: a field this source needs is not declared.
       field = str(e).splitlines()[0].strip('"\'')
-      raise ConfigError(f'data.{field}: data.name=imagefolder needs this field; the '
+      raise ConfigError(f'data.{field}: data.name={self.SOURCE} needs this field; the '
                         "experiment's data section does not declare it") from None
 
   def _init(self, cfg, seed: int) -> None:
     from jaxbig.data import DataMeta  # Circular otherwise.
     if not cfg.path:
-      raise ConfigError('data.path: required when data.name=imagefolder (DIR/train/<class>/, '
-                        'DIR/val/<class>/)')
+      raise ConfigError(f'data.path: required when data.name={self.SOURCE}')
     if cfg.image_size <= 0:
       raise ConfigError(f'data.image_size must be > 0, got {cfg.image_size}')
     if not 0 < cfg.crop_fraction <= 1:
@@ -270,32 +306,31 @@ class ImageFolder:
       raise ConfigError(f'data.max_bad_images must be >= 0, got {cfg.max_bad_images}')
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
       raise ConfigError('data.mean and data.std: three values each (RGB), std > 0')
-    train = list_split(cfg.path, 'train')  # Listed once: ImageNet's has 1.28M files.
-    self.classes = train[0]
-    ids = {c: i for i, c in enumerate(self.classes)}
-    self._paths, self._labels = {}, {}
-    for split in ('train', 'val', 'test'):
-      if split == 'test' and not os.path.isdir(os.path.join(cfg.path, 'test')):
-        self._paths['test'], self._labels['test'] = self._paths['val'], self._labels['val']
-        continue
-      classes, files = train if split == 'train' else list_split(cfg.path, split)
-      if classes != self.classes:
-        differ = sorted(set(classes) ^ set(self.classes))
-        raise ConfigError(f"data.path: the classes of {split}/ and train/ differ: "
-                          f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
-      self._paths[split] = [os.path.join(cfg.path, split, c, n) for c, n in files]
-      self._labels[split] = np.array([ids[c] for c, _ in files], np.int32)
-    if cfg.batch_size > len(self._paths['train']):
+    self.cfg, self.seed = cfg, seed
+    self._list(cfg)
+    if cfg.batch_size > len(self._labels['train']):
       raise ConfigError(f'data.batch_size ({cfg.batch_size}) is larger than the training split '
-                        f"({len(self._paths['train'])} images)")
+                        f"({len(self._labels['train'])} images)")
     self.meta = DataMeta(
         input_shape=(cfg.image_size, cfg.image_size, 3), num_outputs=len(self.classes),
         task='classification', num_classes=len(self.classes),
-        sizes={k: len(v) for k, v in self._paths.items()},
+        sizes={k: len(v) for k, v in self._labels.items()},
         x_mean=np.asarray(cfg.mean, np.float32), x_std=np.asarray(cfg.std, np.float32),
         classes=tuple(self.classes))
-    self.cfg, self.seed = cfg, seed
     self.workers = (os.cpu_count() or 1) if cfg.workers < 0 else cfg.workers
+
+  def _list(self, cfg) -> None:
+    """Sets the classes, and per split the images (`Files`) and their labels."""
+    self.classes, splits = list_folder(cfg.path)
+    ids = {c: i for i, c in enumerate(self.classes)}
+    self._images, self._labels = {}, {}
+    for split in SPLITS:
+      if split not in splits:  # No test/: the final evaluation is of val, as for ImageNet.
+        self._images[split], self._labels[split] = self._images['val'], self._labels['val']
+        continue
+      files = splits[split]
+      self._images[split] = Files([os.path.join(cfg.path, split, c, n) for c, n in files])
+      self._labels[split] = np.array([ids[c] for c, _ in files], np.int32)
 
   @property
   def train_labels(self) -> np.ndarray:
@@ -304,10 +339,10 @@ class ImageFolder:
   def identity(self) -> dict:
     """The folder and a digest of its file list (names and sizes), for resume checks."""
     digest = hashlib.sha256()
-    for split in ('train', 'val', 'test'):
-      for path in self._paths[split]:
+    for split in SPLITS:
+      for path in self._images[split].paths:
         digest.update(f'{path}\0{os.path.getsize(path)}\n'.encode('utf-8', 'surrogatepass'))
-    return {'source': 'imagefolder', 'path': os.path.abspath(self.cfg.path),
+    return {'source': self.SOURCE, 'path': os.path.abspath(self.cfg.path),
             'digest': digest.hexdigest()}
 
   def _parallel(self, ds: grain.MapDataset) -> grain.IterDataset:
@@ -324,8 +359,8 @@ class ImageFolder:
   def train_iter(self, rows: tuple[int, int] | None = None) -> 'BatchIterator':
     """An endless, seeded, checkpointable iterator of augmented training batches."""
     from jaxbig.data import _ShuffledBatches  # pylint: disable=g-import-not-at-top
-    decode = _DecodeTrain(self._paths['train'], self._labels['train'], rows, self.cfg)
-    ds = _ShuffledBatches(len(self._paths['train']), self.cfg.batch_size, self.seed)
+    decode = _DecodeTrain(self._images['train'], self._labels['train'], rows, self.cfg)
+    ds = _ShuffledBatches(len(self._labels['train']), self.cfg.batch_size, self.seed)
     ds = ds.random_map(decode, seed=self.seed + 1)  # Batch i's draws depend on i alone.
     return BatchIterator(lambda start: iter(self._parallel(ds[start:])),
                          self.cfg.max_bad_images)
@@ -341,11 +376,11 @@ class ImageFolder:
 
   def eval_batches(self, split: str) -> Iterator[dict]:
     """Every image of `split` once, in order, centre-cropped, in padded, masked batches."""
-    n, bs = len(self._paths[split]), self.cfg.eval_batch_size
+    n, bs = len(self._labels[split]), self.cfg.eval_batch_size
     padded = np.full(-(-n // bs) * bs, -1, np.int64)
     padded[:n] = np.arange(n)
     ds = grain.MapDataset.source(padded.reshape(-1, bs)).map(
-        _DecodeEval(self._paths[split], self._labels[split], self.cfg))
+        _DecodeEval(self._images[split], self._labels[split], self.cfg))
     it, bad = iter(self._parallel(ds)), 0
     try:
       for batch in it:

@@ -292,7 +292,7 @@ def _encode(item: tuple[str, bool]) -> np.ndarray:
   return _encode_with(_TOKENIZER, _DTYPE, item)
 
 
-def _fmt_rate(n: float, seconds: float, unit: str) -> str:
+def fmt_rate(n: float, seconds: float, unit: str) -> str:
   rate = n / max(seconds, 1e-9)
   return f'{rate / 1e6:.2f} M{unit}/s' if rate >= 1e5 else f'{rate:.0f} {unit}/s'
 
@@ -323,7 +323,7 @@ def prepare_text(source: str, out: str, tokenizer: str = 'bytes', *, pattern: st
   source_digest = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
   plan = {'tokenizer': tok.identity, 'source_digest': source_digest,
           'val_fraction': val_fraction, 'test_fraction': test_fraction}
-  _claim(out, plan)
+  claim(out, plan)
   vocab = tokenizer_lib.padded_vocab(tok.vocab_size)
   dtype = np.dtype('<u2') if vocab <= 2**16 else np.dtype('<u4')
   total_bytes = sum(sh.bytes for v in shards.values() for sh in v)
@@ -358,8 +358,8 @@ def prepare_text(source: str, out: str, tokenizer: str = 'bytes', *, pattern: st
       eta = elapsed / max(done_bytes, 1) * (total_bytes - done_bytes)
       print(f'prepare: {name} {"done" if docs is not None else "was done"}; '
             f'{done_bytes / 2**20:.1f}/{total_bytes / 2**20:.1f} MiB, '
-            f'{_fmt_rate(tokens_made, elapsed, "tokens")}, '
-            f'{_fmt_rate(done_bytes, elapsed, "B")}, eta {eta:.0f} s', file=stream, flush=True)
+            f'{fmt_rate(tokens_made, elapsed, "tokens")}, '
+            f'{fmt_rate(done_bytes, elapsed, "B")}, eta {eta:.0f} s', file=stream, flush=True)
   return _finish(out, tok, tokenizer, dtype, shards, plan)
 
 
@@ -398,7 +398,7 @@ def _regroup(docs, shards: dict, todo: dict):
     raise ConfigError('the source shrank while it was being prepared; run again')
 
 
-def _claim(out: str, plan: dict) -> None:
+def claim(out: str, plan: dict) -> None:
   """Makes `out` ours, or checks that it is ours and made from the same source and
   tokenizer; never touches a folder jaxbig did not create."""
   plan_path = os.path.join(out, PLAN)
@@ -409,16 +409,24 @@ def _claim(out: str, plan: dict) -> None:
     with open(plan_path) as f:
       saved = json.load(f)
     if saved != plan:
-      what = 'tokenizer' if saved.get('tokenizer') != plan['tokenizer'] else 'source'
+      if saved.get('format') != plan.get('format'):
+        raise ConfigError(f'--out: {out} holds another kind of prepared data; give a new folder')
+      what = 'tokenizer' if saved.get('tokenizer') != plan.get('tokenizer') else 'source'
       raise ConfigError(f'--out: {out} was prepared from another {what}; give a new folder')
     return
   if os.path.exists(out) and not os.path.isdir(out):
     raise ConfigError(f'--out: {out} exists and is not a folder')
   os.makedirs(out, exist_ok=True)
-  _write_json(plan_path, plan)
+  write_json(plan_path, plan)
 
 
-def _write_json(path: str, obj) -> None:
+def inside(path: str, folder: str) -> bool:
+  """Whether `path` is `folder` or lies under it, links resolved."""
+  rel = os.path.relpath(os.path.realpath(path), os.path.realpath(folder))
+  return rel != os.pardir and not rel.startswith(os.pardir + os.sep)
+
+
+def write_json(path: str, obj) -> None:
   tmp = path + '.partial'
   with open(tmp, 'w') as f:
     json.dump(obj, f, indent=1)
@@ -449,7 +457,7 @@ def _write_shard(out: str, name: str, ids: np.ndarray, docs: int, size: int, tok
     f.flush()
     os.fsync(f.fileno())
   os.replace(path + '.partial', path)
-  _write_json(os.path.join(out, name + '.json'), {
+  write_json(os.path.join(out, name + '.json'), {
       'tokens': int(len(ids)), 'documents': docs, 'bytes': size, 'dtype': ids.dtype.str,
       'sha256': hashlib.sha256(ids.tobytes()).hexdigest(), 'tokenizer': tokenizer,
       'documents_digest': digest})
@@ -485,5 +493,5 @@ def _finish(out: str, tok, spec: str, dtype, shards: dict, plan: dict) -> dict:
       'eos_id': tok.eos_id, 'source': spec}, 'dtype': dtype.str, 'splits': splits,
       'source_digest': plan['source_digest'], 'val_fraction': plan['val_fraction'],
       'test_fraction': plan['test_fraction']}
-  _write_json(os.path.join(out, MANIFEST), manifest)
+  write_json(os.path.join(out, MANIFEST), manifest)
   return manifest

@@ -309,4 +309,4 @@ def load(cfg) -> Arrays:
     return cifar(cfg.name, cfg.path)
   raise ConfigError(f"data.name: unknown data set '{cfg.name}'; "
                     'choose from digits, diabetes, cifar10, cifar100, npz, synthetic, stdlib, '
-                    'text, tokens, random_tokens, imagefolder')
+                    'text, tokens, random_tokens, imagefolder, imagerecords')

@@ -181,6 +181,7 @@ class TrainLog:
     self.pending = []  # Metrics of the steps after the newest closed interval.
     self.closed = None  # (last step, its metrics): an interval waiting to be fetched.
     self.t_last = time.perf_counter()  # When the previous interval was fetched.
+    self.input_s = 0.0  # Seconds the loop waited for batches since then.
     self.scalars = {}  # The newest interval's scalars (the summary's train values).
 
   def add(self, step: int, metrics: dict, log_step: bool) -> None:
@@ -199,12 +200,19 @@ class TrainLog:
     out = train_scalars(fetched, self.task, self.tokens_per_byte)
     now = time.perf_counter()
     out['steps_per_s'] = len(fetched) / (now - self.t_last)
+    # The share of the interval the loop spent waiting for its batches: near 0 while the
+    # input keeps ahead of the step, near the whole interval when input bounds it.
+    out['input_wait'] = min(self.input_s / (now - self.t_last), 1.0)
     out['lr'] = float(self.schedule(step - 1))
     self.writer.write(step, out)  # Also when the check below stops the run: the log shows why.
     self.progress.update(step, f"loss {out['train/loss']:.4f}", force=True)
     faults.check_runs([m['skip_run'] for m in fetched], step - len(fetched) + 1,
                       self.skip_limit, saved)
-    self.t_last, self.scalars = now, out
+    self.t_last, self.scalars, self.input_s = now, out, 0.0
+
+  def waited(self, seconds: float) -> None:
+    """Counts `seconds` spent waiting for the next batch."""
+    self.input_s += seconds
 
   def paused(self, seconds: float) -> None:
     """Leaves `seconds` (an evaluation) out of the training rate."""

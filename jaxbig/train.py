@@ -474,7 +474,9 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
   profile = metrics_lib.Profile(workdir, cfg.profile_steps, cfg.profile_start)
   try:
     for step in range(start + 1, last + 1):
+      t_input = time.perf_counter()
       batch = next(train_iter)
+      log.waited(time.perf_counter() - t_input)
       with profile.step(step):
         state, step_metrics = steps.train(state, batch)
       profile.after(step, step_metrics)

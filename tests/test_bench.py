@@ -236,12 +236,27 @@ def test_a_bad_row_is_named_before_anything_runs(bad, named, capsys, tmp_path):
 def test_loop_rows_time_the_training_loop_and_report_its_host_overhead(
     capsys, tmp_path, monkeypatch):
   """The loop's time per step holds what the bare step leaves out: here 50 ms of logging
-  every 2 steps, which adds 25 ms to each step of the loop and nothing to the bare step."""
+  every 2 steps and 30 ms of waiting for each batch, which add 55 ms to each step of the
+  loop and nothing to the bare step; the wait is reported as the loop's input wait."""
   import time
-  from jaxbig import metrics
+  from jaxbig import data as data_lib, metrics
   write = metrics.Writer.write
   monkeypatch.setattr(metrics.Writer, 'write',
                       lambda self, *a: (time.sleep(0.05), write(self, *a))[1])
+
+  class Slow:  # A pipeline that makes each batch in 30 ms.
+    def __init__(self, it):
+      self.it = it
+
+    def __next__(self):
+      time.sleep(0.03)
+      return next(self.it)
+
+    def __getattr__(self, name):
+      return getattr(self.it, name)
+
+  make = data_lib.Data.train_iter
+  monkeypatch.setattr(data_lib.Data, 'train_iter', lambda *a, **k: Slow(make(*a, **k)))
   suite = _suite(tmp_path, "[{'name': 'cnn', 'experiment': 'experiments/cnn_digits.py:smoke',"
                            " 'loop': 20}]")
   code, _, _ = _main(capsys, 'bench', suite, '--out', tmp_path / 'out')
@@ -249,14 +264,16 @@ def test_loop_rows_time_the_training_loop_and_report_its_host_overhead(
   [r] = [json.loads(l) for l in (tmp_path / 'out' / 'results.jsonl').read_text().splitlines()]
   loop = r['loop']
   assert (loop['steps'], loop['log_every']) == (20, 2)
-  assert loop['step_time_s'] >= 0.025 > r['step_time_s']['median']
+  assert loop['step_time_s'] >= 0.055 > 0.025 > r['step_time_s']['median']
   assert loop['host_overhead'] == pytest.approx(
       1 - r['step_time_s']['median'] / loop['step_time_s'])
   assert loop['host_overhead'] > 0.5
+  # 30 ms of a step of 55 ms and more; the rest is logging and the step.
+  assert 0.3 < loop['input_wait'] <= 0.03 / loop['step_time_s'] + 0.05
   code, out, _ = _main(capsys, 'report', tmp_path / 'out')
   assert '## The training loop against the bare step' in out
   assert f"| cnn | {r['step_time_s']['median'] * 1e3:.3g} | {loop['step_time_s'] * 1e3:.3g} " \
-         f"| 20 | {loop['host_overhead']:.1%} |" in out
+         f"| 20 | {loop['host_overhead']:.1%} | {loop['input_wait']:.1%} |" in out
 
 
 def test_a_pytorch_row_needs_a_model_with_a_reference(capsys, tmp_path):

@@ -27,7 +27,8 @@ One JSON object per row goes to `DIR/results.jsonl` as soon as the row is done:
   warmup_max_s seconds), rounds, window_s, env {device_kind, num_devices, jax, jaxlib, flax,
   qwix, python, xla_flags, glibc_tunables, git_sha; PyTorch rows add torch, torch_threads,
   torch_device}, command (the `jaxbig bench` command line);
-  rows with `loop` add loop {steps, log_every, step_time_s, host_overhead}; rows with
+  rows with `loop` add loop {steps, log_every, step_time_s, input_wait (the share of the
+  loop's time spent waiting for batches), host_overhead}; rows with
   `input` add input {batches, batch_time_s, samples_per_s, tokens_per_s, per_step (input
   time over step time), bounds_step (per_step > 1: the pipeline cannot keep up)}.
 
@@ -298,9 +299,11 @@ def loop_time(config, steps: int) -> dict:
   with tempfile.TemporaryDirectory(prefix='jaxbig-loop-') as workdir:
     train.train_and_evaluate(config, workdir, stop_after=steps)
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      rates = [json.loads(line)['steps_per_s'] for line in f if line.strip()]
+      rows = [json.loads(line) for line in f if line.strip()]
+  rows = rows[len(rows) // 2:]
   return {'steps': steps, 'log_every': log_every,
-          'step_time_s': float(np.median([1.0 / r for r in rates[len(rates) // 2:]]))}
+          'step_time_s': float(np.median([1.0 / r['steps_per_s'] for r in rows])),
+          'input_wait': float(np.median([r['input_wait'] for r in rows]))}
 
 
 def input_time(config, batches: int) -> dict:

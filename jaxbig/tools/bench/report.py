@@ -282,11 +282,13 @@ def render(path: str, figures: list[tuple[str, str]] = (), note: str | None = No
   parts += _section(
       [r for r in rows if r.get('loop')], '## The training loop against the bare step',
       'The loop runs as `jaxbig train` does (input pipeline, logging), median over the '
-      'second half of its log intervals; host overhead = 1 - step / loop step.',
-      ('row', 'step ms', 'loop step ms', 'loop steps', 'host overhead'),
+      'second half of its log intervals; host overhead = 1 - step / loop step; input wait: '
+      "the share of the loop's time spent waiting for the next batch.",
+      ('row', 'step ms', 'loop step ms', 'loop steps', 'host overhead', 'input wait'),
       lambda r: (r['name'], f"{r['step_time_s']['median'] * 1e3:.3g}",
                  f"{r['loop']['step_time_s'] * 1e3:.3g}", r['loop']['steps'],
-                 f"{r['loop']['host_overhead']:.1%}"))
+                 f"{r['loop']['host_overhead']:.1%}",
+                 f"{r['loop']['input_wait']:.1%}" if 'input_wait' in r['loop'] else '-'))
   parts += _section(
       [r for r in rows if r.get('input')], '## The input pipeline alone, beside the step',
       "One process's batches (its rows of the global batch), mean time per batch; "

@@ -26,7 +26,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = gpt_bpe_stdlib.get_config(arg)
   c.data.path = 'runs/corpus'
   c.model.logits_chunk = 256  # Positions per logits chunk in the loss (0: whole logits).
-  c.model.remat = True
+  c.model.remat = 'full'
   c.model.scan_layers = True
   c.train.log_every = 10
   if arg == 'smoke':

@@ -44,7 +44,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.pos = 'rope'  # rope (rotary) | learned (a table of max_len positions).
   c.model.dropout = 0.0  # Residual dropout.
   c.model.attention = 'auto'  # xla | cudnn (NVIDIA GPUs, bf16/fp16) | auto (let JAX pick).
-  c.model.remat = False  # Recompute block activations in the backward pass (saves memory).
+  # What a block keeps for the backward pass, the rest recomputed: none | full | dots |
+  # dots_saveable | offload | save:qkv,attn_out,mlp_in,mlp_hidden (docs/models.md).
+  c.model.remat = 'none'
   c.model.scan_layers = False  # One compiled block scanned over depth (faster compiles).
   c.model.tie_embeddings = True  # Logits from the byte embedding table.
   c.model.init_std = 0.02  # Standard deviation of the normal weight initialiser.

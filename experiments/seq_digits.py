@@ -37,7 +37,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.model.max_len = 8  # Rows per image.
     c.model.pos = 'learned'  # rope | learned.
     c.model.attention = 'auto'  # xla | cudnn | auto.
-    c.model.remat = False  # Recompute block activations in the backward pass.
+    c.model.remat = 'none'  # Block activations recomputed in the backward pass (docs/models.md).
     c.model.scan_layers = False  # One block scanned over depth.
     c.model.tie_embeddings = False  # Unused by classifiers.
   elif name in ('lstm', 'gru'):

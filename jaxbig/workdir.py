@@ -47,12 +47,31 @@ ADDED_FIELDS = {'kernels': 'auto', 'data.pack': False, 'data.vocab_size': 0,
                 'model.logits_chunk': 0}
 
 
+# Values renamed since runs were first saved: a saved run's value -> today's name for it.
+RENAMED_VALUES = {'model.remat': ((False, 'none'), (True, 'full'))}
+
+
 def fingerprint_config(config) -> dict:
   """The flat config fields that a resumed run must keep (an added field at its old
-  behaviour left out, so that runs saved before it existed still match)."""
+  behaviour left out, a renamed value in its old form, so that runs saved before still
+  match)."""
   flat = config_lib.flatten(config_lib.to_dict(config))
+  for key, pairs in RENAMED_VALUES.items():
+    if key in flat:
+      flat[key] = next((old for old, new in pairs if flat[key] == new), flat[key])
   return {k: v for k, v in flat.items() if k not in RESUMABLE_CHANGES
           and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+
+
+def _rename_values(saved: dict) -> None:
+  """Today's names for the renamed values of a saved config, in place."""
+  for key, pairs in RENAMED_VALUES.items():
+    section, _, field = key.rpartition('.')
+    holder = saved.get(section) if section else saved
+    if isinstance(holder, dict) and field in holder:
+      value = holder[field]
+      holder[field] = next((new for old, new in pairs
+                            if type(old) is type(value) and old == value), value)
 
 
 _LOCK = re.compile(r'jaxbig-\d+\.lock')
@@ -93,6 +112,7 @@ def saved_config(workdir: str) -> dict:
   for key, value in ADDED_FIELDS.items():
     if '.' not in key:  # Section fields: check_config matches them.
       saved.setdefault(key, value)
+  _rename_values(saved)
   return saved
 
 

@@ -165,3 +165,21 @@ def test_diff_lists_changed_dotted_keys():
   assert config_lib.diff(base, base) == []
   assert config_lib.diff(base, changed) == ['model.features', 'opt.lr', 'seed']
   assert config_lib.diff({'a': {'b': 1}}, {'a': {'b': 1, 'c': 2}}) == ['a.c']
+
+
+def test_a_run_saved_with_the_boolean_remat_field_resumes_with_its_new_name(tmp_path):
+  """`model.remat` was a boolean; a run saved then (false) resumes under 'none', and its
+  checkpoints' fingerprint still matches; 'full' is another config."""
+  from jaxbig import workdir
+  spec = str(pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'gpt_stdlib.py')
+  config = config_lib.load(spec + ':smoke', [])
+  assert config.model.remat == 'none'
+  saved = config_lib.to_dict(config)
+  saved['model']['remat'] = False
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  workdir.check_config(str(tmp_path), config)  # Resumes.
+  assert workdir.fingerprint_config(config)['model.remat'] is False
+  assert workdir.fingerprint_config(
+      config_lib.load(spec + ':smoke', ['model.remat=dots']))['model.remat'] == 'dots'
+  with pytest.raises(ConfigError, match=r'different config \(model.remat\)'):
+    workdir.check_config(str(tmp_path), config_lib.load(spec + ':smoke', ['model.remat=full']))

@@ -7,6 +7,8 @@ K outputs.
 
 import functools
 from functools import partial
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import optax
 from jax import lax
 import pytest
 
+import conftest
 from jaxbig import sharding
 from jaxbig.kernels.attention import heads_major_attention
 from jaxbig.models import axes
@@ -222,6 +225,61 @@ def test_remat_and_scan_match_plain_model():
   both_loss, both_grads = _grad_fn(model)(stacked, tokens)
   np.testing.assert_allclose(both_loss, loss, rtol=1e-6)
   jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), both_grads, _stack(grads))
+
+
+def _saved_bytes(model: nn.Module, params: dict, tokens: jax.Array, capsys) -> tuple[int, str]:
+  """(bytes, listing) of the residuals the loss's backward pass keeps from its forward pass,
+  as `jax.ad_checkpoint.print_saved_residuals` lists them (traced, not compiled)."""
+  def loss_fn(params):
+    logits = model.apply({'params': params}, tokens[:, :-1], train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(loss_fn, params)
+  listing = capsys.readouterr().out
+  total = 0
+  for dtype, dims in re.findall(r'(f32|i32|bool)\[([\d,]*)\]', listing):
+    total += math.prod(int(d) for d in dims.split(',') if d) * (1 if dtype == 'bool' else 4)
+  return total, listing
+
+
+def test_remat_policies_keep_what_they_name(capsys):
+  """Each policy keeps a different set of activations for the backward pass: `full` only
+  the blocks' inputs, `save:qkv` those and the projections, `dots` every matmul against a
+  weight, `dots_saveable` the attention scores too, `none` everything."""
+  tokens = _tokens(4, (B, L + 1))
+  params = _lm_params('rope')
+  saved = {p: _saved_bytes(_lm(remat=p), params, tokens, capsys)
+           for p in ('none', 'full', 'save:qkv', 'dots', 'dots_saveable')}
+  size = {p: v[0] for p, v in saved.items()}
+  assert size['full'] < size['save:qkv'] < size['dots'] < size['dots_saveable'] <= size['none']
+  # The q, k and v projections of both blocks: 3 x 2 x (B, L, heads, head size) floats.
+  assert size['save:qkv'] - size['full'] == 3 * DEPTH * B * L * 32 * 4
+  assert "named 'qkv'" in saved['save:qkv'][1] and "named 'qkv'" not in saved['full'][1]
+  assert _lm(remat=True).remat is True and _saved_bytes(
+      _lm(remat=True), params, tokens, capsys)[0] == size['full']  # The old boolean field.
+
+
+@pytest.mark.slow(reason='compiles the gradient under two policies')
+def test_remat_policies_give_the_plain_gradients():
+  tokens = _tokens(4, (B, L + 1))
+  loss, grads = _grad_fn(_lm())(_lm_params('rope'), tokens)
+  stacked = _lm_params('rope', scan_layers=True)
+  for policy in ('dots', 'save:attn_out,mlp_in'):
+    got_loss, got = _grad_fn(_lm(remat=policy, scan_layers=True))(stacked, tokens)
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
+    jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), got, _stack(grads))
+
+
+@pytest.mark.parametrize('value, named', [
+    ('fast', "model.remat: unknown policy 'fast'; choose from none, full, dots"),
+    ('save:qkv,logits', "model.remat: save: takes names from qkv, attn_out, mlp_in, "
+                        "mlp_hidden; got 'logits'"),
+])
+def test_an_unknown_remat_policy_is_one_line(value, named, capsys, tmp_path):
+  code, _, err = conftest.run_cli(capsys, 'train', 'experiments/gpt_stdlib.py:smoke',
+                         f'model.remat={value}', '--workdir', tmp_path / 'wd')
+  assert code == 2 and err.count('\n') == 1 and named in err, err
+  assert not (tmp_path / 'wd').exists()
 
 
 def _abstract_init(model: nn.Module, x: jax.Array) -> dict:

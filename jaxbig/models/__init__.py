@@ -96,7 +96,7 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   common = dict(
       width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
       max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout, attention=cfg.attention,
-      remat=cfg.remat, scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
+      remat=_remat(cfg), scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
       heads_major=kernels.attention == 'heads_major')
   length = _needs_sequence(cfg, meta)
   if cfg.width % cfg.heads:
@@ -114,6 +114,13 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
                                      **common)
   return transformer.TransformerClassifier(num_outputs=meta.num_outputs,
                                            vocab_size=meta.vocab_size, **common)
+
+
+def _remat(cfg: ml_collections.ConfigDict) -> str:
+  try:
+    return transformer.remat_name(cfg.remat)
+  except ValueError as e:
+    raise ConfigError(f'model.remat: {e}') from None
 
 
 def _logits_chunk(cfg: ml_collections.ConfigDict) -> int:

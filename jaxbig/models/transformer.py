@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxbig.kernels import attention as attention_kernel
 from jaxbig import matmul
@@ -43,9 +44,53 @@ POS_TABLE = (None, 'embed')
 INPUT_KERNEL = (None, 'embed')
 INPUT_BIAS = ('embed',)
 POSITIONS = ('rope', 'learned')
+# model.remat: what a block keeps from its forward pass for the backward pass; the rest is
+# recomputed. Names from jax.checkpoint_policies; `save:NAME,...` keeps the block's named
+# activations (REMAT_NAMES) and recomputes everything else.
+REMAT_POLICIES = {
+    'none': None,  # No remat: every activation is kept.
+    'full': jax.checkpoint_policies.nothing_saveable,  # Only the block's input is kept.
+    # Matmul outputs against weights (projections, MLP) kept; attention scores, softmax and
+    # elementwise work recomputed: less recompute than `full`, far less memory than `none`.
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Every matmul output kept, the attention scores too (batched matmuls).
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    # As `dots`, but the kept outputs go to host memory (TPUs and GPUs).
+    'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
+}
 _IMPLEMENTATIONS = {'xla': 'xla', 'cudnn': 'cudnn', 'auto': None}
 ATTENTIONS = tuple(_IMPLEMENTATIONS)
 ROPE_BASE = 10_000.0
+# Activations a block names for `model.remat=save:...`: the q/k/v projections, the
+# attention output (before its projection), the MLP's input (after its norm) and hidden
+# layer (before the GELU).
+REMAT_NAMES = ('qkv', 'attn_out', 'mlp_in', 'mlp_hidden')
+
+
+def remat_name(value: str | bool) -> str:
+  """The canonical `model.remat` value: `True`/`False` (the old boolean field, or its text)
+  mean full and none; ValueError for a value that names no policy."""
+  if isinstance(value, bool) or value in ('true', 'false'):
+    return 'full' if value in (True, 'true') else 'none'
+  if value in REMAT_POLICIES:
+    return value
+  if isinstance(value, str) and value.startswith('save:'):
+    names = [n.strip() for n in value[len('save:'):].split(',') if n.strip()]
+    unknown = [n for n in names if n not in REMAT_NAMES]
+    if not names or unknown:
+      raise ValueError(f"save: takes names from {', '.join(REMAT_NAMES)}; got "
+                       f"'{','.join(unknown) or value}'")
+    return 'save:' + ','.join(names)
+  raise ValueError(f"unknown policy '{value}'; choose from {', '.join(REMAT_POLICIES)} or "
+                   f"save:NAME,... ({', '.join(REMAT_NAMES)})")
+
+
+def remat_policy(value: str | bool):
+  """The jax.checkpoint policy of a `model.remat` value (None: no remat)."""
+  name = remat_name(value)
+  if name.startswith('save:'):
+    return jax.checkpoint_policies.save_only_these_names(*name[len('save:'):].split(','))
+  return REMAT_POLICIES[name]
 
 
 def reference_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array,
@@ -160,8 +205,9 @@ class Attention(nn.Module):
     x_TxE = x_BxLxE.reshape(batch * length, width)
     to_BxLxHxD = lambda name: nn.DenseGeneral(**qkv, name=name)(x_TxE).reshape(
         batch, length, self.heads, head_dim)
-    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (axes.constrain(to_BxLxHxD(n), axes.ACT_BxLxHxD)
-                                       for n in ('query', 'key', 'value'))
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (
+        checkpoint_name(axes.constrain(to_BxLxHxD(n), axes.ACT_BxLxHxD), 'qkv')
+        for n in ('query', 'key', 'value'))
     # Heads-major, RoPE is applied after the move (faster on CPUs).
     if not self.decode and self.attention != 'cudnn' and self.heads_major:
       q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = matmul.upcast_f16_on_cpu(
@@ -201,6 +247,7 @@ class Attention(nn.Module):
   def _out(self, out_BxLxHxD: jax.Array) -> jax.Array:
     """The output projection, over token rows: out_BxLxE."""
     batch, length, heads, head_dim = out_BxLxHxD.shape
+    out_BxLxHxD = checkpoint_name(out_BxLxHxD, 'attn_out')
     out_TxE = nn.DenseGeneral(
         heads * head_dim, axis=(-2, -1), use_bias=False, dtype=self.dtype,
         param_dtype=self.param_dtype,
@@ -246,11 +293,12 @@ class Block(nn.Module):
     # reshapes; the same math.
     batch, length = x_BxLxE.shape[:2]
     h_TxE = _rms_norm(x_BxLxE, **norm, name='mlp_norm').reshape(batch * length, width)
+    h_TxE = checkpoint_name(h_TxE, 'mlp_in')
     h_TxM = nn.Dense(
         self.mlp_dim, **dense, name='mlp_in',
         kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.MLP_IN_KERNEL))(
             h_TxE)
-    h_TxM = axes.constrain(h_TxM, axes.ACT_BxN)
+    h_TxM = checkpoint_name(axes.constrain(h_TxM, axes.ACT_BxN), 'mlp_hidden')
     h_TxE = nn.Dense(
         width, **dense, name='mlp_out',
         kernel_init=axes.logical(nn.initializers.normal(self.out_std), axes.MLP_OUT_KERNEL))(
@@ -264,9 +312,9 @@ def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal:
             decode: bool, train: bool, mask_Bx1xLxL: jax.Array | None = None) -> jax.Array:
   """Runs `m.depth` blocks configured from `m`'s attributes (call inside a compact method)."""
   block_cls = Block
-  if m.remat:
+  if remat_name(m.remat) != 'none':
     # CSE prevention is unnecessary (and costly) inside a scan.
-    block_cls = nn.remat(Block, prevent_cse=not m.scan_layers)
+    block_cls = nn.remat(Block, prevent_cse=not m.scan_layers, policy=remat_policy(m.remat))
   block = dict(
       heads=m.heads, mlp_dim=int(round(m.width * m.mlp_ratio)), max_len=m.max_len, pos=m.pos,
       causal=causal, attention=m.attention, heads_major=m.heads_major, dropout=m.dropout,
@@ -310,7 +358,7 @@ class TransformerLM(nn.Module):
   dropout: float = 0.0
   attention: str = 'xla'  # 'xla', 'cudnn' or 'auto' (cuDNN where it applies).
   heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
-  remat: bool = False  # Recompute each block's activations in the backward pass.
+  remat: str = 'none'  # What a block keeps for the backward pass: REMAT_POLICIES.
   scan_layers: bool = False  # nn.scan over blocks; params gain a leading 'layers' axis.
   tie_embeddings: bool = True
   init_std: float = 0.02
@@ -405,7 +453,7 @@ class TransformerClassifier(nn.Module):
   dropout: float = 0.0
   attention: str = 'xla'
   heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
-  remat: bool = False
+  remat: str = 'none'
   scan_layers: bool = False
   init_std: float = 0.02
   dtype: Any = jnp.float32

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxbig import faults, losses
+from jaxbig.config import ConfigError
 
 
 def note(text: str) -> None:
@@ -163,9 +164,34 @@ def train_scalars(fetched: list[dict], task: str, tokens_per_byte: float = 1.0
       out['train/bits_per_byte'] *= tokens_per_byte
     out['grad_norm'] = totals['grad_norm'] / len(kept)
   out['train/skipped_steps'] = float(len(fetched) - len(kept))
+  if 'bad_images' in fetched[0]:
+    out['train/bad_images'] = float(sum(np.asarray(m['bad_images']) for m in fetched))
   if 'loss_scale' in fetched[-1]:  # Loss scaling: the interval's last scale.
     out['loss_scale'] = float(np.asarray(fetched[-1]['loss_scale']))
   return out
+
+
+class BadImages:
+  """The run's count of skipped training images, from the steps' metrics (so every process
+  holds the same count and stops at the same step), kept in the iterator's state."""
+
+  def __init__(self, limit: int, train_iter):
+    self.limit, self.train_iter = limit, train_iter
+
+  def add(self, metrics: list[dict], *, logged: bool = True) -> None:
+    """Counts the fetched steps' skipped images; ConfigError past the limit. Steps not yet
+    in a logged interval (`logged=False`, before a save) go into the iterator's state as
+    `unlogged`, and into the count once their interval is logged."""
+    n = int(sum(float(np.asarray(m['bad_images'])) for m in metrics))
+    it = self.train_iter
+    if logged:
+      it.bad, it.unlogged = it.bad + n, 0
+    else:
+      it.unlogged = n
+    if it.bad + it.unlogged > self.limit:
+      last = it.last_bad or 'data.path: (none in the rows this process decodes)'
+      raise ConfigError(f'{last}: {it.bad + it.unlogged} bad images, more than '
+                        f'data.max_bad_images ({self.limit})')
 
 
 class TrainLog:
@@ -183,6 +209,7 @@ class TrainLog:
     self.t_last = time.perf_counter()  # When the previous interval was fetched.
     self.input_s = 0.0  # Seconds the loop waited for batches since then.
     self.scalars = {}  # The newest interval's scalars (the summary's train values).
+    self.bad_images = None  # A BadImages where the data skips bad images.
 
   def add(self, step: int, metrics: dict, log_step: bool) -> None:
     self.pending.append(metrics)
@@ -208,6 +235,8 @@ class TrainLog:
     self.progress.update(step, f"loss {out['train/loss']:.4f}", force=True)
     faults.check_runs([m['skip_run'] for m in fetched], step - len(fetched) + 1,
                       self.skip_limit, saved)
+    if self.bad_images is not None:
+      self.bad_images.add(fetched)
     self.t_last, self.scalars, self.input_s = now, out, 0.0
 
   def waited(self, seconds: float) -> None:
@@ -222,3 +251,5 @@ class TrainLog:
     """Raises if the steps not yet in an interval passed the skip limit (before a save)."""
     runs = jax.device_get([m['skip_run'] for m in self.pending])
     faults.check_runs(runs, step - len(self.pending) + 1, self.skip_limit, saved)
+    if self.bad_images is not None:
+      self.bad_images.add(jax.device_get(self.pending), logged=False)

@@ -234,6 +234,9 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx, loss_fn:
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, skips=skips)
   metrics = {'skipped': (~finite).astype(jnp.float32), 'skip_run': skips.run}
+  if 'bad' in batch:  # Rows standing in for skipped images (image folders), all processes'.
+    bad = jnp.sum(batch['bad'])
+    metrics['bad_images'] = bad if axis_name is None else jax.lax.psum(bad, axis_name)
   if scaling is not None:
     new_state = new_state.replace(loss_scale=scaling.update(state.loss_scale, finite))
     metrics['loss_scale'] = scale
@@ -468,6 +471,8 @@ def _train(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints,
   per_byte = s.data.tokens_per_byte('train') if s.data.meta.task == 'lm' else 1.0
   log = metrics_lib.TrainLog(writer, progress, s.data.meta.task, s.schedule, s.skip_limit,
                              per_byte)
+  if hasattr(train_iter, 'last_bad'):  # Skipped images: counted from the steps' metrics.
+    log.bad_images = metrics_lib.BadImages(config.data.max_bad_images, train_iter)
   eval_s, preempted = 0.0, None
   t_loop = time.perf_counter()
   last = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
@@ -545,7 +550,7 @@ def _save(s: Setup, steps: parallel.Steps, ckpts: checkpoint.Checkpoints,
           saved: int | None) -> int:
   """Starts the save of `step` (after the skip checks of every step before it); returns it."""
   log.flush(saved)
-  log.check_unlogged(step, saved)
+  log.check_unlogged(step, saved)  # Also brings the skipped images' count up to `step`.
   mesh_state = steps.unplace(state)
   if not bool(_all_finite(mesh_state)):  # Never reached while train_step guards each step.
     raise faults.NonFiniteError(f'train: refusing to save step {step}: the state holds '

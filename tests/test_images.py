@@ -10,11 +10,13 @@ named in issue 26 is one line.
 import json
 import os
 import pathlib
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import conftest
 from jaxbig import config as config_lib, data as data_lib
 from jaxbig.config import ConfigError
 from jaxbig.data import images
@@ -138,14 +140,20 @@ def test_bad_images_are_skipped_counted_and_stop_the_run_past_the_limit(tmp_path
   assert f"skipped bad image 1: {tmp_path / 'val' / 'dog' / '0.jpg'}" in capsys.readouterr().err
   it = _data(tmp_path, 'data.workers=0', 'data.max_bad_images=100').train_iter()
   seen = [next(it) for _ in range(9)]  # 9 images (2 bad), batches of 8: 8 epochs.
-  assert it.bad == 16 == it.get_state()['bad_images']  # Each time one is drawn.
+  assert it.seen == 16  # Each time one is drawn...
+  assert sum(b['bad'].sum() for b in seen) == 16  # ...and marked for the step's count.
   assert all(b['x'].shape == (8, 32, 32, 3) for b in seen)
   assert set(np.concatenate([b['y'] for b in seen])) == {0, 1, 2}
-  it = _data(tmp_path, 'data.workers=0', 'data.max_bad_images=1').train_iter()
-  with pytest.raises(ConfigError, match=r'readable image .*: \d bad images, more than '
-                     r'data.max_bad_images \(1\)'):
-    for _ in range(6):
-      next(it)
+  # The run counts them from its steps' metrics (the same on every process) and stops past
+  # the limit, naming the last one.
+  code, _, err = conftest.run_cli(capsys, 'train', EXPERIMENT, f'data.path={tmp_path}',
+                                  'data.max_bad_images=3', 'train.log_every=1',
+                                  '--workdir', tmp_path / 'wd')
+  assert code == 2, err
+  assert re.search(r'jaxbig: error: data.path: .*(0.jpg|1.jpg): not a readable image .*: [45] '
+                   r'bad images, more than data.max_bad_images \(3\)\n$', err), err
+  rows = [json.loads(l) for l in open(tmp_path / 'wd' / 'metrics.jsonl')]
+  assert sum(r['train/bad_images'] for r in rows) == int(err.split(' bad images')[0][-1])
 
 
 @pytest.mark.slow(reason='trains and resumes a ResNet')

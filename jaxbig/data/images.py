@@ -17,8 +17,9 @@ crops. JPEGs are decoded at a reduced scale where the crop allows (Pillow's `dra
 Greyscale, palette and CMYK images are converted to RGB. An unreadable or truncated image,
 or one over MAX_PIXELS pixels (refused before decoding), is skipped and counted: in
 training another image of the batch takes its row, in evaluation its row is masked out.
-More than `data.max_bad_images` in a run's training batches stop it with one line naming
-the last one.
+The training step sums the skipped images of every process (`train/bad_images`); more
+than `data.max_bad_images` in a run stop it, on every process at the same step, with one
+line naming the last one.
 """
 
 from __future__ import annotations
@@ -190,10 +191,13 @@ class _DecodeTrain(grain.transforms.RandomMap):
       rows.append(k)
     if not rows:
       raise ConfigError(f'{bad[-1]}; every image of a training batch is unreadable')
-    # The skipped rows repeat the batch's good ones, so the batch keeps its shape.
+    # The skipped rows repeat the batch's good ones, so the batch keeps its shape; 'bad'
+    # marks as many rows as images were skipped (the train step sums it over processes).
     take = np.resize(np.arange(len(rows)), hi - lo)
+    flags = np.zeros(hi - lo, np.float32)
+    flags[hi - lo - len(bad):] = 1.0
     return {'x': (x[take] - self.mean) / self.std, 'y': self.labels[idx[np.asarray(rows)[take]]],
-            BAD: bad}
+            'bad': flags, BAD: bad}
 
 
 class _DecodeEval(grain.transforms.Map):
@@ -232,12 +236,14 @@ def _note_bad(reasons: list[str], total: int) -> None:
 
 class BatchIterator:
   """Batches of `make(start)`, from batch `start` on. Its state is the next batch's number
-  and the bad images met so far, not the worker processes' positions: a run resumes with
-  any `data.workers`. More than `max_bad` bad images stop it (ConfigError)."""
+  and the run's count of skipped training images (`bad`: kept up to date by the training
+  loop from the step's metrics, which sum every process's), not the worker processes'
+  positions: a run resumes with any `data.workers`. `last_bad` is the last skipped image
+  this process met, for the message when the run passes `data.max_bad_images`."""
 
-  def __init__(self, make, max_bad: int):
+  def __init__(self, make):
     self._make, self._next, self._it = make, 0, None
-    self.max_bad, self.bad = max_bad, 0
+    self.bad, self.unlogged, self.seen, self.last_bad = 0, 0, 0, ''
 
   def __iter__(self):
     return self
@@ -249,19 +255,18 @@ class BatchIterator:
     self._next += 1
     reasons = list(batch.pop(BAD))
     if reasons:
-      self.bad += len(reasons)
-      _note_bad(reasons, self.bad)
-      if self.bad > self.max_bad:
-        raise ConfigError(f'{reasons[-1]}: {self.bad} bad images, more than '
-                          f'data.max_bad_images ({self.max_bad})')
+      self.seen += len(reasons)
+      self.last_bad = reasons[-1]
+      _note_bad(reasons, self.seen)
     return batch
 
   def get_state(self) -> dict:
-    return {'next_batch': self._next, 'bad_images': self.bad}
+    return {'next_batch': self._next, 'bad_images': self.bad + self.unlogged}
 
   def set_state(self, state: dict) -> None:
     self.close()
     self._next, self.bad = int(state['next_batch']), int(state.get('bad_images', 0))
+    self.unlogged = 0
 
   def close(self) -> None:
     """Stops the worker processes (and frees their shared memory)."""
@@ -362,8 +367,7 @@ class ImageFolder:
     decode = _DecodeTrain(self._images['train'], self._labels['train'], rows, self.cfg)
     ds = _ShuffledBatches(len(self._labels['train']), self.cfg.batch_size, self.seed)
     ds = ds.random_map(decode, seed=self.seed + 1)  # Batch i's draws depend on i alone.
-    return BatchIterator(lambda start: iter(self._parallel(ds[start:])),
-                         self.cfg.max_bad_images)
+    return BatchIterator(lambda start: iter(self._parallel(ds[start:])))
 
   def batch_spec(self, size: int, with_mask: bool) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
@@ -372,6 +376,8 @@ class ImageFolder:
             'y': jax.ShapeDtypeStruct((size,), np.int32)}
     if with_mask:
       spec['mask'] = jax.ShapeDtypeStruct((size,), np.float32)
+    else:  # Training: the rows that stand in for skipped images.
+      spec['bad'] = jax.ShapeDtypeStruct((size,), np.float32)
     return spec
 
   def eval_batches(self, split: str) -> Iterator[dict]:

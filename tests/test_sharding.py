@@ -128,7 +128,8 @@ def test_two_processes_train_save_and_resume_in_one_on_another_mesh(tmp_path):
   """2 processes x 4 devices on a (2, 4, 1) mesh, then 1 process on 1 device resumes."""
   spec = 'experiments/cnn_digits.py:smoke'
   workdir = tmp_path / 'run'
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+  env = {**os.environ, 'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') +
+         ' --xla_force_host_platform_device_count=4',
          'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO)}
   port = _free_port()
   procs = [subprocess.Popen(

@@ -45,7 +45,7 @@ def test_records_give_the_folders_batches_bit_for_bit(folder, tmp_path):
   assert {s: v['records'] for s, v in manifest['splits'].items()} == {
       'train': 21, 'val': 15, 'test': 6}
   assert len(manifest['splits']['train']['shards']) > 1  # 10 KB shards: several.
-  records, files = _data(tmp_path / 'packed', 'data.workers=2'), _data(folder, name='imagefolder')
+  records, files = _data(tmp_path / 'packed'), _data(folder, name='imagefolder')
   assert (records.meta.classes, records.meta.sizes) == (files.meta.classes, files.meta.sizes)
   a, b = iter(records.train_iter()), iter(files.train_iter())
   for _ in range(3):

@@ -49,6 +49,14 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.remat = 'none'
   c.model.scan_layers = False  # One compiled block scanned over depth (faster compiles).
   c.model.tie_embeddings = True  # Logits from the byte embedding table.
+  # Decoder options (Llama-style models set them): key/value heads for grouped-query
+  # attention (0: one per query head), the MLP (gelu | swiglu), biases in the projections,
+  # RoPE's base wavelength, RMSNorm's epsilon.
+  c.model.kv_heads = 0
+  c.model.mlp = 'gelu'
+  c.model.bias = False
+  c.model.rope_theta = 10_000.0
+  c.model.norm_eps = 1e-6
   c.model.init_std = 0.02  # Standard deviation of the normal weight initialiser.
 
   # Shared settings (experiments/base.py) this experiment changes.

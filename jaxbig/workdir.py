@@ -44,7 +44,8 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'trai
 # Fields added since runs were first saved, with the value that reproduces what those runs
 # did: a config.json or fingerprint without the field counts as holding that value.
 ADDED_FIELDS = {'kernels': 'auto', 'data.pack': False, 'data.vocab_size': 0,
-                'model.logits_chunk': 0}
+                'model.logits_chunk': 0, 'model.kv_heads': 0, 'model.mlp': 'gelu',
+                'model.bias': False, 'model.rope_theta': 10_000.0, 'model.norm_eps': 1e-6}
 
 
 # Values renamed since runs were first saved: a saved run's value -> today's name for it.

@@ -517,3 +517,106 @@ def test_chunked_cross_entropy_never_holds_the_whole_logits():
   logits_bytes, chunk_bytes = 2 * 512 * 32768 * 4, 2 * 64 * 32768 * 4
   assert whole > 3 * logits_bytes  # Logits, their one-hot targets, softmax and gradient.
   assert chunked < 5 * chunk_bytes and chunked < whole / 5, (whole, chunked)
+
+
+def _decode_all(model: nn.Module, params: dict, tokens: jax.Array) -> jax.Array:
+  """Logits of `tokens` fed one at a time through `model`'s KV cache."""
+  decoder = model.clone(decode=True)
+
+  @_jit
+  def run(params, tokens):
+    step = lambda cache, x: decoder.apply(
+        {'params': params, 'cache': cache}, x, train=False, mutable=['cache'])
+    _, fresh = decoder.apply(
+        {'params': params}, jnp.zeros((B, MAX_LEN), jnp.int32), train=False, mutable=['cache'])
+
+    def one_token(cache, x_B):
+      out, variables = step(cache, x_B[:, None])
+      return variables['cache'], out[:, 0]
+
+    cache, logits = lax.scan(one_token, fresh['cache'], tokens.T)
+    return logits.transpose(1, 0, 2), cache
+
+  return run(params, tokens)
+
+
+@pytest.mark.parametrize('heads_major', [False, True])
+def test_grouped_query_attention_equals_heads_reading_repeated_keys_and_values(heads_major):
+  """kv_heads=2 of 4: each pair of query heads reads one key/value head. The same model
+  with 4 key/value heads, each group's weights repeated, gives the same logits, through
+  XLA's attention and the CPU kernel alike, and the KV cache holds 2 heads and decodes the
+  same logits token by token."""
+  tokens = _tokens(3)
+  gqa = _lm(kv_heads=2, heads_major=heads_major)
+  params = _init(gqa, tokens)['params']
+  assert params['block0']['attn']['key']['kernel'].shape == (32, 2, 8)
+  repeated = jax.tree.map(lambda x: x, params)
+  for i in range(DEPTH):
+    for name in ('key', 'value'):
+      kernel = params[f'block{i}']['attn'][name]['kernel']
+      repeated[f'block{i}']['attn'][name] = {'kernel': jnp.repeat(kernel, 2, axis=1)}
+  want = _apply(_lm(heads_major=heads_major))(repeated, tokens)
+  got = _apply(gqa)(params, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  # The grouping matters: head 1 reading group 1's key instead changes the logits.
+  other = jax.tree.map(lambda x: x, repeated)
+  kernel = other['block0']['attn']['key']['kernel']
+  other['block0']['attn']['key'] = {'kernel': kernel.at[:, 1].set(kernel[:, 2])}
+  assert np.abs(_apply(_lm(heads_major=heads_major))(other, tokens) - want).max() > 1e-3
+  if not heads_major:
+    decoded, cache = _decode_all(gqa, params, tokens)
+    assert cache['block0']['attn']['cached_key'].shape == (B, MAX_LEN, 2, 8)
+    np.testing.assert_allclose(decoded, got, atol=1e-5)
+
+
+def test_swiglu_bias_and_norm_epsilon_follow_their_formulas():
+  """A block with model.mlp=swiglu, biases and norm_eps=0.01, against numpy: with the
+  attention's output projection zeroed it is x + b_out + (SiLU(n(x) Wg + bg) *
+  (n(x) Wi + bi)) Wo + bo, n the RMSNorm with that epsilon."""
+  rng = np.random.default_rng(0)
+  block = Block(heads=4, mlp_dim=24, max_len=MAX_LEN, mlp='swiglu', use_bias=True,
+                norm_eps=0.01, init_std=0.3, out_std=0.3)
+  x = jnp.asarray(rng.normal(size=(B, L, 32)), jnp.float32)
+  positions = np.arange(L)
+  params = nn.unbox(block.init(jax.random.key(0), x, positions))['params']
+  assert {k: sorted(v) for k, v in params.items() if 'mlp' in k} == {
+      'mlp_gate': ['bias', 'kernel'], 'mlp_in': ['bias', 'kernel'],
+      'mlp_norm': ['scale'], 'mlp_out': ['bias', 'kernel']}
+  assert sorted(params['attn']['query']) == ['bias', 'kernel']
+  params = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  params['attn']['out']['kernel'] = jnp.zeros_like(params['attn']['out']['kernel'])
+  got, _ = block.apply({'params': params}, x, positions)
+  p = jax.tree.map(np.asarray, params)
+  h = np.asarray(x) + p['attn']['out']['bias']
+  n = h / np.sqrt((h * h).mean(-1, keepdims=True) + 0.01) * p['mlp_norm']['scale']
+  gate = n @ p['mlp_gate']['kernel'] + p['mlp_gate']['bias']
+  hidden = gate / (1 + np.exp(-gate)) * (n @ p['mlp_in']['kernel'] + p['mlp_in']['bias'])
+  want = h + hidden @ p['mlp_out']['kernel'] + p['mlp_out']['bias']
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  # Every new parameter carries logical axis names of its own rank (sharding rules).
+  boxes = block.init(jax.random.key(0), x, positions)['params']
+  for path, box in jax.tree_util.tree_flatten_with_path(
+      boxes, is_leaf=lambda l: isinstance(l, nn.Partitioned))[0]:
+    assert isinstance(box, nn.Partitioned) and len(box.names) == box.value.ndim, path
+
+
+def test_rope_theta_sets_the_rotation_frequencies():
+  x = jnp.zeros((1, 3, 1, 8)).at[..., 1].set(1.0)  # Feature pair 1 (of 4): (x1, x5).
+  positions = np.arange(3)
+  np.testing.assert_array_equal(rope(x, positions), rope(x, positions, theta=10_000.0))
+  out = np.asarray(rope(x, positions, theta=500_000.0))[0, :, 0]
+  angles = positions * 500_000.0 ** (-1 / 4)  # Pair i turns by p theta^(-2i/D), i=1, D=8.
+  np.testing.assert_allclose(out[:, 1], np.cos(angles), atol=1e-6)
+  np.testing.assert_allclose(out[:, 5], np.sin(angles), atol=1e-6)
+
+
+@pytest.mark.parametrize('override, named', [
+    ('model.kv_heads=3', 'model.kv_heads (3) must divide model.heads (4)'),
+    ('model.mlp=relu', "model.mlp: unknown 'relu'; choose from gelu, swiglu"),
+    ('model.rope_theta=0', 'model.rope_theta must be > 0'),
+])
+def test_bad_decoder_options_are_one_line(override, named, capsys, tmp_path):
+  code, _, err = conftest.run_cli(capsys, 'train', 'experiments/gpt_stdlib.py:smoke', override,
+                                  '--workdir', tmp_path / 'wd')
+  assert code == 2 and err.count('\n') == 1 and named in err, err
+  assert not (tmp_path / 'wd').exists()

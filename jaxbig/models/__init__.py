@@ -97,7 +97,12 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
       width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
       max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout, attention=cfg.attention,
       remat=_remat(cfg), scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
-      heads_major=kernels.attention == 'heads_major')
+      heads_major=kernels.attention == 'heads_major',
+      # Decoder options, declared by the experiments that change them; these are the
+      # behaviour of runs from before they existed.
+      kv_heads=cfg.get('kv_heads', 0), mlp=cfg.get('mlp', 'gelu'),
+      use_bias=cfg.get('bias', False), rope_theta=float(cfg.get('rope_theta', 10_000.0)),
+      norm_eps=float(cfg.get('norm_eps', 1e-6)))
   length = _needs_sequence(cfg, meta)
   if cfg.width % cfg.heads:
     raise ConfigError(f'model.width ({cfg.width}) must be divisible by model.heads ({cfg.heads})')
@@ -105,6 +110,16 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   _choice(cfg, 'attention', transformer.ATTENTIONS)
   if cfg.pos == 'rope' and (cfg.width // cfg.heads) % 2:
     raise ConfigError(f'model.pos=rope needs an even head size, got {cfg.width // cfg.heads}')
+  kv_heads = common['kv_heads']
+  if kv_heads < 0 or (kv_heads and cfg.heads % kv_heads):
+    raise ConfigError(f'model.kv_heads ({kv_heads}) must divide model.heads ({cfg.heads}); 0 '
+                      'means one per query head')
+  if common['mlp'] not in transformer.MLPS:
+    raise ConfigError(f"model.mlp: unknown '{common['mlp']}'; choose from "
+                      f"{', '.join(transformer.MLPS)}")
+  for field in ('rope_theta', 'norm_eps'):
+    if not common[field] > 0:
+      raise ConfigError(f'model.{field} must be > 0, got {common[field]}')
   if length > cfg.max_len:
     raise ConfigError(f'data.seq_len ({length}) exceeds model.max_len ({cfg.max_len})')
   if meta.task == 'lm':

@@ -56,6 +56,7 @@ NORM = ('conv_out',)
 EMBED_TABLE = ('vocab', 'embed')
 LOGITS_KERNEL = ('embed', 'vocab')
 QKV_KERNEL = ('embed', 'heads', 'kv')  # DenseGeneral: width -> (heads, head features).
+QKV_BIAS = ('heads', 'kv')
 ATTN_OUT_KERNEL = ('heads', 'kv', 'embed')
 MLP_IN_KERNEL = ('embed', 'mlp')
 MLP_OUT_KERNEL = ('mlp', 'embed')

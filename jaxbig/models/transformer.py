@@ -44,6 +44,7 @@ POS_TABLE = (None, 'embed')
 INPUT_KERNEL = (None, 'embed')
 INPUT_BIAS = ('embed',)
 POSITIONS = ('rope', 'learned')
+MLPS = ('gelu', 'swiglu')  # GELU(x W_in) W_out, or (SiLU(x W_gate) * x W_in) W_out.
 # model.remat: what a block keeps from its forward pass for the backward pass; the rest is
 # recomputed. Names from jax.checkpoint_policies; `save:NAME,...` keeps the block's named
 # activations (REMAT_NAMES) and recomputes everything else.
@@ -104,14 +105,21 @@ def reference_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: j
   return jnp.einsum('bhls,bshd->blhd', probs_BxHxLxS, v).astype(q_BxLxHxD.dtype)
 
 
+def _repeat_kv(x_BxLxKxD: jax.Array, heads: int) -> jax.Array:
+  """Grouped keys or values repeated to one per query head: head h reads group h // (H/K)."""
+  return jnp.repeat(x_BxLxKxD, heads // x_BxLxKxD.shape[2], axis=2)
+
+
 def causal_mask(q_positions_L: jax.Array, num_keys: int) -> jax.Array:
   """Boolean mask_1x1xLxS: key position <= query position."""
   mask_LxS = jnp.arange(num_keys)[None, :] <= q_positions_L[:, None]
   return mask_LxS[None, None]
 
 
-def rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, heads_major: bool = False) -> jax.Array:
-  """Rotates feature pairs (i, i + D/2) by position-dependent angles, in float32.
+def rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, heads_major: bool = False,
+         theta: float = ROPE_BASE) -> jax.Array:
+  """Rotates feature pairs (i, i + D/2) by position-dependent angles, in float32; pair i
+  turns by position x theta^(-2i/D).
 
   `positions_L` may also be positions_BxL (packed documents). `heads_major`: x is x_BxHxLxD.
   """
@@ -120,7 +128,7 @@ def rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, heads_major: bool = False
   # sin computed in the program are fused into their users, again for every batch row and
   # head. Traced positions (decoding) are computed in the program.
   xnp = np if isinstance(positions_L, np.ndarray) else jnp
-  inv_freq = ROPE_BASE ** (-xnp.arange(half, dtype=np.float32) / np.float32(half))
+  inv_freq = np.float32(theta) ** (-xnp.arange(half, dtype=np.float32) / np.float32(half))
   angles_LxD2 = positions_L.astype(np.float32)[..., None] * inv_freq  # Or angles_BxLxD2.
   cos, sin = xnp.cos(angles_LxD2), xnp.sin(angles_LxD2)
   if not heads_major:  # A heads axis before the features.
@@ -147,10 +155,11 @@ def documents(tokens_BxL: jax.Array, eos: int) -> tuple[jax.Array, jax.Array]:
   return index_L - first_BxL, same_BxLxL[:, None]
 
 
-def _rms_norm(x: jax.Array, *, dtype: Any, param_dtype: Any, name: str) -> jax.Array:
+def _rms_norm(x: jax.Array, *, dtype: Any, param_dtype: Any, name: str,
+              eps: float = 1e-6) -> jax.Array:
   """RMSNorm in float32, cast back to the compute dtype (call inside a compact method)."""
   norm = nn.RMSNorm(
-      dtype=jnp.float32, param_dtype=param_dtype,
+      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
       scale_init=axes.logical(nn.initializers.ones_init(), axes.EMBED_NORM), name=name)
   return norm(x.astype(jnp.float32)).astype(dtype)
 
@@ -166,6 +175,13 @@ def _check_attributes(m: nn.Module) -> None:
     raise ValueError(f'model.width ({m.width}) must be divisible by model.heads ({m.heads})')
   if m.pos == 'rope' and (m.width // m.heads) % 2:
     raise ValueError(f'model.pos=rope needs an even head size, got {m.width // m.heads}')
+  if m.kv_heads < 0 or (m.kv_heads and m.heads % m.kv_heads):
+    raise ValueError(f'model.kv_heads ({m.kv_heads}) must divide model.heads ({m.heads}); 0 '
+                     'means as many as heads')
+  if m.mlp not in MLPS:
+    raise ValueError(f"model.mlp: unknown '{m.mlp}'; choose from {', '.join(MLPS)}")
+  if not m.rope_theta > 0 or not m.norm_eps > 0:
+    raise ValueError('model.rope_theta and model.norm_eps must be > 0')
 
 
 def _check_length(length: int, max_len: int) -> None:
@@ -183,6 +199,9 @@ class Attention(nn.Module):
   attention: str = 'xla'
   heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
   decode: bool = False
+  kv_heads: int = 0  # Key/value heads (grouped-query attention); 0: one per query head.
+  use_bias: bool = False
+  rope_theta: float = ROPE_BASE
   init_std: float = 0.02
   out_std: float = 0.02
   dtype: Any = jnp.float32
@@ -196,51 +215,55 @@ class Attention(nn.Module):
     causal rule)."""
     width = x_BxLxE.shape[-1]
     head_dim = width // self.heads
+    kv_heads = self.kv_heads or self.heads
     qkv = dict(
-        features=(self.heads, head_dim), use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.QKV_KERNEL))
+        use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.QKV_KERNEL),
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.QKV_BIAS))
     # Projections over tokens as matrix rows (T = B L), as in Block's MLP: faster on XLA:CPU.
     batch, length = x_BxLxE.shape[:2]
     x_TxE = x_BxLxE.reshape(batch * length, width)
-    to_BxLxHxD = lambda name: nn.DenseGeneral(**qkv, name=name)(x_TxE).reshape(
-        batch, length, self.heads, head_dim)
-    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (
-        checkpoint_name(axes.constrain(to_BxLxHxD(n), axes.ACT_BxLxHxD), 'qkv')
-        for n in ('query', 'key', 'value'))
+    to_BxLxHxD = lambda name, heads: nn.DenseGeneral(
+        features=(heads, head_dim), **qkv, name=name)(x_TxE).reshape(
+            batch, length, heads, head_dim)
+    # With kv_heads < heads (grouped-query attention), K is short for key/value heads.
+    q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = (
+        checkpoint_name(axes.constrain(to_BxLxHxD(n, h), axes.ACT_BxLxHxD), 'qkv')
+        for n, h in (('query', self.heads), ('key', kv_heads), ('value', kv_heads)))
     # Heads-major, RoPE is applied after the move (faster on CPUs).
     if not self.decode and self.attention != 'cudnn' and self.heads_major:
+      k_BxLxHxD, v_BxLxHxD = (_repeat_kv(t, self.heads) for t in (k_BxLxKxD, v_BxLxKxD))
       q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = matmul.upcast_f16_on_cpu(
           q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
-      rotate = (partial(rope, positions_L=positions_L, heads_major=True)
+      rotate = (partial(rope, positions_L=positions_L, heads_major=True, theta=self.rope_theta)
                 if self.pos == 'rope' else None)
       out_BxLxHxD = attention_kernel.heads_major_attention(
           q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, self.causal, rotate, mask_Bx1xLxL)
       return self._out(out_BxLxHxD)
     if self.pos == 'rope':
-      q_BxLxHxD = rope(q_BxLxHxD, positions_L)
-      k_BxLxHxD = rope(k_BxLxHxD, positions_L)
+      q_BxLxHxD = rope(q_BxLxHxD, positions_L, theta=self.rope_theta)
+      k_BxLxKxD = rope(k_BxLxKxD, positions_L, theta=self.rope_theta)
 
     # Decode mode creates the cache on `init` (and then attends like the plain path); later
     # calls write this chunk into it and attend over all cached positions.
     use_cache = self.decode and self.has_variable('cache', 'cached_key')
-    if self.decode:
-      shape = (x_BxLxE.shape[0], self.max_len, self.heads, head_dim)
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, shape, k_BxLxHxD.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros, shape, v_BxLxHxD.dtype)
+    if self.decode:  # The cache holds the kv_heads, not repeated.
+      shape = (x_BxLxE.shape[0], self.max_len, kv_heads, head_dim)
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, shape, k_BxLxKxD.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, shape, v_BxLxKxD.dtype)
     if use_cache:
       start = (0, positions_L[0], 0, 0)
-      cached_key.value = lax.dynamic_update_slice(cached_key.value, k_BxLxHxD, start)
-      cached_value.value = lax.dynamic_update_slice(cached_value.value, v_BxLxHxD, start)
+      cached_key.value = lax.dynamic_update_slice(cached_key.value, k_BxLxKxD, start)
+      cached_value.value = lax.dynamic_update_slice(cached_value.value, v_BxLxKxD, start)
       # Keys past the chunk are zeros and masked; XLA takes any mask (cuDNN may not).
       out_BxLxHxD = jax.nn.dot_product_attention(
           *matmul.upcast_f16_on_cpu(q_BxLxHxD, cached_key.value, cached_value.value),
           mask=causal_mask(positions_L, self.max_len), implementation='xla')
-    else:
-      q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = matmul.upcast_f16_on_cpu(
-          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+    else:  # jax.nn.dot_product_attention takes grouped keys and values as they are.
+      q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = matmul.upcast_f16_on_cpu(
+          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD)
       out_BxLxHxD = jax.nn.dot_product_attention(
-          q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, mask=mask_Bx1xLxL, is_causal=self.causal,
+          q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask_Bx1xLxL, is_causal=self.causal,
           implementation=_IMPLEMENTATIONS[self.attention])
     return self._out(out_BxLxHxD)
 
@@ -249,9 +272,10 @@ class Attention(nn.Module):
     batch, length, heads, head_dim = out_BxLxHxD.shape
     out_BxLxHxD = checkpoint_name(out_BxLxHxD, 'attn_out')
     out_TxE = nn.DenseGeneral(
-        heads * head_dim, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+        heads * head_dim, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype,
         kernel_init=axes.logical(nn.initializers.normal(self.out_std), axes.ATTN_OUT_KERNEL),
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.EMBED_NORM),
         name='out')(out_BxLxHxD.reshape(batch * length, heads, head_dim))
     return out_TxE.reshape(batch, length, heads * head_dim)
 
@@ -269,6 +293,11 @@ class Block(nn.Module):
   dropout: float = 0.0
   deterministic: bool = True
   decode: bool = False
+  kv_heads: int = 0
+  mlp: str = 'gelu'
+  use_bias: bool = False
+  rope_theta: float = ROPE_BASE
+  norm_eps: float = 1e-6
   init_std: float = 0.02
   out_std: float = 0.02
   dtype: Any = jnp.float32
@@ -278,12 +307,13 @@ class Block(nn.Module):
   def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array,
                mask_Bx1xLxL: jax.Array | None = None) -> tuple[jax.Array, None]:
     width = x_BxLxE.shape[-1]
-    norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    dense = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = dict(dtype=self.dtype, param_dtype=self.param_dtype, eps=self.norm_eps)
+    dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     h_BxLxE = _rms_norm(x_BxLxE, **norm, name='attn_norm')
     h_BxLxE = Attention(
         heads=self.heads, max_len=self.max_len, pos=self.pos, causal=self.causal,
         attention=self.attention, heads_major=self.heads_major, decode=self.decode,
+        kv_heads=self.kv_heads, use_bias=self.use_bias, rope_theta=self.rope_theta,
         init_std=self.init_std,
         out_std=self.out_std, dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
             h_BxLxE, positions_L, mask_Bx1xLxL)
@@ -294,15 +324,20 @@ class Block(nn.Module):
     batch, length = x_BxLxE.shape[:2]
     h_TxE = _rms_norm(x_BxLxE, **norm, name='mlp_norm').reshape(batch * length, width)
     h_TxE = checkpoint_name(h_TxE, 'mlp_in')
-    h_TxM = nn.Dense(
-        self.mlp_dim, **dense, name='mlp_in',
-        kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.MLP_IN_KERNEL))(
-            h_TxE)
-    h_TxM = checkpoint_name(axes.constrain(h_TxM, axes.ACT_BxN), 'mlp_hidden')
+    to_hidden = lambda name: nn.Dense(
+        self.mlp_dim, **dense, name=name,
+        kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.MLP_IN_KERNEL),
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.DENSE_BIAS))(h_TxE)
+    h_TxM = checkpoint_name(axes.constrain(to_hidden('mlp_in'), axes.ACT_BxN), 'mlp_hidden')
+    if self.mlp == 'swiglu':  # (SiLU(x W_gate) * x W_in) W_out, as in Llama.
+      gate_TxM = axes.constrain(to_hidden('mlp_gate'), axes.ACT_BxN)
+      h_TxM = nn.silu(gate_TxM) * h_TxM
+    else:
+      h_TxM = nn.gelu(h_TxM)
     h_TxE = nn.Dense(
         width, **dense, name='mlp_out',
-        kernel_init=axes.logical(nn.initializers.normal(self.out_std), axes.MLP_OUT_KERNEL))(
-            nn.gelu(h_TxM))
+        kernel_init=axes.logical(nn.initializers.normal(self.out_std), axes.MLP_OUT_KERNEL),
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.EMBED_NORM))(h_TxM)
     h_BxLxE = h_TxE.reshape(batch, length, width)
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
     return axes.constrain(x_BxLxE, axes.ACT_BxLxE), None
@@ -318,7 +353,8 @@ def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal:
   block = dict(
       heads=m.heads, mlp_dim=int(round(m.width * m.mlp_ratio)), max_len=m.max_len, pos=m.pos,
       causal=causal, attention=m.attention, heads_major=m.heads_major, dropout=m.dropout,
-      deterministic=not train,
+      deterministic=not train, kv_heads=m.kv_heads, mlp=m.mlp, use_bias=m.use_bias,
+      rope_theta=m.rope_theta, norm_eps=m.norm_eps,
       decode=decode, init_std=m.init_std,
       # GPT-2: residual-output projections scaled by 1/sqrt(number of residual additions).
       out_std=m.init_std / math.sqrt(2 * m.depth), dtype=m.dtype, param_dtype=m.param_dtype)
@@ -360,6 +396,11 @@ class TransformerLM(nn.Module):
   heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
   remat: str = 'none'  # What a block keeps for the backward pass: REMAT_POLICIES.
   scan_layers: bool = False  # nn.scan over blocks; params gain a leading 'layers' axis.
+  kv_heads: int = 0  # Key/value heads (grouped-query attention); 0: one per query head.
+  mlp: str = 'gelu'  # MLPS.
+  use_bias: bool = False  # Biases in the attention and MLP projections.
+  rope_theta: float = ROPE_BASE  # RoPE's base wavelength.
+  norm_eps: float = 1e-6  # RMSNorm's epsilon.
   tie_embeddings: bool = True
   init_std: float = 0.02
   dtype: Any = jnp.float32
@@ -410,7 +451,7 @@ class TransformerLM(nn.Module):
     x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train,
                       mask_Bx1xLxL=mask_Bx1xLxL)
     x_BxLxE = _rms_norm(x_BxLxE, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name='final_norm')
+                        name='final_norm', eps=self.norm_eps)
     if self.logits_chunk and not self.decode:  # The loss makes the logits chunk by chunk.
       table_VxE = (embed.embedding if self.tie_embeddings else
                    inits.LogitsKernel(
@@ -455,6 +496,11 @@ class TransformerClassifier(nn.Module):
   heads_major: bool = False  # Heads-major attention (kernels.attention, the CPU fast path).
   remat: str = 'none'
   scan_layers: bool = False
+  kv_heads: int = 0
+  mlp: str = 'gelu'
+  use_bias: bool = False
+  rope_theta: float = ROPE_BASE
+  norm_eps: float = 1e-6
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -494,7 +540,7 @@ class TransformerClassifier(nn.Module):
     x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=False, decode=False, train=train)
     x_BxE = x_BxLxE.astype(jnp.float32).mean(axis=1)
     x_BxE = _rms_norm(x_BxE, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name='final_norm')
+                      name='final_norm', eps=self.norm_eps)
     logits_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype, name='out',
         kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.OUT_KERNEL),

@@ -43,7 +43,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.max_len = 256  # Longest sequence (positions, and the KV cache for generation).
   c.model.pos = 'rope'  # rope (rotary) | learned (a table of max_len positions).
   c.model.dropout = 0.0  # Residual dropout.
-  c.model.attention = 'auto'  # xla | cudnn (NVIDIA GPUs, bf16/fp16) | auto (let JAX pick).
+  # auto: cuDNN's fused attention on NVIDIA GPUs in bf16/fp16, XLA's elsewhere | xla | cudnn.
+  c.model.attention = 'auto'
   # What a block keeps for the backward pass, the rest recomputed: none | full | dots |
   # dots_saveable | offload | save:qkv,attn_out,mlp_in,mlp_hidden (docs/models.md).
   c.model.remat = 'none'

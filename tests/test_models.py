@@ -6,6 +6,7 @@ Shape letters: B batch, K outputs.
 import dataclasses
 import math
 import pathlib
+import re
 from functools import partial
 
 import jax
@@ -301,3 +302,28 @@ def test_cnn_pools_before_its_relu_with_the_same_values_and_gradients():
   np.testing.assert_allclose(value, ref_value, rtol=1e-6)
   np.testing.assert_array_equal(grad, ref_grad)
   assert (max_pool_2x2(x) < 0).any() and (max_pool_2x2(x) > 0).any()
+
+
+def test_auto_attention_takes_cudnn_only_where_it_applies(capsys):
+  """`model.attention=auto` resolves per platform and dtype before anything is traced:
+  cuDNN's fused attention on GPUs in bf16/fp16 with a head size it has kernels for, XLA's
+  elsewhere (with a note on GPUs saying why); `cudnn` where it cannot run is one line."""
+  seq = Meta((8,), 256, task='lm', vocab_size=256)
+  cfg = lambda **kw: _cfg('transformer', **{'width': 64, 'heads': 4, 'attention': 'auto', **kw})
+  build = lambda c, dtype, platform, meta=seq: models.build(c, meta, dtype, platform=platform)
+  assert build(cfg(), jnp.bfloat16, 'gpu').attention == 'cudnn'
+  assert build(cfg(), jnp.float16, 'cuda').attention == 'cudnn'
+  for c, dtype, platform, meta, why in [
+      (cfg(), jnp.float32, 'gpu', seq, 'bf16 or fp16 compute (precision gives float32)'),
+      (cfg(heads=16), jnp.bfloat16, 'gpu', seq, 'a head size that is a multiple of 8'),
+      (cfg(), jnp.bfloat16, 'gpu', Meta((8,), 256, task='lm', vocab_size=256, doc_eos=0),
+       'no packed-document mask'),
+      (cfg(), jnp.bfloat16, 'tpu', seq, 'an NVIDIA GPU (this run compiles for tpu)'),
+      (cfg(), jnp.bfloat16, 'cpu', seq, 'an NVIDIA GPU (this run compiles for cpu)')]:
+    capsys.readouterr()
+    assert build(c, dtype, platform, meta).attention == 'xla'
+    assert (why in capsys.readouterr().err) == (platform == 'gpu'), why
+    with pytest.raises(config.ConfigError, match=re.escape(f"model.attention=cudnn needs {why}")):
+      build(ml_collections.ConfigDict({**c.to_dict(), 'attention': 'cudnn'}), dtype, platform,
+            meta)
+  assert build(cfg(attention='xla'), jnp.bfloat16, 'gpu').attention == 'xla'

@@ -10,6 +10,8 @@ Rows and the target each one measures:
 - gpt-d2048-bf16, gpt-d2048-fp8: width 2048, 8 blocks (403M parameters), sequence 2048,
   batch 8. Target: fp8 tokens/s >= 1.3x bf16's. The fp8 row is skipped where fp8 matmuls
   would be emulated (before compute capability 8.9).
+- gpt350m-bf16-auto: the first row with `model.attention=auto` (issue 27): it should take
+  cuDNN's attention by itself and be as fast as the row that names it.
 - resnet50-bf16: ResNet-50 on synthetic 224 x 224 x 3 images, 1000 classes, batch 256, bf16:
   images/s (samples_per_s), reported, no target.
 
@@ -32,6 +34,8 @@ def rows() -> list[dict]:
   return [
       {'name': 'gpt350m-bf16', 'experiment': 'experiments/gpt_stdlib.py', 'batch': 8,
        'overrides': gpt350m, 'precision': 'bf16', 'loop': 60},
+      {'name': 'gpt350m-bf16-auto', 'experiment': 'experiments/gpt_stdlib.py', 'batch': 8,
+       'overrides': gpt350m + ['model.attention=auto'], 'precision': 'bf16'},
       {'name': 'gpt-d2048-bf16', 'experiment': 'experiments/gpt_stdlib.py', 'batch': 8,
        'overrides': d2048, 'precision': 'bf16'},
       {'name': 'gpt-d2048-fp8', 'experiment': 'experiments/gpt_stdlib.py', 'batch': 8,

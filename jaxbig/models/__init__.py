@@ -91,11 +91,12 @@ def _resnet(size: Callable[..., nn.Module]) -> Factory:
 
 
 def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
-                 kernels: kernels_lib.Kernels) -> nn.Module:
+                 kernels: kernels_lib.Kernels, platform: str = '') -> nn.Module:
   """A decoder LM on text, an encoder classifier on anything else."""
   common = dict(
       width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-      max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout, attention=cfg.attention,
+      max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout,
+      attention=attention_path(cfg, meta, dtype, platform),
       remat=_remat(cfg), scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
       heads_major=kernels.attention == 'heads_major',
       # Decoder options, declared by the experiments that change them; these are the
@@ -107,7 +108,6 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   if cfg.width % cfg.heads:
     raise ConfigError(f'model.width ({cfg.width}) must be divisible by model.heads ({cfg.heads})')
   _choice(cfg, 'pos', transformer.POSITIONS)
-  _choice(cfg, 'attention', transformer.ATTENTIONS)
   if cfg.pos == 'rope' and (cfg.width // cfg.heads) % 2:
     raise ConfigError(f'model.pos=rope needs an even head size, got {cfg.width // cfg.heads}')
   kv_heads = common['kv_heads']
@@ -129,6 +129,41 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
                                      **common)
   return transformer.TransformerClassifier(num_outputs=meta.num_outputs,
                                            vocab_size=meta.vocab_size, **common)
+
+
+# cuDNN's fused (flash) attention: half-precision inputs, head sizes it has kernels for.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+CUDNN_MAX_HEAD = 128
+
+
+def attention_path(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
+                   platform: str) -> str:
+  """`model.attention` resolved for the devices: 'cudnn' or 'xla'. `auto` takes cuDNN's
+  fused attention on NVIDIA GPUs where it applies (bf16/fp16, a head size that is a
+  multiple of 8 up to 128, no packed-document mask) and XLA's otherwise; `cudnn` where it
+  cannot apply is a ConfigError. On CPUs and TPUs `auto` is XLA's path (on CPUs the
+  kernel policy may lay it out heads-major)."""
+  _choice(cfg, 'attention', transformer.ATTENTIONS)
+  if cfg.attention == 'xla':
+    return 'xla'
+  head = cfg.width // cfg.heads if cfg.heads else 0
+  why = None
+  if platform not in ('gpu', 'cuda'):
+    why = f'an NVIDIA GPU (this run compiles for {platform or "an unknown platform"})'
+  elif jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+    why = f'bf16 or fp16 compute (precision gives {jnp.dtype(dtype).name})'
+  elif head % 8 or head > CUDNN_MAX_HEAD:
+    why = f'a head size that is a multiple of 8 up to {CUDNN_MAX_HEAD} (got {head})'
+  elif meta.doc_eos >= 0:
+    why = 'no packed-document mask (data.pack=true)'
+  if why is None:
+    return 'cudnn'
+  if cfg.attention == 'cudnn':
+    raise ConfigError(f'model.attention=cudnn needs {why}; use model.attention=auto')
+  if platform in ('gpu', 'cuda'):
+    from jaxbig import metrics  # pylint: disable=g-import-not-at-top
+    metrics.note(f"attention: XLA's, not cuDNN's: cuDNN needs {why}")
+  return 'xla'
 
 
 def _remat(cfg: ml_collections.ConfigDict) -> str:
@@ -210,9 +245,11 @@ def _check_name(name: str) -> None:
 
 
 def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float32,
-          kernels: kernels_lib.Kernels = kernels_lib.REFERENCE) -> nn.Module:
+          kernels: kernels_lib.Kernels = kernels_lib.REFERENCE, platform: str = 'cpu'
+          ) -> nn.Module:
   """Returns the module named by `cfg.name`, computing in `dtype` with float32 params and
-  the fast paths that `kernels` chose (jaxbig/kernels). Raises ConfigError for a config
+  the fast paths that `kernels` chose (jaxbig/kernels) for devices of `platform`. Raises
+  ConfigError for a config
   this model cannot be built from, or cannot take this data's inputs."""
   _check_name(cfg.name)
   _check_sizes(cfg)
@@ -222,6 +259,8 @@ def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float
     raise ConfigError(f'data.pack: packed documents need model.name=transformer, not '
                       f'{cfg.name}; set data.pack=false')
   try:
+    if cfg.name == 'transformer':
+      return _transformer(cfg, meta, dtype, kernels, platform)
     return _FACTORIES[cfg.name](cfg, meta, dtype, kernels)
   except AttributeError as e:  # ConfigDict: a field this model needs is not declared.
     field = str(e).splitlines()[0].strip('"\'')

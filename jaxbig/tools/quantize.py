@@ -44,7 +44,8 @@ def _ptq_model(s: train.Setup, to: str) -> tuple[nn.Module, dict]:
   import qwix
   kernels = kernels_lib.select(s.config.kernels, s.mesh.devices.flat[0].platform,
                                quantized=True)
-  base = models.build(s.config.model, s.data.meta, jnp.float32, kernels)
+  base = models.build(s.config.model, s.data.meta, jnp.float32, kernels,
+                      s.mesh.devices.flat[0].platform)
   rule = qwix.QuantizationRule(module_path='.*', weight_qtype=to, act_qtype=to)
   model = qwix.quantize_model(base, qwix.PtqProvider([rule]))
   meta = s.data.meta

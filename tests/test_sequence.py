@@ -195,8 +195,8 @@ def test_reconstruction_losses_need_reconstruction_models(capsys, tmp_path, over
 
 
 # The smoke Transformer learns slower: 0.61-0.75 test accuracy after 150 steps over seeds
-# 0-2, 0.76-0.84 after 250 (the GRU: 0.98 after 150).
-@pytest.mark.parametrize('variant, steps', [('transformer', 250), ('gru', 150)])
+# 0-2, 0.76-0.84 after 250 (the GRU: 0.90 after 50 steps, 0.955 after 80, 0.98 after 150).
+@pytest.mark.parametrize('variant, steps', [('transformer', 250), ('gru', 80)])
 def test_sequence_classifiers_learn_digits_from_rows(tmp_path, variant, steps):
   """The encoder Transformer and a bidirectional GRU read digits row by row as sequences."""
   spec = str(EXPERIMENTS / 'seq_digits.py') + f':{variant},smoke'

@@ -88,6 +88,21 @@ def test_causal_attention_counts_half_the_scores():
   assert per_block == dense + 2 * seq * seq * d  # Full attention would be 4 * L^2 * d.
 
 
+def test_grouped_query_attention_and_swiglu_change_the_counted_matmuls():
+  load = lambda *o: config_lib.load('experiments/gpt_stdlib.py:smoke', list(o))
+  config = load()
+  meta = train.setup(config).data.meta
+  m, seq = config.model, meta.input_shape[0]
+  base = flops.forward_flops(m, meta, 1)
+  head = m.width // m.heads
+  # One key/value head: the key and value projections shrink from d x d to d x head.
+  gqa = flops.forward_flops(load('model.kv_heads=1').model, meta, 1)
+  assert base - gqa == m.depth * 2 * (2 * seq * m.width * (m.width - head))
+  # SwiGLU: a third d x mlp matrix per block.
+  swiglu = flops.forward_flops(load('model.mlp=swiglu').model, meta, 1)
+  assert swiglu - base == m.depth * 2 * seq * m.width * m.width * m.mlp_ratio
+
+
 def test_rapl_meter_reads_package_counters_and_their_wraparound(tmp_path):
   for name, energy_uj in (('intel-rapl:0', 1000), ('intel-rapl:1', 5000),
                           ('intel-rapl:0:0', 7)):  # A sub-domain: not counted.

@@ -60,7 +60,13 @@ def forward_flops(model_cfg, meta, batch: int) -> float | None:
   seq, vocab = meta.input_shape[0], meta.vocab_size
   if name == 'transformer':
     d, mlp = model_cfg.width, int(round(model_cfg.width * model_cfg.mlp_ratio))
-    per_token = model_cfg.depth * (4 * _dense(d, d) + 2 * _dense(d, mlp)) + _dense(d, vocab)
+    # Queries and the output projection are d x d; keys and values d x (kv_heads x head
+    # size), d x d without grouped-query attention. SwiGLU adds a gate matrix to the MLP.
+    kv = model_cfg.get('kv_heads', 0) or model_cfg.heads
+    kv_width = kv * (d // model_cfg.heads)
+    mlp_mats = 3 if model_cfg.get('mlp', 'gelu') == 'swiglu' else 2
+    per_layer = 2 * _dense(d, d) + 2 * _dense(d, kv_width) + mlp_mats * _dense(d, mlp)
+    per_token = model_cfg.depth * per_layer + _dense(d, vocab)
     # Scores (L x L x d) and values (L x L x d) per layer, half of each under a causal mask.
     attention = model_cfg.depth * 2 * (2 * seq * seq * d) / 2
     return batch * (seq * per_token + attention)

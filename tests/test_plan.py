@@ -86,6 +86,11 @@ def test_v5e_plan_fits_and_has_collectives():
   m = d['memory_per_device']
   assert m['arguments_bytes'] > 0 and m['total_bytes'] > 0
   assert d['hbm_bytes'] == plan.HBM_BYTES['v5e'] and d['fits'] is True
+  # Fits by XLA's own peak, with the margin left.
+  assert d['hbm_margin_bytes'] == d['hbm_bytes'] - m['peak_bytes'] > 0
+  # fp32 has no tabled TPU peak: no prediction, and the plan says why.
+  assert d['prediction'] == {'step_s': None, 'mfu': None,
+                             'reason': 'no fp32 peak tabled for TPU v5 lite'}
   assert d['flops_per_step'] == 4 * d['flops_per_device'] > 0
   assert d['collectives'].get('all-reduce', 0) >= 1  # The gradients, summed over data.
   assert d['collective_bytes']['all-reduce'] > 0
@@ -93,6 +98,30 @@ def test_v5e_plan_fits_and_has_collectives():
   single = plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=1']), 'v5e:1x1')
   assert single['num_devices'] == 1 and single['collectives'] == {}
   assert single['memory_per_device']['arguments_bytes'] == m['arguments_bytes']
+
+
+def test_the_prediction_is_a_roofline_bound_over_its_terms():
+  """bf16 GPT on v5e: the step time is the largest of compute (the analytic FLOPs plus
+  what remat recomputes, at 197 TFLOP/s), HBM traffic and collectives; MFU follows."""
+  _tpu_or_skip()
+  gpt = 'experiments/gpt_stdlib.py:smoke'
+  plans = {p: plan.plan(config_lib.load(gpt, ['mesh.data=4', 'precision=bf16',
+                                              f'model.remat={p}']), 'v5e:2x2')
+           for p in ('none', 'full')}
+  for policy, d in plans.items():
+    p = d['prediction']
+    assert p['reason'] is None and p['peak_flops_per_s'] == 197e12
+    assert set(p['terms_s']) == {'compute', 'memory', 'collectives'}
+    assert p['step_s'] == max(p['terms_s'].values()) == p['terms_s'][p['bound']]
+    compute = (p['model_flops_per_step'] + p['recomputed_flops_per_step']) / 4 / 197e12
+    assert p['terms_s']['compute'] == pytest.approx(compute)
+    assert p['mfu'] == pytest.approx(p['model_flops_per_step'] / 4 / (p['step_s'] * 197e12))
+    assert 0 < p['mfu'] <= 1
+    assert 'step time >=' in plan.format_plan(d)
+  none, full = plans['none']['prediction'], plans['full']['prediction']
+  # Full remat recomputes one forward pass: a third of the model's training FLOPs.
+  assert none['recomputed_flops_per_step'] == 0
+  assert full['recomputed_flops_per_step'] == pytest.approx(full['model_flops_per_step'] / 3)
 
 
 def test_out_of_hbm_is_a_plan_that_does_not_fit():

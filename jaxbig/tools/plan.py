@@ -21,6 +21,7 @@ from typing import Any
 from jaxbig import parallel, train
 from jaxbig.config import ConfigError
 from jaxbig.memory import fmt_bytes
+from jaxbig.tools.bench import flops
 
 GiB = 1024**3
 
@@ -244,6 +245,8 @@ def plan(config, topology: str | None = None) -> dict[str, Any]:
       'has_loops': None,
       'collectives': {},
       'collective_bytes': {},
+      # A roofline bound from the analytic FLOPs and the device table (`predict`).
+      'prediction': None,
       'compile_s': None,
       'error': None,
   }
@@ -259,9 +262,13 @@ def plan(config, topology: str | None = None) -> dict[str, Any]:
   out['compile_s'] = time.perf_counter() - t0
   mem = parallel.memory(compiled)
   out['memory_per_device'] = mem
-  if out['hbm_bytes'] is not None:  # Nominal HBM; over XLA:TPU's own limit, compile fails.
-    needed = max(mem['total_bytes'], mem['peak_bytes'] or 0)
+  if out['hbm_bytes'] is not None:
+    # XLA's own peak where it gives one (arguments, outputs and temporaries live at once,
+    # aliasing counted): a program over XLA:TPU's limit does not compile at all. The sum of
+    # all buffers overstates it.
+    needed = mem['peak_bytes'] or mem['total_bytes']
     out['fits'] = needed <= out['hbm_bytes']
+    out['hbm_margin_bytes'] = out['hbm_bytes'] - needed
   flops = xla_flops(compiled)
   if flops is not None:
     out['flops_per_device'] = flops
@@ -269,7 +276,48 @@ def plan(config, topology: str | None = None) -> dict[str, Any]:
   text = compiled.as_text()
   out['collectives'], out['collective_bytes'] = collectives(text)
   out['has_loops'] = loops_with_matmuls(text)
+  out['prediction'] = predict(config, s.data.meta, s.policy.name, device.device_kind,
+                              len(flat), _bytes_accessed(compiled),
+                              sum(out['collective_bytes'].values()))
   return out
+
+
+def _bytes_accessed(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # Backends without a cost model.
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  value = (cost or {}).get('bytes accessed')
+  return float(value) if value is not None and value > 0 else None
+
+
+def predict(config, meta, precision: str, device_kind: str, num_devices: int,
+            bytes_accessed: float | None, collective_bytes: float) -> dict | None:
+  """A roofline bound on the step time: the largest of the matmul FLOPs at the device's
+  dense peak (the model's FLOPs by formula plus what remat recomputes), the HBM traffic at
+  its bandwidth and the collectives' bytes at the chip's interconnect bandwidth, per device.
+  XLA's byte counts take a loop body once, so those two terms are lower bounds too. None
+  (with the reason) where the model has no FLOP formula or the device no tabled peak."""
+  batch = int(config.data.batch_size)
+  model = flops.train_flops(config.model, meta, batch)
+  peak = flops.peak(device_kind, precision)
+  if model is None or peak is None:
+    why = ('no FLOP formula for this model' if model is None else
+           f'no {precision} peak tabled for {device_kind}')
+    return {'step_s': None, 'mfu': None, 'reason': why}
+  extra = flops.recomputed_flops(config.model, meta, batch) or 0.0
+  rates = flops.bandwidths(device_kind)
+  terms = {'compute': (model + extra) / num_devices / peak}
+  if bytes_accessed is not None and rates['hbm']:
+    terms['memory'] = bytes_accessed / rates['hbm']
+  if collective_bytes and rates['ici']:
+    terms['collectives'] = collective_bytes / rates['ici']
+  bound = max(terms, key=terms.get)
+  step = terms[bound]
+  return {'step_s': step, 'mfu': model / num_devices / (step * peak), 'bound': bound,
+          'model_flops_per_step': model, 'recomputed_flops_per_step': extra,
+          'peak_flops_per_s': peak, 'terms_s': terms, 'reason': None}
 
 
 def _count(n: float | None) -> str:
@@ -300,7 +348,7 @@ def format_plan(d: dict[str, Any]) -> str:
   else:
     share = ''
     if d['hbm_bytes']:
-      share = f" ({100 * max(m['total_bytes'], m['peak_bytes'] or 0) / d['hbm_bytes']:.1f}%)"
+      share = f" ({100 * (m['peak_bytes'] or m['total_bytes']) / d['hbm_bytes']:.1f}%)"
     lines += [
         'memory per device',
         f"  arguments           {fmt_bytes(m['arguments_bytes'])}",
@@ -311,13 +359,27 @@ def format_plan(d: dict[str, Any]) -> str:
         '   (arguments + outputs - aliased + temporaries)',
         f"  peak (XLA)          {fmt_bytes(m['peak_bytes'])}",
         f"  code                {fmt_bytes(m['code_bytes'])}",
-        f"  HBM                 {hbm}   fits: {fits}{share}",
+        f"  HBM                 {hbm}   fits: {fits}{share}"
+        + (f", {fmt_bytes(d['hbm_margin_bytes'])} to spare" if d.get('hbm_margin_bytes', -1) >= 0
+           else ''),
         'compute',
         f"  FLOPs per device    {_count(d['flops_per_device'])}",
         f"  FLOPs per step      {_count(d['flops_per_step'])}   (all devices)",
     ]
     if d['has_loops']:
       lines.append('  (the step has loops, whose bodies XLA counts once: a lower bound)')
+    p = d.get('prediction')
+    if p and p['step_s'] is not None:
+      lines += [
+          'prediction (a roofline bound: the step takes at least this)',
+          f"  FLOPs per step      {_count(p['model_flops_per_step'])} model + "
+          f"{_count(p['recomputed_flops_per_step'])} recomputed (by formula)",
+          *(f"  {name:<19} {1e3 * t:.3g} ms" for name, t in p['terms_s'].items()),
+          f"  step time >=        {1e3 * p['step_s']:.3g} ms ({p['bound']}-bound)",
+          f"  MFU <=              {100 * p['mfu']:.1f}%",
+      ]
+    elif p:
+      lines.append(f"prediction: none ({p['reason']})")
     if d['collectives']:
       lines.append('collectives (static count, result bytes per device)')
       lines += [f"  {op:<19} {n:<5} {fmt_bytes(d['collective_bytes'].get(op))}"

@@ -29,6 +29,29 @@ PEAKS = {  # Checked in order: a more specific name first.
 }
 
 
+# Memory and interconnect bandwidth per device in bytes/s, for the plan's roofline: HBM, and
+# the chip's bidirectional inter-chip (TPU ICI) or NVLink bandwidth. TPUs: the Cloud TPU
+# system-architecture pages (v4 gives no per-chip ICI figure); GPUs: NVIDIA's data sheets.
+BANDWIDTHS = {  # Checked in order, as PEAKS.
+    'H100 PCIe': {'hbm': 2.0e12, 'ici': 600e9},
+    'H100': {'hbm': 3.35e12, 'ici': 900e9},
+    'H200': {'hbm': 4.8e12, 'ici': 900e9},
+    'A100': {'hbm': 2.0e12, 'ici': 600e9},
+    'TPU v4': {'hbm': 1200e9, 'ici': None},
+    'TPU v5 lite': {'hbm': 819e9, 'ici': 400e9},
+    'TPU v5': {'hbm': 2765e9, 'ici': 1200e9},
+    'TPU v6 lite': {'hbm': 1638e9, 'ici': 800e9},
+}
+
+
+def bandwidths(device_kind: str) -> dict:
+  """{'hbm', 'ici'} bytes/s of the device (None where not tabled)."""
+  for key, rates in BANDWIDTHS.items():
+    if key.lower() in device_kind.lower():
+      return rates
+  return {'hbm': None, 'ici': None}
+
+
 def peak(device_kind: str, precision: str) -> float | None:
   """The device's dense peak for the precision's matmuls, or None if not tabled."""
   for key, rates in PEAKS.items():
@@ -84,3 +107,19 @@ def forward_flops(model_cfg, meta, batch: int) -> float | None:
 def train_flops(model_cfg, meta, batch: int) -> float | None:
   fwd = forward_flops(model_cfg, meta, batch)
   return None if fwd is None else 3.0 * fwd
+
+
+def recomputed_flops(model_cfg, meta, batch: int) -> float | None:
+  """FLOPs the backward pass adds by recomputing what `model.remat` did not keep, beside
+  train_flops' model FLOPs: all of a forward pass under `full` (and `save:...`, counted as
+  full: an upper bound), the attention scores and values under `dots` and `offload`."""
+  fwd = forward_flops(model_cfg, meta, batch)
+  if fwd is None or model_cfg.name != 'transformer':
+    return None if fwd is None else 0.0
+  policy = str(model_cfg.get('remat', 'none')).lower()
+  if policy in ('none', 'false', 'dots_saveable'):
+    return 0.0
+  if policy in ('dots', 'offload'):
+    seq, d = meta.input_shape[0], model_cfg.width
+    return batch * model_cfg.depth * 2 * (2 * seq * seq * d) / 2  # Causal: half the scores.
+  return fwd

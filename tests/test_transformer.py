@@ -382,7 +382,7 @@ def test_too_long_input_raises():
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('pos', 'alibi', 'model.pos'), ('attention', 'flash', 'model.attention'),
+    ('pos', 'alibi', 'model.pos'), ('attention', 'splash', 'model.attention'),
     ('heads', 5, 'divisible by model.heads')])
 def test_bad_attributes_raise(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -620,3 +620,39 @@ def test_bad_decoder_options_are_one_line(override, named, capsys, tmp_path):
                                   '--workdir', tmp_path / 'wd')
   assert code == 2 and err.count('\n') == 1 and named in err, err
   assert not (tmp_path / 'wd').exists()
+
+
+@pytest.mark.slow(reason='runs the Pallas TPU kernels in interpret mode')
+def test_flash_attention_kernel_equals_xla_attention_with_gradients():
+  """The Pallas TPU flash kernel (forward and backward), run by Pallas's TPU interpreter on
+  this CPU, against XLA's attention: logits and gradients of a 2-block LM over 128 tokens,
+  grouped-query attention included."""
+  from jax.experimental.pallas import tpu as pltpu
+  tokens = _tokens(5, (1, 129))
+  for kv_heads in (0, 2):
+    xla = _lm(max_len=128, kv_heads=kv_heads)
+    params = _init(xla, tokens[:, :-1])['params']
+    want_loss, want = _grad_fn(xla, jit=False)(params, tokens)
+    with pltpu.force_tpu_interpret_mode():
+      loss, got = _grad_fn(xla.clone(attention='flash'), jit=False)(params, tokens)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    jax.tree.map(partial(np.testing.assert_allclose, atol=2e-5), got, want)
+
+
+def test_tpu_plans_take_the_flash_kernel_where_the_sequence_allows():
+  """attention=auto on a TPU topology compiles the Pallas kernel (a Mosaic custom call),
+  split over the data axis in shard_map; at a length it cannot block, XLA's attention."""
+  from jaxbig import config as config_lib, train  # pylint: disable=g-import-not-at-top
+  from jaxbig.tools import plan  # pylint: disable=g-import-not-at-top
+  try:
+    devices = plan.topology_devices('v5e:2x2')
+  except config_lib.ConfigError as e:
+    pytest.skip(f'libtpu not installed: {e}')
+  texts = {}
+  for length in (128, 64):
+    config = config_lib.load('experiments/gpt_stdlib.py:smoke', [
+        'mesh.data=4', 'precision=bf16', f'data.seq_len={length}', f'model.max_len={length}'])
+    s = train.setup(config, devices=devices)
+    texts[length] = (s.model.attention, train.lower_train_step(s).compile().as_text())
+  assert texts[128][0] == 'flash' and 'tpu_custom_call' in texts[128][1]
+  assert texts[64][0] == 'xla' and 'tpu_custom_call' not in texts[64][1]

@@ -93,10 +93,11 @@ def _resnet(size: Callable[..., nn.Module]) -> Factory:
 def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
                  kernels: kernels_lib.Kernels, platform: str = '') -> nn.Module:
   """A decoder LM on text, an encoder classifier on anything else."""
+  length = _needs_sequence(cfg, meta)
   common = dict(
       width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
       max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout,
-      attention=attention_path(cfg, meta, dtype, platform),
+      attention=attention_path(cfg, meta, dtype, platform, length),
       remat=_remat(cfg), scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
       heads_major=kernels.attention == 'heads_major',
       # Decoder options, declared by the experiments that change them; these are the
@@ -104,7 +105,6 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
       kv_heads=cfg.get('kv_heads', 0), mlp=cfg.get('mlp', 'gelu'),
       use_bias=cfg.get('bias', False), rope_theta=float(cfg.get('rope_theta', 10_000.0)),
       norm_eps=float(cfg.get('norm_eps', 1e-6)))
-  length = _needs_sequence(cfg, meta)
   if cfg.width % cfg.heads:
     raise ConfigError(f'model.width ({cfg.width}) must be divisible by model.heads ({cfg.heads})')
   _choice(cfg, 'pos', transformer.POSITIONS)
@@ -137,14 +137,30 @@ CUDNN_MAX_HEAD = 128
 
 
 def attention_path(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
-                   platform: str) -> str:
-  """`model.attention` resolved for the devices: 'cudnn' or 'xla'. `auto` takes cuDNN's
-  fused attention on NVIDIA GPUs where it applies (bf16/fp16, a head size that is a
-  multiple of 8 up to 128, no packed-document mask) and XLA's otherwise; `cudnn` where it
-  cannot apply is a ConfigError. On CPUs and TPUs `auto` is XLA's path (on CPUs the
-  kernel policy may lay it out heads-major)."""
+                   platform: str, length: int = 0) -> str:
+  """`model.attention` resolved for the devices: 'cudnn', 'flash' or 'xla'. `auto` takes
+  cuDNN's fused attention on NVIDIA GPUs where it applies (bf16/fp16, a head size that is
+  a multiple of 8 up to 128, no packed-document mask), the Pallas flash kernel on TPUs
+  (sequences a multiple of 128, no packed-document mask) and XLA's path otherwise (on
+  CPUs the kernel policy may lay it out heads-major); `cudnn` or `flash` where it cannot
+  apply is a ConfigError."""
   _choice(cfg, 'attention', transformer.ATTENTIONS)
   if cfg.attention == 'xla':
+    return 'xla'
+  if cfg.attention == 'flash' or (cfg.attention == 'auto' and platform == 'tpu'):
+    why = None
+    if platform != 'tpu':
+      why = f'a TPU (this run compiles for {platform or "an unknown platform"})'
+    elif length % transformer.FLASH_BLOCK:
+      why = f'a sequence length that is a multiple of {transformer.FLASH_BLOCK} (got {length})'
+    elif meta.doc_eos >= 0:
+      why = 'no packed-document mask (data.pack=true)'
+    if why is None:
+      return 'flash'
+    if cfg.attention == 'flash':
+      raise ConfigError(f'model.attention=flash needs {why}; use model.attention=auto')
+    from jaxbig import metrics  # pylint: disable=g-import-not-at-top
+    metrics.note(f"attention: XLA's, not the flash kernel: it needs {why}")
     return 'xla'
   head = cfg.width // cfg.heads if cfg.heads else 0
   why = None

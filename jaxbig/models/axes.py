@@ -89,6 +89,13 @@ def activation_rules(rules):
     _RULES.reset(token)
 
 
+def mesh_axes(names: tuple):
+  """The PartitionSpec of logical `names` under the current activation rules (None outside
+  of them: nothing is split)."""
+  rules = _RULES.get()
+  return None if rules is None else nn.logical_to_mesh_axes(names, rules)
+
+
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
   """Asks the compiler for the layout of activation `x` given by logical axis `names`."""
   rules = _RULES.get()

@@ -60,7 +60,10 @@ REMAT_POLICIES = {
     'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 _IMPLEMENTATIONS = {'xla': 'xla', 'cudnn': 'cudnn', 'auto': None}
-ATTENTIONS = tuple(_IMPLEMENTATIONS)
+# 'flash': the Pallas flash-attention kernel for TPUs (jax.experimental.pallas.ops.tpu),
+# which never materialises the score matrix; sequences in blocks of FLASH_BLOCK.
+ATTENTIONS = (*_IMPLEMENTATIONS, 'flash')
+FLASH_BLOCK = 128
 ROPE_BASE = 10_000.0
 # Activations a block names for `model.remat=save:...`: the q/k/v projections, the
 # attention output (before its projection), the MLP's input (after its norm) and hidden
@@ -108,6 +111,29 @@ def reference_attention(q_BxLxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: j
 def _repeat_kv(x_BxLxKxD: jax.Array, heads: int) -> jax.Array:
   """Grouped keys or values repeated to one per query head: head h reads group h // (H/K)."""
   return jnp.repeat(x_BxLxKxD, heads // x_BxLxKxD.shape[2], axis=2)
+
+
+def flash_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
+                    causal: bool) -> jax.Array:
+  """out_BxLxHxD by the Pallas TPU flash-attention kernel (forward and backward kernels),
+  each device on its own rows and heads: a custom call cannot be split by XLA, so under a
+  mesh it runs in shard_map with the activations' batch and heads split."""
+  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
+  scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
+
+  def attend(q, k, v):
+    t = lambda x: x.transpose(0, 2, 1, 3)  # The kernel's layout: B H L D.
+    return t(pallas_flash.flash_attention(t(q), t(k), t(v), causal=causal, sm_scale=scale))
+
+  spec = axes.mesh_axes(axes.ACT_BxLxHxD)
+  mesh = jax.sharding.get_abstract_mesh()
+  if spec is None or mesh.empty:
+    return attend(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+  if spec[1] is not None or spec[3] is not None:
+    raise ValueError('model.attention=flash: the sequence and head-feature axes must not be '
+                     'split over the mesh')
+  return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                       check_vma=False)(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
 
 
 def causal_mask(q_positions_L: jax.Array, num_keys: int) -> jax.Array:
@@ -168,7 +194,7 @@ def _check_attributes(m: nn.Module) -> None:
   """Raises a ValueError for attribute values the shared blocks cannot build."""
   if m.pos not in POSITIONS:
     raise ValueError(f"model.pos: unknown '{m.pos}'; choose from {', '.join(POSITIONS)}")
-  if m.attention not in _IMPLEMENTATIONS:
+  if m.attention not in ATTENTIONS:
     raise ValueError(
         f"model.attention: unknown '{m.attention}'; choose from {', '.join(ATTENTIONS)}")
   if m.width % m.heads:
@@ -231,7 +257,7 @@ class Attention(nn.Module):
         checkpoint_name(axes.constrain(to_BxLxHxD(n, h), axes.ACT_BxLxHxD), 'qkv')
         for n, h in (('query', self.heads), ('key', kv_heads), ('value', kv_heads)))
     # Heads-major, RoPE is applied after the move (faster on CPUs).
-    if not self.decode and self.attention != 'cudnn' and self.heads_major:
+    if not self.decode and self.attention not in ('cudnn', 'flash') and self.heads_major:
       k_BxLxHxD, v_BxLxHxD = (_repeat_kv(t, self.heads) for t in (k_BxLxKxD, v_BxLxKxD))
       q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = matmul.upcast_f16_on_cpu(
           q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
@@ -243,6 +269,11 @@ class Attention(nn.Module):
     if self.pos == 'rope':
       q_BxLxHxD = rope(q_BxLxHxD, positions_L, theta=self.rope_theta)
       k_BxLxKxD = rope(k_BxLxKxD, positions_L, theta=self.rope_theta)
+
+    if self.attention == 'flash' and not self.decode and mask_Bx1xLxL is None:
+      out_BxLxHxD = flash_attention(q_BxLxHxD, _repeat_kv(k_BxLxKxD, self.heads),
+                                    _repeat_kv(v_BxLxKxD, self.heads), self.causal)
+      return self._out(out_BxLxHxD)
 
     # Decode mode creates the cache on `init` (and then attends like the plain path); later
     # calls write this chunk into it and attend over all cached positions.
@@ -258,13 +289,13 @@ class Attention(nn.Module):
       # Keys past the chunk are zeros and masked; XLA takes any mask (cuDNN may not).
       out_BxLxHxD = jax.nn.dot_product_attention(
           *matmul.upcast_f16_on_cpu(q_BxLxHxD, cached_key.value, cached_value.value),
-          mask=causal_mask(positions_L, self.max_len), implementation='xla')
+          mask=causal_mask(positions_L, self.max_len), implementation='xla')  # Also for flash.
     else:  # jax.nn.dot_product_attention takes grouped keys and values as they are.
       q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = matmul.upcast_f16_on_cpu(
           q_BxLxHxD, k_BxLxKxD, v_BxLxKxD)
       out_BxLxHxD = jax.nn.dot_product_attention(
           q_BxLxHxD, k_BxLxKxD, v_BxLxKxD, mask=mask_Bx1xLxL, is_causal=self.causal,
-          implementation=_IMPLEMENTATIONS[self.attention])
+          implementation=_IMPLEMENTATIONS.get(self.attention, 'xla'))
     return self._out(out_BxLxHxD)
 
   def _out(self, out_BxLxHxD: jax.Array) -> jax.Array:

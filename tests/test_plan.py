@@ -1,4 +1,9 @@
-"""Tests for jaxbig.tools.plan: local plans, TPU-topology plans (needs libtpu), bad topology names."""
+"""Tests for jaxbig.tools.plan: local plans, TPU-topology plans (needs libtpu), bad topology names.
+
+Every test that compiles for a TPU topology lives in this file: libtpu takes a machine-wide
+lock, so a second test process asking for TPU devices would wait for it forever, and
+pytest-xdist (--dist loadfile) runs one file in one process.
+"""
 
 import json
 import sys
@@ -207,3 +212,18 @@ def test_tpu_plans_trace_the_tpu_paths_not_the_cpu_fast_paths(monkeypatch):
     assert d['device_kind'] == 'TPU v5 lite' and d['flops_per_step'] > 0
   with pytest.raises(AssertionError, match='CPU-only fast path'):  # Locally, on this CPU.
     plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=1']))
+
+
+def test_tpu_plans_take_the_flash_kernel_where_the_sequence_allows():
+  """attention=auto on a TPU topology compiles the Pallas kernel (a Mosaic custom call),
+  split over the data axis in shard_map; at a length it cannot block, XLA's attention."""
+  _tpu_or_skip()
+  devices = plan.topology_devices('v5e:2x2')
+  texts = {}
+  for length in (128, 64):
+    config = config_lib.load('experiments/gpt_stdlib.py:smoke', [
+        'mesh.data=4', 'precision=bf16', f'data.seq_len={length}', f'model.max_len={length}'])
+    s = train.setup(config, devices=devices)
+    texts[length] = (s.model.attention, train.lower_train_step(s).compile().as_text())
+  assert texts[128][0] == 'flash' and 'tpu_custom_call' in texts[128][1]
+  assert texts[64][0] == 'xla' and 'tpu_custom_call' not in texts[64][1]

@@ -637,21 +637,3 @@ def test_flash_attention_kernel_equals_xla_attention_with_gradients():
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   jax.tree.map(partial(np.testing.assert_allclose, atol=2e-5), got, want)
 
-
-def test_tpu_plans_take_the_flash_kernel_where_the_sequence_allows():
-  """attention=auto on a TPU topology compiles the Pallas kernel (a Mosaic custom call),
-  split over the data axis in shard_map; at a length it cannot block, XLA's attention."""
-  from jaxbig import config as config_lib, train  # pylint: disable=g-import-not-at-top
-  from jaxbig.tools import plan  # pylint: disable=g-import-not-at-top
-  try:
-    devices = plan.topology_devices('v5e:2x2')
-  except config_lib.ConfigError as e:
-    pytest.skip(f'libtpu not installed: {e}')
-  texts = {}
-  for length in (128, 64):
-    config = config_lib.load('experiments/gpt_stdlib.py:smoke', [
-        'mesh.data=4', 'precision=bf16', f'data.seq_len={length}', f'model.max_len={length}'])
-    s = train.setup(config, devices=devices)
-    texts[length] = (s.model.attention, train.lower_train_step(s).compile().as_text())
-  assert texts[128][0] == 'flash' and 'tpu_custom_call' in texts[128][1]
-  assert texts[64][0] == 'xla' and 'tpu_custom_call' not in texts[64][1]

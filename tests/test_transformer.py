@@ -264,7 +264,7 @@ def test_remat_policies_give_the_plain_gradients():
   tokens = _tokens(4, (B, L + 1))
   loss, grads = _grad_fn(_lm())(_lm_params('rope'), tokens)
   stacked = _lm_params('rope', scan_layers=True)
-  for policy in ('dots', 'save:attn_out,mlp_in'):
+  for policy in ('dots',):  # What each policy keeps: the residuals test above.
     got_loss, got = _grad_fn(_lm(remat=policy, scan_layers=True))(stacked, tokens)
     np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
     jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), got, _stack(grads))
@@ -625,11 +625,12 @@ def test_bad_decoder_options_are_one_line(override, named, capsys, tmp_path):
 @pytest.mark.slow(reason='runs the Pallas TPU kernels in interpret mode')
 def test_flash_attention_kernel_equals_xla_attention_with_gradients():
   """The Pallas TPU flash kernel (forward and backward), run by Pallas's TPU interpreter on
-  this CPU, against XLA's attention: the loss and gradients of a 2-block LM with grouped-
+  this CPU, against XLA's attention: the loss and gradients of a 1-block LM with grouped-
   query attention over 128 tokens."""
   from jax.experimental.pallas import tpu as pltpu
   tokens = _tokens(5, (1, 129))
-  xla = _lm(max_len=128, kv_heads=2)  # Query heads in pairs: the kernel reads them repeated.
+  # One block; query heads in pairs: the kernel reads the key/value heads repeated.
+  xla = _lm(max_len=128, kv_heads=2, depth=1)
   params = _init(xla, tokens[:, :-1])['params']
   want_loss, want = _grad_fn(xla, jit=False)(params, tokens)
   with pltpu.force_tpu_interpret_mode():

@@ -147,38 +147,31 @@ def attention_path(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   _choice(cfg, 'attention', transformer.ATTENTIONS)
   if cfg.attention == 'xla':
     return 'xla'
+  elsewhere = f'this run compiles for {platform or "an unknown platform"}'
   if cfg.attention == 'flash' or (cfg.attention == 'auto' and platform == 'tpu'):
-    why = None
+    kernel, why = 'flash', None
     if platform != 'tpu':
-      why = f'a TPU (this run compiles for {platform or "an unknown platform"})'
+      why = f'a TPU ({elsewhere})'
     elif length % transformer.FLASH_BLOCK:
       why = f'a sequence length that is a multiple of {transformer.FLASH_BLOCK} (got {length})'
-    elif meta.doc_eos >= 0:
-      why = 'no packed-document mask (data.pack=true)'
-    if why is None:
-      return 'flash'
-    if cfg.attention == 'flash':
-      raise ConfigError(f'model.attention=flash needs {why}; use model.attention=auto')
-    from jaxbig import metrics  # pylint: disable=g-import-not-at-top
-    metrics.note(f"attention: XLA's, not the flash kernel: it needs {why}")
-    return 'xla'
-  head = cfg.width // cfg.heads if cfg.heads else 0
-  why = None
-  if platform not in ('gpu', 'cuda'):
-    why = f'an NVIDIA GPU (this run compiles for {platform or "an unknown platform"})'
-  elif jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
-    why = f'bf16 or fp16 compute (precision gives {jnp.dtype(dtype).name})'
-  elif head % 8 or head > CUDNN_MAX_HEAD:
-    why = f'a head size that is a multiple of 8 up to {CUDNN_MAX_HEAD} (got {head})'
-  elif meta.doc_eos >= 0:
+  else:
+    kernel, why = 'cudnn', None
+    head = cfg.width // cfg.heads if cfg.heads else 0
+    if platform not in ('gpu', 'cuda'):
+      why = f'an NVIDIA GPU ({elsewhere})'
+    elif jnp.dtype(dtype) not in [jnp.dtype(d) for d in CUDNN_DTYPES]:
+      why = f'bf16 or fp16 compute (precision gives {jnp.dtype(dtype).name})'
+    elif head % 8 or head > CUDNN_MAX_HEAD:
+      why = f'a head size that is a multiple of 8 up to {CUDNN_MAX_HEAD} (got {head})'
+  if why is None and meta.doc_eos >= 0:
     why = 'no packed-document mask (data.pack=true)'
   if why is None:
-    return 'cudnn'
-  if cfg.attention == 'cudnn':
-    raise ConfigError(f'model.attention=cudnn needs {why}; use model.attention=auto')
-  if platform in ('gpu', 'cuda'):
+    return kernel
+  if cfg.attention == kernel:
+    raise ConfigError(f'model.attention={kernel} needs {why}; use model.attention=auto')
+  if platform in ('gpu', 'cuda', 'tpu'):  # Where a fused kernel was expected.
     from jaxbig import metrics  # pylint: disable=g-import-not-at-top
-    metrics.note(f"attention: XLA's, not cuDNN's: cuDNN needs {why}")
+    metrics.note(f"attention: XLA's, not the {kernel} kernel: it needs {why}")
   return 'xla'
 
 

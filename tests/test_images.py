@@ -168,3 +168,23 @@ def test_training_resumes_bit_identically_with_augmentation_and_workers(folder, 
   losses = lambda wd: [json.loads(l).get('train/loss') for l in open(wd / 'metrics.jsonl')]
   assert losses(straight) == losses(resumed) and len(losses(straight)) >= 4
   assert 0 <= summary['eval']['accuracy'] <= 1 and summary['step'] == 4
+
+
+def test_the_bad_image_count_is_saved_up_to_the_step_and_counted_once():
+  """The count comes from the steps' metrics: a logged interval adds to it; at a save, the
+  steps not yet logged go into the saved state, and are added once when their interval is
+  logged; past the limit, one line naming this process's last bad image."""
+  from jaxbig import metrics  # pylint: disable=g-import-not-at-top
+  it = images.BatchIterator(lambda start: iter([]))
+  it.last_bad = 'data.path: x.jpg: not a readable image'
+  count = metrics.BadImages(5, it)
+  step = lambda n: {'bad_images': np.float32(n)}
+  count.add([step(1), step(2)])
+  assert it.get_state()['bad_images'] == 3
+  count.add([step(1)], logged=False)  # A save before the interval is logged.
+  assert it.get_state()['bad_images'] == 4
+  count.add([step(1), step(0)])  # That interval, logged: its step counted once.
+  assert it.get_state()['bad_images'] == 4 and it.unlogged == 0
+  with pytest.raises(ConfigError, match=r'^data.path: x.jpg: not a readable image: 6 bad '
+                     r'images, more than data.max_bad_images \(5\)$'):
+    count.add([step(2)])

@@ -193,18 +193,10 @@ class Records:
 
 
 def read_manifest(path: str) -> dict:
-  file = os.path.join(path, prepare.MANIFEST)
-  if not os.path.isfile(file):
-    raise ConfigError(f'data.path: {path} has no {prepare.MANIFEST}; make it with `jaxbig '
-                      'prepare images DIR --out OUT` (an interrupted run: run it again)')
-  try:
-    with open(file) as f:
-      manifest = json.load(f)
-    assert manifest['format'] == FORMAT
-    _ = manifest['classes'], manifest['splits']['train']['shards'], manifest['splits']['val']
-  except (ValueError, KeyError, TypeError, AssertionError):
-    raise ConfigError(f'{file}: not a manifest of jaxbig prepare images') from None
-  return manifest
+  """DIR/manifest.json, checked to be one `jaxbig prepare images` wrote."""
+  return prepare.read_manifest(
+      path, 'images', FORMAT,
+      lambda m: (m['classes'], m['splits']['train']['shards'], m['splits']['val']))
 
 
 class ImageRecords(images.ImageFolder):

@@ -420,6 +420,26 @@ def claim(out: str, plan: dict) -> None:
   write_json(plan_path, plan)
 
 
+def read_manifest(path: str, kind: str, fmt: str, check) -> dict:
+  """`data.path`'s manifest.json, checked to be one `jaxbig prepare KIND` wrote: format
+  `fmt`, and `check(manifest)` finds its fields (KeyError or TypeError if not)."""
+  file = os.path.join(path, MANIFEST)
+  if not os.path.isdir(path):
+    raise ConfigError(f'data.path: not a folder: {path} (a folder made by jaxbig prepare {kind})')
+  if not os.path.isfile(file):
+    raise ConfigError(f'data.path: {path} has no {MANIFEST}; make it with `jaxbig prepare '
+                      f'{kind}` (a run that was interrupted: run it again)')
+  try:
+    with open(file) as f:
+      manifest = json.load(f)
+    if manifest['format'] != fmt:
+      raise TypeError
+    check(manifest)
+  except (ValueError, KeyError, TypeError):
+    raise ConfigError(f'{file}: not a manifest of jaxbig prepare {kind}') from None
+  return manifest
+
+
 def inside(path: str, folder: str) -> bool:
   """Whether `path` is `folder` or lies under it, links resolved."""
   rel = os.path.relpath(os.path.realpath(path), os.path.realpath(folder))

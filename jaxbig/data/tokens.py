@@ -31,21 +31,10 @@ from jaxbig.data import prepare, text as text_lib, tokenizer as tokenizer_lib
 
 
 def read_manifest(path: str) -> dict:
-  """DIR/manifest.json, checked to be one `jaxbig prepare` wrote."""
-  file = os.path.join(path, prepare.MANIFEST)
-  if not os.path.isdir(path):
-    raise ConfigError(f'data.path: not a folder: {path} (a folder made by jaxbig prepare text)')
-  if not os.path.isfile(file):
-    raise ConfigError(f'data.path: {path} has no {prepare.MANIFEST}; prepare it with '
-                      '`jaxbig prepare text` (a run that was interrupted: run it again)')
-  try:
-    with open(file) as f:
-      manifest = json.load(f)
-    assert manifest['format'] == 'jaxbig-tokens-1'
-    _ = manifest['splits']['train']['shards'], manifest['tokenizer']['identity']
-  except (ValueError, KeyError, TypeError, AssertionError):
-    raise ConfigError(f'{file}: not a jaxbig token manifest') from None
-  return manifest
+  """DIR/manifest.json, checked to be one `jaxbig prepare text` wrote."""
+  return prepare.read_manifest(
+      path, 'text', 'jaxbig-tokens-1',
+      lambda m: (m['splits']['train']['shards'], m['tokenizer']['identity']))
 
 
 def run_tokenizer(cfg, manifest: dict):

@@ -107,9 +107,6 @@ class Files:
   def __init__(self, paths: list[str]):
     self.paths = paths
 
-  def __len__(self) -> int:
-    return len(self.paths)
-
   def open(self, k: int):
     """(opened image, its name for messages); BadImage if it is not a readable image."""
     return open_image(self.paths[k], self.paths[k]), self.paths[k]

@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # Data-parallel devices (-1: all that remain).
   c.mesh.fsdp = 1  # Devices sharding parameters and batch (fully sharded data parallel).
   c.mesh.tensor = 1  # Devices sharding layer widths: heads, hidden units (tensor parallel).
+  # Devices sharding a Transformer's sequence positions (context parallel, long sequences).
+  c.mesh.context = 1
+  c.mesh.slices = 1  # TPU slices the data axis spans (multi-slice: data parallel over DCN).
   # Overrides of the logical-axis -> mesh-axis rules (jaxbig/sharding.py), e.g. 'embed=none'.
   c.mesh.rules = ''
 

@@ -34,9 +34,10 @@ def mode(config) -> str:
   m = config.parallel.mode if 'parallel' in config else 'jit'
   if m not in MODES:
     raise ConfigError(f"parallel.mode: unknown mode '{m}'; choose from {', '.join(MODES)}")
-  if m == 'pmap' and (config.mesh.fsdp != 1 or config.mesh.tensor != 1):
-    raise ConfigError('parallel.mode=pmap is data parallel only: set mesh.fsdp=1 and '
-                      'mesh.tensor=1 (or use parallel.mode=jit)')
+  if m == 'pmap' and (config.mesh.fsdp != 1 or config.mesh.tensor != 1 or
+                      config.mesh.get('context', 1) != 1 or config.mesh.get('slices', 1) != 1):
+    raise ConfigError('parallel.mode=pmap is data parallel only: set mesh.fsdp, mesh.tensor, '
+                      'mesh.context and mesh.slices to 1 (or use parallel.mode=jit)')
   return m
 
 

@@ -1,8 +1,12 @@
-"""Device mesh with axes (data, fsdp, tensor) and the logical-axis rules that map arrays onto it.
+"""Device mesh with axes (data, fsdp, context, tensor) and the logical-axis rules that map arrays
+onto it.
 
 Parameters carry logical axis names (see `jaxbig.models.axes`) and activations logical
 constraints; `RULES` maps each logical name to mesh axes (or None: replicated), and the config
-field `mesh.rules` overrides entries. Batches are split over data x fsdp. In a run of several
+field `mesh.rules` overrides entries. Batches are split over data x fsdp; `context` splits a
+Transformer's sequence positions (activations only: long sequences whose activations one device
+cannot hold). With `mesh.slices` > 1 the data axis spans several TPU slices (multi-slice:
+data-parallel over the data-center network, everything else within a slice). In a run of several
 processes each one loads only the rows of a batch that its devices hold (`process_rows`) and
 `to_global` assembles the global array.
 """
@@ -18,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxbig.config import ConfigError
 
-AXES = ('data', 'fsdp', 'tensor')
+AXES = ('data', 'fsdp', 'context', 'tensor')
 BATCH = ('data', 'fsdp')
 
 # Logical parameter axis -> mesh axis. FSDP shards the input side of weights, tensor
@@ -34,7 +38,8 @@ RULES = (
     ('heads', 'tensor'),
     ('kv', None),
     ('layers', None),
-    ('length', None),
+    ('length', 'context'),
+    ('tokens', ('data', 'fsdp', 'context')),  # Rows of B x L token matrices (T = B L).
     ('act_embed', None),
 )
 
@@ -59,39 +64,76 @@ def rules(cfg) -> tuple:
   return tuple(table.items())
 
 
-def mesh_shape(cfg, num_devices: int) -> tuple[int, int, int]:
-  """Sizes of (data, fsdp, tensor) from `mesh.*`; one -1 takes the remaining devices."""
-  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg, num_devices: int) -> tuple[int, ...]:
+  """Sizes of (data, fsdp, context, tensor) from `mesh.*`; one -1 takes the remaining
+  devices. `mesh.context` is absent from configs written before it existed: 1."""
+  sizes = [cfg.data, cfg.fsdp, cfg.get('context', 1), cfg.tensor]
   if sum(s == -1 for s in sizes) > 1:
-    raise ConfigError('mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1')
+    raise ConfigError('mesh: at most one of mesh.data, mesh.fsdp, mesh.context, mesh.tensor may '
+                      'be -1')
   for name, s in zip(AXES, sizes):
     if s == 0 or s < -1:
       raise ConfigError(f'mesh.{name} must be positive or -1, got {s}')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(f'mesh.data/fsdp/tensor: {num_devices} devices cannot be split into '
-                        f'data x fsdp x tensor with the fixed sizes {sizes}')
+      raise ConfigError(f'mesh.data/fsdp/context/tensor: {num_devices} devices cannot be split '
+                        f'into data x fsdp x context x tensor with the fixed sizes {sizes}')
     sizes = [num_devices // known if s == -1 else s for s in sizes]
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f'mesh.data x mesh.fsdp x mesh.tensor = {math.prod(sizes)} but there are '
-                      f'{num_devices} devices')
+    raise ConfigError(f'mesh.data x mesh.fsdp x mesh.context x mesh.tensor = {math.prod(sizes)} '
+                      f'but there are {num_devices} devices')
   return tuple(sizes)
 
 
+def slices(cfg) -> int:
+  """`mesh.slices`: TPU slices the data axis spans (1 where the field is absent)."""
+  n = cfg.get('slices', 1)
+  if not isinstance(n, int) or n < 1:
+    raise ConfigError(f'mesh.slices must be a positive integer, got {n}')
+  return n
+
+
 def make_mesh(cfg, devices=None) -> Mesh:
-  """The (data, fsdp, tensor) mesh over all (or the given) devices.
+  """The (data, fsdp, context, tensor) mesh over all (or the given) devices.
 
   `jax.make_mesh` orders TPU devices along the physical interconnect; on other platforms the
-  order is process by process, so each process holds a contiguous block of batch rows.
+  order is process by process, so each process holds a contiguous block of batch rows. With
+  `mesh.slices` > 1 the devices must come from that many TPU slices (their `slice_index`):
+  `mesh_utils.create_hybrid_device_mesh` lays each slice out as a (data / slices, fsdp,
+  context, tensor) mesh of its own and joins the slices along data, so only the data axis's
+  gradient reduction crosses between slices.
   """
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(cfg, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+  n = slices(cfg)
+  if n > 1:
+    return Mesh(_hybrid_devices(shape, n, devices), AXES, axis_types=auto)
   try:
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
   except (ValueError, NotImplementedError):  # No topology-aware layout for this shape.
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
+
+
+def _hybrid_devices(shape: tuple[int, ...], n: int, devices: list) -> np.ndarray:
+  """Devices of `n` slices in a `shape` array, the data axis split across slices."""
+  found = {getattr(d, 'slice_index', None) for d in devices}
+  if None in found or len(found) != n:
+    have = 'devices without slice numbers' if None in found else f'{len(found)} slice(s)'
+    raise ConfigError(f'mesh.slices={n}: the devices come from {have}; multi-slice runs need '
+                      f'{n} TPU slices (plan one with --topology GEN:AxB --slices {n})')
+  if shape[0] % n:
+    raise ConfigError(f'mesh.slices={n} must divide mesh.data ({shape[0]}): the data axis is '
+                      'the one that spans slices')
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  per_slice = (shape[0] // n, *shape[1:])
+  try:
+    return mesh_utils.create_hybrid_device_mesh(per_slice, (n,) + (1,) * (len(shape) - 1),
+                                                devices)
+  except (ValueError, AssertionError, NotImplementedError) as e:
+    raise ConfigError(f'mesh: cannot lay a {per_slice} mesh over each of {n} slices: '
+                      f'{str(e).splitlines()[0]}') from None
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -78,7 +78,8 @@ def setup(config, devices=None) -> Setup:
   mesh, rules, mode = _mesh(config, devices, data)
   kernels = kernels_lib.select(config.kernels, mesh.devices.flat[0].platform,
                                quantized=policy.fwd_qtype is not None)
-  model = _model(config, data.meta, policy, kernels, mode, mesh.devices.flat[0].platform)
+  model = _model(config, data.meta, policy, kernels, mode, mesh.devices.flat[0].platform,
+                 mesh.shape['context'])
   tx, schedule = optim.build(config.opt, config.train.steps)
   loss_fn = _loss(config, data)
   init = _init_fn(model, tx, data.meta, scaling, kernels)
@@ -112,9 +113,9 @@ def _mesh(config, devices, data) -> tuple[jax.sharding.Mesh, tuple, str]:
 
 
 def _model(config, meta, policy: precision.Policy, kernels: kernels_lib.Kernels,
-           mode: str, platform: str) -> nn.Module:
+           mode: str, platform: str, context: int = 1) -> nn.Module:
   """The model in the policy's compute dtype and low-precision matmuls."""
-  model = models.build(config.model, meta, policy.compute_dtype, kernels, platform)
+  model = models.build(config.model, meta, policy.compute_dtype, kernels, platform, context)
   if mode == 'pmap' and models.has_batch_stats(config.model.name):
     model = model.clone(axis_name=parallel.AXIS)  # BatchNorm statistics over all devices.
   return precision.quantize(model, policy)

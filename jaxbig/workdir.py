@@ -32,7 +32,7 @@ from jaxbig.config import ConfigError
 RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.ckpt_every',
                      'train.keep_checkpoints', 'train.on_nonfinite',
                      'train.max_consecutive_skips', 'mesh.data', 'mesh.fsdp', 'mesh.tensor',
-                     'mesh.rules', 'parallel.mode',
+                     'mesh.context', 'mesh.slices', 'mesh.rules', 'parallel.mode',
                      # Limits on reading text: the data's identity is checked on its own.
                      'data.max_file_mb', 'data.max_total_mb',
                      # Decoding processes: the batches are the same with any number.
@@ -45,7 +45,8 @@ RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'trai
 # did: a config.json or fingerprint without the field counts as holding that value.
 ADDED_FIELDS = {'kernels': 'auto', 'data.pack': False, 'data.vocab_size': 0,
                 'model.logits_chunk': 0, 'model.kv_heads': 0, 'model.mlp': 'gelu',
-                'model.bias': False, 'model.rope_theta': 10_000.0, 'model.norm_eps': 1e-6}
+                'model.bias': False, 'model.rope_theta': 10_000.0, 'model.norm_eps': 1e-6,
+                'mesh.context': 1, 'mesh.slices': 1}
 
 
 # Values renamed since runs were first saved: a saved run's value -> today's name for it.

@@ -2,12 +2,14 @@
 
 The device count is fixed when JAX starts, so the tests run this script with XLA_FLAGS set
 rather than changing the whole test session. Usage: `mesh_worker.py JOBS.json OUT.json`;
-JOBS.json is a list of jobs, each {"spec", "overrides", "devices", "steps"}; OUT.json gets a
+JOBS.json is a list of jobs, each {"spec", "overrides", "devices", "steps"} and optionally
+"interpret" (Pallas TPU kernels in Pallas's interpreter) and "matmuls"; OUT.json gets a
 list of results, each {"losses": per-step mean loss, "split": the most ways any parameter is
 split, "matmuls": the train step's dot_general and convolution lines of StableHLO where the
 job asks for them with "matmuls": true} or {"error"}.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +25,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 
 from jaxbig import config as config_lib, data as data_lib, parallel, train  # pylint: disable=g-import-not-at-top
 from jaxbig.config import ConfigError  # pylint: disable=g-import-not-at-top
+from jaxbig.models import transformer  # pylint: disable=g-import-not-at-top
 
 _build, _built = data_lib.build, {}
 
@@ -75,7 +78,10 @@ def run(job: dict) -> dict:
 if __name__ == '__main__':
   with open(sys.argv[1]) as f:
     jobs = json.load(f)
-  results = [run(job) for job in jobs]
+  results = []
+  for job in jobs:  # "interpret": the Pallas TPU kernels run in Pallas's interpreter.
+    with transformer.interpret() if job.get('interpret') else contextlib.nullcontext():
+      results.append(run(job))
   with open(sys.argv[2] + '.tmp', 'w') as f:
     json.dump(results, f)
   os.replace(sys.argv[2] + '.tmp', sys.argv[2])

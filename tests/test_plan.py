@@ -87,7 +87,7 @@ def test_v5e_plan_fits_and_has_collectives():
   _tpu_or_skip()
   d = plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=4']), 'v5e:2x2')
   assert d['device_kind'] == 'TPU v5 lite' and d['num_devices'] == 4
-  assert d['mesh'] == {'data': 4, 'fsdp': 1, 'tensor': 1}
+  assert d['mesh'] == {'data': 4, 'fsdp': 1, 'context': 1, 'tensor': 1}
   m = d['memory_per_device']
   assert m['arguments_bytes'] > 0 and m['total_bytes'] > 0
   assert d['hbm_bytes'] == plan.HBM_BYTES['v5e'] and d['fits'] is True
@@ -216,14 +216,18 @@ def test_tpu_plans_trace_the_tpu_paths_not_the_cpu_fast_paths(monkeypatch):
 
 def test_tpu_plans_take_the_flash_kernel_where_the_sequence_allows():
   """attention=auto on a TPU topology compiles the Pallas kernel (a Mosaic custom call),
-  split over the data axis in shard_map; at a length it cannot block, XLA's attention."""
+  split over the data axis in shard_map, or over data and context (keys and values
+  gathered); at a length it cannot block, XLA's attention."""
   _tpu_or_skip()
   devices = plan.topology_devices('v5e:2x2')
   texts = {}
-  for length in (128, 64):
+  for length, mesh in ((128, ['mesh.data=4']), (64, ['mesh.data=4']),
+                       (256, ['mesh.data=2', 'mesh.context=2'])):
     config = config_lib.load('experiments/gpt_stdlib.py:smoke', [
-        'mesh.data=4', 'precision=bf16', f'data.seq_len={length}', f'model.max_len={length}'])
+        *mesh, 'precision=bf16', f'data.seq_len={length}', f'model.max_len={length}'])
     s = train.setup(config, devices=devices)
     texts[length] = (s.model.attention, train.lower_train_step(s).compile().as_text())
   assert texts[128][0] == 'flash' and 'tpu_custom_call' in texts[128][1]
   assert texts[64][0] == 'xla' and 'tpu_custom_call' not in texts[64][1]
+  assert texts[256][0] == 'flash' and 'tpu_custom_call' in texts[256][1]
+  assert 'all-gather' in texts[256][1] and 'all-gather' not in texts[128][1]

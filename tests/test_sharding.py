@@ -29,7 +29,10 @@ MODELS = {
     'transformer': ('experiments/gpt_stdlib.py:smoke', ['model.heads=8']),
     'lstm': ('experiments/lstm_stdlib.py:smoke', []),
 }
-MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
+# (data, fsdp, context, tensor).
+MESHES = [(8, 1, 1, 1), (2, 4, 1, 1), (2, 2, 1, 2), (1, 1, 1, 8)]
+# The context axis splits sequence positions: Transformers only (smoke sequences of 32).
+CONTEXT_MESHES = [(2, 1, 2, 2), (1, 2, 4, 1)]
 # pmap has its own dropout per device, so the pmap comparison runs without dropout;
 # resnet checks that BatchNorm statistics are taken over all devices under pmap.
 PMAP_MODELS = {
@@ -41,25 +44,35 @@ BAD = {
     'heads': ('experiments/gpt_stdlib.py:smoke', ['model.heads=2', 'mesh.tensor=8'],
               'mesh.tensor=8'),
     'product': ('experiments/cnn_digits.py:smoke', ['mesh.data=3', 'mesh.fsdp=2'], 'mesh'),
+    'context_length': ('experiments/gpt_stdlib.py:smoke', ['mesh.context=8', 'data.seq_len=36'],
+                       'mesh.context=8'),
+    'context_cnn': ('experiments/cnn_digits.py:smoke', ['mesh.context=2'], 'mesh.context=2'),
 }
 
 
 def _mesh(m):
-  return [f'mesh.data={m[0]}', f'mesh.fsdp={m[1]}', f'mesh.tensor={m[2]}']
+  return [f'mesh.{axis}={n}' for axis, n in zip(('data', 'fsdp', 'context', 'tensor'), m)]
 
 
 def _jobs() -> dict:
   jobs = {}
   for name, (spec, ov) in MODELS.items():
-    jobs[name, 'one'] = (spec, ov + _mesh((1, 1, 1)), 1)
-    jobs[name, 'higher_lr'] = (spec, ov + _mesh((1, 1, 1)) + ['opt.lr=0.0011'], 1)
-    for m in MESHES:
+    jobs[name, 'one'] = (spec, ov + _mesh((1, 1, 1, 1)), 1)
+    jobs[name, 'higher_lr'] = (spec, ov + _mesh((1, 1, 1, 1)) + ['opt.lr=0.0011'], 1)
+    for m in MESHES + (CONTEXT_MESHES if name == 'transformer' else []):
       jobs[name, m] = (spec, ov + _mesh(m), 8)
+  # The splash kernel (in Pallas's interpreter) in shard_map, its queries split by context
+  # (a block of 128 per device), against XLA's attention on one device.
+  spec, ov = MODELS['transformer']
+  long = ['data.seq_len=256', 'model.max_len=256']
+  jobs['transformer', 'one_long'] = (spec, ov + long + _mesh((1, 1, 1, 1)), 1)
+  jobs['transformer', 'flash'] = (spec, ov + long + _mesh(CONTEXT_MESHES[0]) + [
+      'model.attention=flash'], 8)
   for name, (spec, ov) in PMAP_MODELS.items():
-    jobs[name, 'jit_dp'] = (spec, ov + _mesh((8, 1, 1)), 8)
-    jobs[name, 'pmap'] = (spec, ov + _mesh((8, 1, 1)) + ['parallel.mode=pmap'], 8)
+    jobs[name, 'jit_dp'] = (spec, ov + _mesh((8, 1, 1, 1)), 8)
+    jobs[name, 'pmap'] = (spec, ov + _mesh((8, 1, 1, 1)) + ['parallel.mode=pmap'], 8)
   cnn_spec, cnn_ov = MODELS['cnn']
-  jobs['cnn', 'no_fsdp_rules'] = (cnn_spec, cnn_ov + _mesh((2, 4, 1)) + [
+  jobs['cnn', 'no_fsdp_rules'] = (cnn_spec, cnn_ov + _mesh((2, 4, 1, 1)) + [
       'mesh.rules=embed=none,conv_in=none'], 8)
   for name, (spec, ov, _) in BAD.items():
     jobs[name, 'bad'] = (spec, ov, 8)
@@ -68,8 +81,8 @@ def _jobs() -> dict:
 
 def worker_jobs() -> list[dict]:
   """The runs for tests/mesh_worker.py, which conftest.py starts once the tests are collected."""
-  return [{'spec': spec, 'overrides': ov, 'devices': n, 'steps': STEPS}
-          for spec, ov, n in _jobs().values()]
+  return [{'spec': spec, 'overrides': ov, 'devices': n, 'steps': STEPS,
+           'interpret': key[1] == 'flash'} for key, (spec, ov, n) in _jobs().items()]
 
 
 @pytest.fixture(scope='module')
@@ -77,14 +90,24 @@ def results(request, tmp_path_factory):
   return dict(zip(_jobs(), conftest.worker_results(request, tmp_path_factory)))
 
 
-@pytest.mark.parametrize('mesh', MESHES, ids=lambda m: 'x'.join(map(str, m)))
-@pytest.mark.parametrize('model', MODELS)
+@pytest.mark.parametrize('model, mesh', [
+    *((model, m) for model in MODELS for m in MESHES),
+    *(('transformer', m) for m in CONTEXT_MESHES)], ids=str)
 def test_mesh_gives_single_device_losses(results, model, mesh):
   one, got = results[model, 'one'], results[model, mesh]
   assert 'error' not in got, got
   np.testing.assert_allclose(got['losses'], one['losses'], rtol=RTOL)
   # The mesh really splits parameters: some kernel (embed -> fsdp, mlp -> tensor) both ways.
-  assert got['split'] == mesh[1] * mesh[2]
+  assert got['split'] == mesh[1] * mesh[3]
+
+
+def test_flash_attention_with_context_split_gives_single_device_losses(results):
+  """The splash kernel in shard_map over data 2 x context 2 x tensor 2: each device's
+  queries against the gathered keys and values, trained for three steps."""
+  got = results['transformer', 'flash']
+  assert 'error' not in got, got
+  np.testing.assert_allclose(got['losses'], results['transformer', 'one_long']['losses'],
+                             rtol=RTOL)
 
 
 @pytest.mark.parametrize('model', MODELS)
@@ -99,7 +122,7 @@ def test_controls(results, model):
 
 def test_rules_from_the_config_change_the_layout_not_the_losses(results):
   got = results['cnn', 'no_fsdp_rules']
-  assert got['split'] == 1 and results['cnn', (2, 4, 1)]['split'] == 4
+  assert got['split'] == 1 and results['cnn', (2, 4, 1, 1)]['split'] == 4
   np.testing.assert_allclose(got['losses'], results['cnn', 'one']['losses'], rtol=RTOL)
 
 

@@ -23,6 +23,7 @@ from jaxbig import sharding
 from jaxbig.kernels.attention import heads_major_attention
 from jaxbig.models import axes
 from jaxbig.models.rnn import RNNLM
+from jaxbig.models import transformer
 from jaxbig.models.transformer import (
     POS_TABLE, Block, TransformerClassifier, TransformerLM, causal_mask, reference_attention,
     rope)
@@ -624,17 +625,23 @@ def test_bad_decoder_options_are_one_line(override, named, capsys, tmp_path):
 
 @pytest.mark.slow(reason='runs the Pallas TPU kernels in interpret mode')
 def test_flash_attention_kernel_equals_xla_attention_with_gradients():
-  """The Pallas TPU flash kernel (forward and backward), run by Pallas's TPU interpreter on
+  """The Pallas TPU splash kernel (forward and backward), run by Pallas's TPU interpreter on
   this CPU, against XLA's attention: the loss and gradients of a 1-block LM with grouped-
-  query attention over 128 tokens."""
-  from jax.experimental.pallas import tpu as pltpu
-  tokens = _tokens(5, (1, 129))
+  query attention over 128 tokens, one row packed with three documents (the kernel's
+  segment ids) and one row of a single document."""
+  eos = 7
+  tokens = np.array(_tokens(5, (2, 129)))
+  tokens[tokens == eos] = eos + 1
+  tokens[0, [30, 90]] = eos
+  tokens = jnp.asarray(tokens)
   # One block; query heads in pairs: the kernel reads the key/value heads repeated.
-  xla = _lm(max_len=128, kv_heads=2, depth=1)
+  xla = _lm(max_len=128, kv_heads=2, depth=1, doc_eos=eos)
   params = _init(xla, tokens[:, :-1])['params']
   want_loss, want = _grad_fn(xla, jit=False)(params, tokens)
-  with pltpu.force_tpu_interpret_mode():
-    loss, got = _grad_fn(xla.clone(attention='flash'), jit=False)(params, tokens)
+  with transformer.interpret():
+    loss, got = _grad_fn(xla.clone(attention='flash'))(params, tokens)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   jax.tree.map(partial(np.testing.assert_allclose, atol=2e-5), got, want)
+  # The documents matter: unpacked, the loss differs.
+  assert abs(float(_grad_fn(xla.clone(doc_eos=-1))(params, tokens)[0]) - float(loss)) > 1e-4
 

@@ -91,13 +91,17 @@ def _resnet(size: Callable[..., nn.Module]) -> Factory:
 
 
 def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
-                 kernels: kernels_lib.Kernels, platform: str = '') -> nn.Module:
+                 kernels: kernels_lib.Kernels, platform: str = '', context: int = 1
+                 ) -> nn.Module:
   """A decoder LM on text, an encoder classifier on anything else."""
   length = _needs_sequence(cfg, meta)
+  if length % context:
+    raise ConfigError(f'mesh.context={context} must divide the sequence length ({length}): '
+                      'each context device holds an equal part of every sequence')
   common = dict(
       width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
       max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout,
-      attention=attention_path(cfg, meta, dtype, platform, length),
+      attention=attention_path(cfg, meta, dtype, platform, length, context),
       remat=_remat(cfg), scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
       heads_major=kernels.attention == 'heads_major',
       # Decoder options, declared by the experiments that change them; these are the
@@ -137,23 +141,25 @@ CUDNN_MAX_HEAD = 128
 
 
 def attention_path(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
-                   platform: str, length: int = 0) -> str:
+                   platform: str, length: int = 0, context: int = 1) -> str:
   """`model.attention` resolved for the devices: 'cudnn', 'flash' or 'xla'. `auto` takes
   cuDNN's fused attention on NVIDIA GPUs where it applies (bf16/fp16, a head size that is
-  a multiple of 8 up to 128, no packed-document mask), the Pallas flash kernel on TPUs
-  (sequences a multiple of 128, no packed-document mask) and XLA's path otherwise (on
-  CPUs the kernel policy may lay it out heads-major); `cudnn` or `flash` where it cannot
-  apply is a ConfigError."""
+  a multiple of 8 up to 128, no packed-document mask, no context split), the Pallas splash
+  kernel on TPUs (each context device's part of a sequence a multiple of 128; packed
+  documents are its segments) and XLA's path otherwise (on CPUs the kernel policy may lay
+  it out heads-major); `cudnn` or `flash` where it cannot apply is a ConfigError."""
   _choice(cfg, 'attention', transformer.ATTENTIONS)
   if cfg.attention == 'xla':
     return 'xla'
   elsewhere = f'this run compiles for {platform or "an unknown platform"}'
   if cfg.attention == 'flash' or (cfg.attention == 'auto' and platform == 'tpu'):
     kernel, why = 'flash', None
-    if platform != 'tpu':
+    if platform != 'tpu' and not transformer.interpreting():  # Tests run it interpreted.
       why = f'a TPU ({elsewhere})'
-    elif length % transformer.FLASH_BLOCK:
-      why = f'a sequence length that is a multiple of {transformer.FLASH_BLOCK} (got {length})'
+    elif (length // context) % transformer.FLASH_BLOCK:
+      per = f'{length} / mesh.context={context} = ' if context > 1 else ''
+      why = (f'a sequence length (per context device) that is a multiple of '
+             f'{transformer.FLASH_BLOCK} (got {per}{length // context})')
   else:
     kernel, why = 'cudnn', None
     head = cfg.width // cfg.heads if cfg.heads else 0
@@ -163,8 +169,10 @@ def attention_path(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
       why = f'bf16 or fp16 compute (precision gives {jnp.dtype(dtype).name})'
     elif head % 8 or head > CUDNN_MAX_HEAD:
       why = f'a head size that is a multiple of 8 up to {CUDNN_MAX_HEAD} (got {head})'
-  if why is None and meta.doc_eos >= 0:
-    why = 'no packed-document mask (data.pack=true)'
+    elif meta.doc_eos >= 0:
+      why = 'no packed-document mask (data.pack=true)'
+    elif context > 1:
+      why = f'the whole sequence on each device (mesh.context={context})'
   if why is None:
     return kernel
   if cfg.attention == kernel:
@@ -254,11 +262,11 @@ def _check_name(name: str) -> None:
 
 
 def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float32,
-          kernels: kernels_lib.Kernels = kernels_lib.REFERENCE, platform: str = 'cpu'
-          ) -> nn.Module:
+          kernels: kernels_lib.Kernels = kernels_lib.REFERENCE, platform: str = 'cpu',
+          context: int = 1) -> nn.Module:
   """Returns the module named by `cfg.name`, computing in `dtype` with float32 params and
-  the fast paths that `kernels` chose (jaxbig/kernels) for devices of `platform`. Raises
-  ConfigError for a config
+  the fast paths that `kernels` chose (jaxbig/kernels) for devices of `platform`, its
+  sequences split over `context` devices (mesh.context). Raises ConfigError for a config
   this model cannot be built from, or cannot take this data's inputs."""
   _check_name(cfg.name)
   _check_sizes(cfg)
@@ -267,9 +275,12 @@ def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float
   if meta.doc_eos >= 0 and cfg.name != 'transformer':
     raise ConfigError(f'data.pack: packed documents need model.name=transformer, not '
                       f'{cfg.name}; set data.pack=false')
+  if context > 1 and cfg.name != 'transformer':
+    raise ConfigError(f'mesh.context={context} splits sequence positions, which only '
+                      f'model.name=transformer attends across; set mesh.context=1 for {cfg.name}')
   try:
     if cfg.name == 'transformer':
-      return _transformer(cfg, meta, dtype, kernels, platform)
+      return _transformer(cfg, meta, dtype, kernels, platform, context)
     return _FACTORIES[cfg.name](cfg, meta, dtype, kernels)
   except AttributeError as e:  # ConfigDict: a field this model needs is not declared.
     field = str(e).splitlines()[0].strip('"\'')

@@ -28,7 +28,9 @@ BatchNorm scale and bias ('conv_out',). BatchNorm running statistics ('batch_sta
 created by Flax without names and stay unboxed (replicated).
 
 Activations take logical constraints (`constrain`) at the points where a layout matters:
-'batch' for examples, 'length' for positions, 'act_embed' for the residual stream (kept
+'batch' for examples, 'length' for positions (split over the context axis, for long
+sequences), 'tokens' for the rows of a Transformer's B x L token matrices (split like batch
+and length together), 'act_embed' for the residual stream (kept
 whole: fsdp devices split the batch, not the width), and the parameter names 'mlp', 'heads',
 'kv', 'vocab', 'conv_out' for the outputs of the layers whose kernels those names split.
 They apply inside `activation_rules(rules)` (with a mesh set), and do nothing elsewhere
@@ -64,6 +66,7 @@ EMBED_NORM = ('embed',)  # Norm scale/bias over the model width.
 
 # Activations.
 ACT_BxN = ('batch', 'mlp')  # Hidden units of a dense layer.
+ACT_TxM = ('tokens', 'mlp')  # Hidden units of a Transformer's MLP, tokens as rows (T = B L).
 ACT_BxHxWxC = ('batch', None, None, 'conv_out')  # Conv feature maps.
 ACT_BxLxE = ('batch', 'length', 'act_embed')  # Residual stream.
 ACT_BxLxM = ('batch', 'length', 'mlp')  # Feed-forward or recurrent hidden units.

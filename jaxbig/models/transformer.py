@@ -25,6 +25,8 @@ inputs (None, 'embed') with bias ('embed',): the feature count F is data-depende
 often not divisible by a mesh axis.
 """
 
+import contextlib
+import contextvars
 import math
 from functools import partial
 from typing import Any
@@ -60,8 +62,9 @@ REMAT_POLICIES = {
     'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
 }
 _IMPLEMENTATIONS = {'xla': 'xla', 'cudnn': 'cudnn', 'auto': None}
-# 'flash': the Pallas flash-attention kernel for TPUs (jax.experimental.pallas.ops.tpu),
-# which never materialises the score matrix; sequences in blocks of FLASH_BLOCK.
+# 'flash': the Pallas splash (block-sparse flash) attention kernel for TPUs
+# (jax.experimental.pallas.ops.tpu), which never materialises the score matrix; sequences
+# (per context shard) in blocks of FLASH_BLOCK.
 ATTENTIONS = (*_IMPLEMENTATIONS, 'flash')
 FLASH_BLOCK = 128
 ROPE_BASE = 10_000.0
@@ -113,27 +116,78 @@ def _repeat_kv(x_BxLxKxD: jax.Array, heads: int) -> jax.Array:
   return jnp.repeat(x_BxLxKxD, heads // x_BxLxKxD.shape[2], axis=2)
 
 
+# True: the kernels run in Pallas's interpreter (tests of them on a CPU; see `interpret`).
+_INTERPRET = contextvars.ContextVar('interpret_kernels', default=False)
+
+
+@contextlib.contextmanager
+def interpret():
+  """Within this context the Pallas TPU kernels (model.attention=flash) are traced for
+  Pallas's interpreter, so that a CPU can run them: for tests against the reference."""
+  token = _INTERPRET.set(True)
+  try:
+    yield
+  finally:
+    _INTERPRET.reset(token)
+
+
+def interpreting() -> bool:
+  """Whether this is inside `interpret()`."""
+  return _INTERPRET.get()
+
+
 def flash_attention(q_BxLxHxD: jax.Array, k_BxLxHxD: jax.Array, v_BxLxHxD: jax.Array,
-                    causal: bool) -> jax.Array:
-  """out_BxLxHxD by the Pallas TPU flash-attention kernel (forward and backward kernels),
-  each device on its own rows and heads: a custom call cannot be split by XLA, so under a
-  mesh it runs in shard_map with the activations' batch and heads split."""
-  from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # pylint: disable=g-import-not-at-top
-  scale = 1.0 / math.sqrt(q_BxLxHxD.shape[-1])
-
-  def attend(q, k, v):
-    t = lambda x: x.transpose(0, 2, 1, 3)  # The kernel's layout: B H L D.
-    return t(pallas_flash.flash_attention(t(q), t(k), t(v), causal=causal, sm_scale=scale))
-
+                    causal: bool, segments_BxL: jax.Array | None = None) -> jax.Array:
+  """out_BxLxHxD by the Pallas TPU splash-attention kernel (block-sparse flash attention,
+  forward and backward kernels; never the score matrix), with packed documents as its
+  segment ids. A custom call cannot be split by XLA, so under a mesh it runs in shard_map:
+  each device on its own rows and heads, and, where the context axis splits the sequence,
+  on its own query positions against all keys and values (gathered over context; the
+  kernel's causal mask knows each shard's offset)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks  # pylint: disable=g-import-not-at-top
+  batch, length, heads, head_dim = q_BxLxHxD.shape
   spec = axes.mesh_axes(axes.ACT_BxLxHxD)
   mesh = jax.sharding.get_abstract_mesh()
+  split = lambda i: 1 if spec is None or mesh.empty else math.prod(
+      mesh.shape[a] for a in _names(spec[i]))
+  if spec is not None and not mesh.empty and spec[3] is not None:
+    raise ValueError('model.attention=flash: the head-feature axis must not be split')
+  context, local_heads = split(1), heads // split(2)
+  block = min(FLASH_BLOCK, length // context)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                            block_q_dq=block, block_kv_dq=block)
+  shape = (length, length)
+  mask = masks.MultiHeadMask(
+      [masks.CausalMask(shape) if causal else masks.FullMask(shape)] * local_heads)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=context,
+                                  interpret=_INTERPRET.get())
+  if segments_BxL is None:
+    segments_BxL = jnp.zeros((batch, length), jnp.int32)
+  scale = 1.0 / math.sqrt(head_dim)
+
+  def attend(kernel, q, k, v, q_segments, kv_segments):
+    t = lambda x: x.transpose(0, 2, 1, 3)  # The kernel's layout per example: H L D.
+    one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(qs, ks))
+    q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    return t(jax.vmap(one)(t(q), t(k), t(v), q_segments, kv_segments))
+
   if spec is None or mesh.empty:
-    return attend(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
-  if spec[1] is not None or spec[3] is not None:
-    raise ValueError('model.attention=flash: the sequence and head-feature axes must not be '
-                     'split over the mesh')
-  return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
-                       check_vma=False)(q_BxLxHxD, k_BxLxHxD, v_BxLxHxD)
+    return attend(kernel, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD, segments_BxL, segments_BxL)
+  P = jax.sharding.PartitionSpec
+  kv_spec = P(spec[0], None, spec[2], None)  # Keys and values whole along the sequence.
+  kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, spec[1])))
+  return jax.shard_map(
+      attend, mesh=mesh,
+      in_specs=(kernel_spec, spec, kv_spec, kv_spec, P(spec[0], spec[1]), P(spec[0], None)),
+      out_specs=spec, check_vma=False)(kernel, q_BxLxHxD, k_BxLxHxD, v_BxLxHxD,
+                                       segments_BxL, segments_BxL)
+
+
+def _names(entry) -> tuple:
+  """Mesh axis names of one PartitionSpec entry (None, a name, or a tuple of names)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def causal_mask(q_positions_L: jax.Array, num_keys: int) -> jax.Array:
@@ -167,7 +221,7 @@ def rope(x_BxLxHxD: jax.Array, positions_L: jax.Array, heads_major: bool = False
 
 
 def documents(tokens_BxL: jax.Array, eos: int) -> tuple[jax.Array, jax.Array]:
-  """Packed rows: (positions_BxL within each document, mask_Bx1xLxL True within a document).
+  """Packed rows: (positions_BxL within each document, segments_BxL numbering the documents).
 
   A document begins at the row's start and at every `eos` token (which opens the next one,
   as a BOS would), so a row that starts mid-document treats its part as a document.
@@ -177,8 +231,14 @@ def documents(tokens_BxL: jax.Array, eos: int) -> tuple[jax.Array, jax.Array]:
   starts_BxL = (tokens_BxL == eos) | (index_L == 0)
   segment_BxL = jnp.cumsum(starts_BxL, axis=1)
   first_BxL = lax.cummax(jnp.where(starts_BxL, index_L, 0), axis=1)
-  same_BxLxL = segment_BxL[:, :, None] == segment_BxL[:, None, :]
-  return index_L - first_BxL, same_BxLxL[:, None]
+  return index_L - first_BxL, segment_BxL
+
+
+def same_document(segments_BxL: jax.Array | None) -> jax.Array | None:
+  """mask_Bx1xLxL, True where query and key are in the same document (None: one each)."""
+  if segments_BxL is None:
+    return None
+  return (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
 
 
 def _rms_norm(x: jax.Array, *, dtype: Any, param_dtype: Any, name: str,
@@ -235,10 +295,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array,
-               mask_Bx1xLxL: jax.Array | None = None) -> jax.Array:
+               segments_BxL: jax.Array | None = None) -> jax.Array:
     """Returns out_BxLxE; `positions_L` are the positions of the L inputs (positions_BxL for
-    packed documents, with `mask_Bx1xLxL` True where a query may see a key beside the
-    causal rule)."""
+    packed documents, with `segments_BxL` numbering the documents: a query sees only keys
+    of its own)."""
     width = x_BxLxE.shape[-1]
     head_dim = width // self.heads
     kv_heads = self.kv_heads or self.heads
@@ -256,6 +316,7 @@ class Attention(nn.Module):
     q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = (
         checkpoint_name(axes.constrain(to_BxLxHxD(n, h), axes.ACT_BxLxHxD), 'qkv')
         for n, h in (('query', self.heads), ('key', kv_heads), ('value', kv_heads)))
+    mask_Bx1xLxL = None if self.attention == 'flash' else same_document(segments_BxL)
     # Heads-major, RoPE is applied after the move (faster on CPUs).
     if not self.decode and self.attention not in ('cudnn', 'flash') and self.heads_major:
       k_BxLxHxD, v_BxLxHxD = (_repeat_kv(t, self.heads) for t in (k_BxLxKxD, v_BxLxKxD))
@@ -270,9 +331,10 @@ class Attention(nn.Module):
       q_BxLxHxD = rope(q_BxLxHxD, positions_L, theta=self.rope_theta)
       k_BxLxKxD = rope(k_BxLxKxD, positions_L, theta=self.rope_theta)
 
-    if self.attention == 'flash' and not self.decode and mask_Bx1xLxL is None:
+    if self.attention == 'flash' and not self.decode:
       out_BxLxHxD = flash_attention(q_BxLxHxD, _repeat_kv(k_BxLxKxD, self.heads),
-                                    _repeat_kv(v_BxLxKxD, self.heads), self.causal)
+                                    _repeat_kv(v_BxLxKxD, self.heads), self.causal,
+                                    segments_BxL)
       return self._out(out_BxLxHxD)
 
     # Decode mode creates the cache on `init` (and then attends like the plain path); later
@@ -336,7 +398,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array,
-               mask_Bx1xLxL: jax.Array | None = None) -> tuple[jax.Array, None]:
+               segments_BxL: jax.Array | None = None) -> tuple[jax.Array, None]:
     width = x_BxLxE.shape[-1]
     norm = dict(dtype=self.dtype, param_dtype=self.param_dtype, eps=self.norm_eps)
     dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -347,7 +409,7 @@ class Block(nn.Module):
         kv_heads=self.kv_heads, use_bias=self.use_bias, rope_theta=self.rope_theta,
         init_std=self.init_std,
         out_std=self.out_std, dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
-            h_BxLxE, positions_L, mask_Bx1xLxL)
+            h_BxLxE, positions_L, segments_BxL)
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
     # The MLP sees tokens as rows of a matrix (T = B L): with the (B, L) pair kept, XLA:CPU
     # fuses the GELU gradient into a slow transposing copy for the weight gradient. Free
@@ -359,9 +421,9 @@ class Block(nn.Module):
         self.mlp_dim, **dense, name=name,
         kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.MLP_IN_KERNEL),
         bias_init=axes.logical(nn.initializers.zeros_init(), axes.DENSE_BIAS))(h_TxE)
-    h_TxM = checkpoint_name(axes.constrain(to_hidden('mlp_in'), axes.ACT_BxN), 'mlp_hidden')
+    h_TxM = checkpoint_name(axes.constrain(to_hidden('mlp_in'), axes.ACT_TxM), 'mlp_hidden')
     if self.mlp == 'swiglu':  # (SiLU(x W_gate) * x W_in) W_out, as in Llama.
-      gate_TxM = axes.constrain(to_hidden('mlp_gate'), axes.ACT_BxN)
+      gate_TxM = axes.constrain(to_hidden('mlp_gate'), axes.ACT_TxM)
       h_TxM = nn.silu(gate_TxM) * h_TxM
     else:
       h_TxM = nn.gelu(h_TxM)
@@ -375,7 +437,7 @@ class Block(nn.Module):
 
 
 def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal: bool,
-            decode: bool, train: bool, mask_Bx1xLxL: jax.Array | None = None) -> jax.Array:
+            decode: bool, train: bool, segments_BxL: jax.Array | None = None) -> jax.Array:
   """Runs `m.depth` blocks configured from `m`'s attributes (call inside a compact method)."""
   block_cls = Block
   if remat_name(m.remat) != 'none':
@@ -394,10 +456,10 @@ def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal:
         block_cls, variable_axes={'params': 0, 'cache': 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, nn.broadcast),
         length=m.depth, metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BxLxE, _ = stack(**block, name='blocks')(x_BxLxE, positions_L, mask_Bx1xLxL)
+    x_BxLxE, _ = stack(**block, name='blocks')(x_BxLxE, positions_L, segments_BxL)
     return x_BxLxE
   for i in range(m.depth):
-    x_BxLxE, _ = block_cls(**block, name=f'block{i}')(x_BxLxE, positions_L, mask_Bx1xLxL)
+    x_BxLxE, _ = block_cls(**block, name=f'block{i}')(x_BxLxE, positions_L, segments_BxL)
   return x_BxLxE
 
 
@@ -468,9 +530,9 @@ class TransformerLM(nn.Module):
         positions_L = start + positions_L
         index.value = start + length
         in_range = start + length <= self.max_len
-    mask_Bx1xLxL = None
+    segments_BxL = None
     if self.doc_eos >= 0 and not self.decode:
-      positions_L, mask_Bx1xLxL = documents(tokens_BxL, self.doc_eos)
+      positions_L, segments_BxL = documents(tokens_BxL, self.doc_eos)
 
     embed = nn.Embed(
         self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -480,7 +542,7 @@ class TransformerLM(nn.Module):
     x_BxLxE = axes.constrain(x_BxLxE, axes.ACT_BxLxE)
     x_BxLxE = nn.Dropout(self.dropout, deterministic=not train)(x_BxLxE)
     x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train,
-                      mask_Bx1xLxL=mask_Bx1xLxL)
+                      segments_BxL=segments_BxL)
     x_BxLxE = _rms_norm(x_BxLxE, dtype=self.dtype, param_dtype=self.param_dtype,
                         name='final_norm', eps=self.norm_eps)
     if self.logits_chunk and not self.decode:  # The loss makes the logits chunk by chunk.

@@ -28,7 +28,7 @@ def load(workdir: str, step: int | None = None
     raise ConfigError(f'{workdir}: not a jaxbig workdir (no config.json)')
   saved = workdir_lib.saved_config(workdir)
   # This machine's devices, data parallel, whatever layout trained it.
-  saved['mesh'].update(data=-1, fsdp=1, tensor=1)
+  saved['mesh'].update(data=-1, fsdp=1, context=1, tensor=1, slices=1)
   if 'parallel' in saved:
     saved['parallel']['mode'] = 'jit'
   config = config_lib.from_dict(saved)

@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
   n.add_argument('overrides', nargs='*', help='key=value overrides, e.g. mesh.fsdp=4')
   n.add_argument('--topology', help='TPU slice to plan for from any machine, e.g. v5e:4x4, '
                  'v6e:2x2, v4:2x2x2, v5p:2x2x1 (needs jaxbig[tpu]); default: the local devices')
+  n.add_argument('--slices', type=int, default=1,
+                 help='plan for this many slices of the topology (multi-slice; sets mesh.slices)')
   n.add_argument('--json', action='store_true', help='print the plan as JSON')
   b = sub.add_parser('bench', help='time, measure and write one JSON row per configuration of '
                      'a benchmark suite')
@@ -207,7 +209,10 @@ def _run(args) -> int:
     from jaxbig.tools import plan
     if args.topology is not None:
       plan.parse_topology(args.topology)  # A bad name fails before anything is loaded.
-    d = plan.plan(config_lib.load(args.config, args.overrides), args.topology)
+    overrides = list(args.overrides)
+    if args.slices != 1 and not any(o.startswith('mesh.slices=') for o in overrides):
+      overrides.append(f'mesh.slices={args.slices}')
+    d = plan.plan(config_lib.load(args.config, overrides), args.topology, args.slices)
     print(json.dumps(d, indent=2) if args.json else plan.format_plan(d))
     if d['fits'] is False:
       return 1

@@ -108,8 +108,12 @@ def make_mesh(cfg, devices=None) -> Mesh:
   shape = mesh_shape(cfg, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(AXES)
   n = slices(cfg)
+  found = {getattr(d, 'slice_index', 0) for d in devices}
   if n > 1:
     return Mesh(_hybrid_devices(shape, n, devices), AXES, axis_types=auto)
+  if len(found) > 1:
+    raise ConfigError(f'mesh.slices=1 but the devices come from {len(found)} TPU slices: set '
+                      f'mesh.slices={len(found)} so that only the data axis spans them')
   try:
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
   except (ValueError, NotImplementedError):  # No topology-aware layout for this shape.

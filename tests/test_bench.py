@@ -16,7 +16,7 @@ from jaxbig import cli, config as config_lib, train
 from jaxbig.tools.bench import energy, flops
 
 SMOKE = 'benchmarks/suites/smoke.py'
-FIELDS = ('suite', 'name', 'framework', 'model', 'precision', 'batch', 'mesh', 'steps',
+FIELDS = ('suite', 'name', 'framework', 'model', 'precision', 'remat', 'batch', 'mesh', 'steps',
           'step_time_s', 'samples_per_s', 'tokens_per_s', 'flops_per_step', 'mfu',
           'peak_memory_bytes', 'energy', 'loss', 'compile_s', 'env')
 
@@ -48,6 +48,8 @@ def test_every_row_has_every_field_and_they_agree(rows):
     assert 0 < r['mfu'] <= 1, r['name']
     assert math.isfinite(r['loss']) and r['compile_s'] > 0
     assert r['peak_memory_bytes']['compiled'] > 0
+    # The smoke models keep every activation: nothing recomputed.
+    assert r['remat'] == 'none' and r['flops_per_step']['recomputed'] in (0.0, None)
     # This machine has no energy counter: null fields with the reason, never an estimate.
     e = r['energy']
     assert e['method'] == 'none' and e['reason']

@@ -161,6 +161,52 @@ def test_collectives_counts_async_pairs_once_and_sums_result_bytes():
                    'reduce-scatter': 8}
 
 
+def test_collectives_in_loops_count_by_their_trip_counts():
+  """A gather in a 4-trip loop nested in a 3-trip loop runs 12 times; an all-to-all in a
+  loop whose condition is `i < 5`, 5 times; one in a loop of unknown count, once; an
+  async-wrapped reduce-scatter counts in the computation it calls."""
+  hlo = '\n'.join([
+      '%inner (p: f32[4]) -> f32[4] {',
+      '  ROOT %ag = f32[4]{0} all-gather(%p), dimensions={0}',
+      '}',
+      '%cond (p: f32[4]) -> pred[] {',
+      '  ROOT %c = pred[] constant(true)',
+      '}',
+      '%outer (p: f32[4]) -> f32[4] {',
+      '  %w = f32[4]{0} while(%p), condition=%cond, body=%inner, '
+      'backend_config={"known_trip_count":{"n":"4"}}',
+      '  ROOT %ar = f32[4]{0} all-reduce(%w), to_apply=%add',
+      '}',
+      '%below5 (p: (s32[], f32[4])) -> pred[] {',
+      '  %five = s32[]{:T(128)} constant(5)',
+      '  %i = s32[]{:T(128)} get-tuple-element(%p), index=0',
+      '  ROOT %lt = pred[]{:T(512)} compare(%i, %five), direction=LT, metadata={op_name="x"}',
+      '}',
+      '%five_times (p: f32[4]) -> f32[4] {',
+      '  ROOT %a2a = f32[4]{0} all-to-all(%p), dimensions={0}',
+      '}',
+      '%unknown (p: f32[4]) -> f32[4] {',
+      '  ROOT %cp = f32[4]{0} collective-permute(%p)',
+      '}',
+      '%wrapped (p: f32[8]) -> f32[2] {',
+      '  ROOT %rs = f32[2]{0} reduce-scatter(%p), dimensions={0}',
+      '}',
+      'ENTRY %main (p: f32[4]) -> f32[4] {',
+      '  %a = f32[4]{0} while(%p), condition=%cond, body=%outer, '
+      'backend_config={"known_trip_count":{"n":"3"},"other":1}',
+      '  %b = f32[4]{0} while(%a), condition=%cond, body=%unknown',
+      '  %c = f32[4]{0} while(%b), condition=%below5, body=%five_times',
+      '  %s = ((f32[8]), f32[2]) async-start(%q), calls=%wrapped',
+      '  ROOT %d = f32[2]{0} async-done(%s)',
+      '}',
+  ])
+  counts, sizes = plan.collectives(hlo)
+  assert counts == {'all-gather': 12, 'all-reduce': 3, 'collective-permute': 1,
+                    'reduce-scatter': 1, 'all-to-all': 5}
+  assert sizes == {'all-gather': 12 * 16, 'all-reduce': 3 * 16, 'collective-permute': 16,
+                   'reduce-scatter': 8, 'all-to-all': 5 * 16}
+
+
 def test_cli_plan_prints_json_and_rejects_bad_topology_in_one_line(capsys):
   from jaxbig import cli
   assert cli.main(['plan', CNN_SMOKE, '--json', 'mesh.data=1']) == 0
@@ -231,3 +277,41 @@ def test_tpu_plans_take_the_flash_kernel_where_the_sequence_allows():
   assert texts[64][0] == 'xla' and 'tpu_custom_call' not in texts[64][1]
   assert texts[256][0] == 'flash' and 'tpu_custom_call' in texts[256][1]
   assert 'all-gather' in texts[256][1] and 'all-gather' not in texts[128][1]
+
+
+def test_multi_slice_plans_span_slices_with_the_data_axis_only():
+  """Two v5e:2x2 slices: mesh.slices=2 lays each slice out as its own (data 1, fsdp 4) mesh
+  and joins them along data; the step compiles. A mesh that ignores the slices, or whose
+  data axis cannot span them, is one ConfigError."""
+  _tpu_or_skip()
+  devices = plan.topology_devices('v5e:2x2', slices=2)
+  assert sorted({d.slice_index for d in devices}) == [0, 1]
+  smoke = 'experiments/gpt_stdlib.py:smoke'
+  s = train.setup(config_lib.load(smoke, ['mesh.data=2', 'mesh.fsdp=4', 'mesh.slices=2']),
+                  devices=devices)
+  by_data = [{d.slice_index for d in s.mesh.devices[i].flat} for i in range(2)]
+  assert by_data == [{0}, {1}]  # Everything but the data axis stays within a slice.
+  d = plan.plan(config_lib.load(smoke, ['mesh.data=2', 'mesh.fsdp=4', 'mesh.slices=2',
+                                        'precision=bf16']), 'v5e:2x2', slices=2)
+  assert d['slices'] == 2 and d['num_devices'] == 8 and d['fits']
+  assert 'plan for 2 slices of v5e:2x2' in plan.format_plan(d)
+  for overrides, named in ((['mesh.fsdp=8'], 'mesh.slices=1'),
+                           (['mesh.data=1', 'mesh.fsdp=8', 'mesh.slices=2'], 'mesh.data')):
+    with pytest.raises(ConfigError, match=named) as e:
+      train.setup(config_lib.load(smoke, overrides), devices=devices)
+    assert '\n' not in str(e.value)
+  with pytest.raises(ConfigError, match='--slices needs --topology'):
+    plan.plan(config_lib.load(smoke), None, slices=2)
+
+
+def test_collectives_in_a_scan_over_layers_count_once_per_layer():
+  """Under scan_layers the blocks are one loop body: with static counts depth 2 and depth 4
+  would show the same collectives; counted by trip count, the 2 more layers add theirs."""
+  _tpu_or_skip()
+  counts = {}
+  for depth in (2, 4):
+    d = plan.plan(config_lib.load('experiments/gpt_stdlib.py:smoke', [
+        'mesh.data=1', 'mesh.fsdp=4', 'model.scan_layers=true', f'model.depth={depth}']),
+        'v5e:2x2')
+    counts[depth] = d['collectives']['all-gather']
+  assert counts[4] > counts[2] > 0, counts

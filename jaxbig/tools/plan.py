@@ -97,16 +97,22 @@ def _topology_kwargs(generation: str, dims: tuple[int, int, int]) -> dict:
   return kwargs
 
 
-def topology_devices(name: str) -> list:
-  """Compile-only TPU devices of a slice, e.g. 'v5e:4x4' (16 devices over 4 hosts)."""
+def topology_devices(name: str, slices: int = 1) -> list:
+  """Compile-only TPU devices of a slice, e.g. 'v5e:4x4' (16 devices over 4 hosts), or of
+  `slices` such slices joined by the data-center network (each device knows its
+  `slice_index`)."""
   generation, dims = parse_topology(name)
+  if slices < 1:
+    raise ConfigError(f'--slices must be at least 1, got {slices}')
   if not _libtpu_installed():
     raise ConfigError('--topology needs libtpu, which is not installed: pip install "jaxbig[tpu]"')
   _no_local_tpu_env()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
-    desc = topologies.get_topology_desc(name.strip().lower(), 'tpu',
-                                        **_topology_kwargs(generation, dims))
+    kwargs = _topology_kwargs(generation, dims)
+    if slices > 1:
+      kwargs['num_slices'] = slices
+    desc = topologies.get_topology_desc(name.strip().lower(), 'tpu', **kwargs)
   except RuntimeError as e:  # JaxRuntimeError too: libtpu's own checks (v5e:3x7), in one line.
     first = str(e).strip().splitlines()[0]
     if 'not installed' in first:
@@ -161,15 +167,42 @@ def _prod(dims: str) -> int:
 
 
 def collectives(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
-  """Counts and result bytes (per device) of each collective in an optimized HLO module.
+  """Counts and result bytes (per device) of each collective that one run of an optimized
+  HLO module executes.
 
-  Counts are static: a collective inside a loop (gradient accumulation's scan) counts once.
-  An asynchronous pair (`all-gather-start` ... `all-gather-done`) counts as one; its bytes are
-  the `-done` result. Reduce-scatters wrapped in `async-start` are counted in the wrapped
-  computation, which the text lists too.
+  A collective inside a while loop counts as many times as the loop runs (the scan over
+  layers, gradient accumulation), nested loops multiplied: XLA's `known_trip_count` where
+  the text has it, else the bound of a loop condition `counter < N` (a scan's counter, from
+  0); in a loop of any other kind, once. An asynchronous pair (`all-gather-start` ...
+  `all-gather-done`) counts as one; its bytes are the `-done` result. Reduce-scatters
+  wrapped in `async-start` count in the computation it calls.
   """
+  blocks, entry = _computations(hlo_text)
+  if entry is None:  # Not a module's text: count its lines as they stand.
+    return _direct_collectives(hlo_text)
+  totals: dict[str, tuple[dict, dict]] = {}
+
+  def total(name: str, active: frozenset) -> tuple[dict, dict]:
+    if name not in totals:
+      counts, sizes = _direct_collectives(blocks[name])
+      for line in blocks[name].splitlines():
+        for callee, times in _callees(line, blocks):
+          if callee in blocks and callee not in active:
+            c, b = total(callee, active | {name})
+            for k in c:
+              counts[k] = counts.get(k, 0) + times * c[k]
+              sizes[k] = sizes.get(k, 0) + times * b[k]
+      totals[name] = counts, sizes
+    return totals[name]
+
+  counts, sizes = total(entry, frozenset())
+  return dict(counts), {k: sizes.get(k, 0) for k in counts}
+
+
+def _direct_collectives(text: str) -> tuple[dict[str, int], dict[str, int]]:
+  """Counts and result bytes of the collectives on `text`'s own lines."""
   counts, sizes = {}, {}
-  for line in hlo_text.splitlines():
+  for line in text.splitlines():
     lhs, eq, rest = line.partition(' = ')
     if not eq or lhs.lstrip().startswith('//'):
       continue
@@ -185,8 +218,48 @@ def collectives(hlo_text: str) -> tuple[dict[str, int], dict[str, int]]:
   return counts, {k: sizes.get(k, 0) for k in counts}
 
 
-_COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) ', re.M)
+_COMPUTATION = re.compile(r'^(ENTRY )?%?([\w.\-]+) ', re.M)
 _CALLED = re.compile(r'(?:body|calls|to_apply|condition|branch_computations)=\{?%?([\w.\-]+)')
+_BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, str], str | None]:
+  """(computation name -> its text, the ENTRY computation's name) of an HLO module."""
+  blocks, entry = {}, None
+  starts = [(m.start(), m.group(2), bool(m.group(1))) for m in _COMPUTATION.finditer(hlo_text)
+            if hlo_text[m.start():hlo_text.find('\n', m.start())].rstrip().endswith('{')]
+  for (start, name, is_entry), (end, _, _) in zip(starts, starts[1:] + [(len(hlo_text), '', 0)]):
+    blocks[name] = hlo_text[start:end]
+    entry = name if is_entry else entry
+  return blocks, entry
+
+
+def _callees(line: str, blocks: dict[str, str]) -> list[tuple[str, int]]:
+  """(computation, times it runs per run of `line`'s computation) for what `line` calls: a
+  while loop's body its trip count (1 where unknown), its condition not at all (it holds no
+  collectives), every branch of a conditional once (a bound), other calls once."""
+  if ' while(' in line:
+    body = re.search(r'body=%?([\w.\-]+)', line)
+    cond = re.search(r'condition=%?([\w.\-]+)', line)
+    trips = _TRIP_COUNT.search(line)
+    n = int(trips.group(1)) if trips else _counted_to(blocks.get(cond.group(1), '') if cond else '')
+    return [(body.group(1), n)] if body else []
+  found = [(name, 1) for name in _CALLED.findall(line)]
+  for group in _BRANCHES.findall(line):
+    found += [(name.strip().lstrip('%'), 1) for name in group.split(',')[1:]]
+  return found
+
+
+def _counted_to(condition: str) -> int:
+  """N for a loop condition whose result is `compare(counter, constant(N)), direction=LT`
+  (how scans and fori_loops from 0 lower), else 1."""
+  root = re.search(r'ROOT %?[\w.\-]+ = pred\[\][^ ]* compare\(%?([\w.\-]+), %?([\w.\-]+)\)'
+                   r'.*direction=LT', condition)
+  if not root:
+    return 1
+  const = re.search(rf'%?{re.escape(root.group(2))} = s32\[\][^ ]* constant\((\d+)\)', condition)
+  return int(const.group(1)) if const else 1
 
 
 def loops_with_matmuls(hlo_text: str) -> bool:
@@ -194,11 +267,7 @@ def loops_with_matmuls(hlo_text: str) -> bool:
 
   Loops without them (CPU's threefry rounds for dropout, say) cost next to nothing.
   """
-  blocks = {}  # Computation name -> its text.
-  starts = [(m.start(), m.group(1)) for m in _COMPUTATION.finditer(hlo_text)
-            if hlo_text[m.start():hlo_text.find('\n', m.start())].rstrip().endswith('{')]
-  for (start, name), (end, _) in zip(starts, starts[1:] + [(len(hlo_text), '')]):
-    blocks[name] = hlo_text[start:end]
+  blocks, _ = _computations(hlo_text)
   bodies = re.findall(r'\swhile\(.*?body=%?([\w.\-]+)', hlo_text)
   seen, todo = set(), list(bodies)
   while todo:
@@ -212,19 +281,23 @@ def loops_with_matmuls(hlo_text: str) -> bool:
   return False
 
 
-def plan(config, topology: str | None = None) -> dict[str, Any]:
-  """Compiles the train step for `topology` (or the local devices) and reports what it needs.
+def plan(config, topology: str | None = None, slices: int = 1) -> dict[str, Any]:
+  """Compiles the train step for `topology` (or the local devices; `slices` of it: a
+  multi-slice run, whose mesh needs mesh.slices) and reports what it needs.
 
   Raises ConfigError for a bad topology name (before anything is built), missing libtpu or a
   bad config. A TPU compile that runs out of HBM is not an error here: the plan then has
   `fits` False, `error` XLA's message, and no memory figures.
   """
-  devices = topology_devices(topology) if topology is not None else None
+  if slices > 1 and topology is None:
+    raise ConfigError('--slices needs --topology: the slices planned for are TPU slices')
+  devices = topology_devices(topology, slices) if topology is not None else None
   s = train.setup(config, devices=devices)
   flat = list(s.mesh.devices.flat)
   device = flat[0]
   out = {
       'topology': topology,
+      'slices': slices,
       'device_kind': device.device_kind,
       'platform': device.platform,
       'num_devices': len(flat),
@@ -332,6 +405,8 @@ def _count(n: float | None) -> str:
 def format_plan(d: dict[str, Any]) -> str:
   """A human-readable table of `plan`'s result."""
   where = d['topology'] or 'local devices'
+  if d.get('slices', 1) > 1:
+    where = f"{d['slices']} slices of {where}"
   hosts = f", {d['num_hosts']} hosts" if d['num_hosts'] > 1 else ''
   mesh = ' '.join(f'{k}={v}' for k, v in d['mesh'].items())
   lines = [
@@ -381,7 +456,7 @@ def format_plan(d: dict[str, Any]) -> str:
     elif p:
       lines.append(f"prediction: none ({p['reason']})")
     if d['collectives']:
-      lines.append('collectives (static count, result bytes per device)')
+      lines.append('collectives per step (loops by their trip counts; result bytes per device)')
       lines += [f"  {op:<19} {n:<5} {fmt_bytes(d['collective_bytes'].get(op))}"
                 for op, n in sorted(d['collectives'].items())]
     else:

@@ -423,8 +423,11 @@ def run_row(suite: str, row: dict, settings: dict, roof: float | None = None,
         'mesh': {k: int(v) for k, v in s.mesh.shape.items()},
         'steps': t['steps'], 'step_time_s': t['step_time_s'],
         'samples_per_s': t['samples_per_s'], 'tokens_per_s': t['tokens_per_s'],
+        'remat': str(config.model.get('remat', 'none')).lower(),
         'flops_per_step': {
             'analytic': analytic, 'xla': xla if jax_row else None,
+            # What model.remat recomputes, by formula (MFU counts the model's FLOPs only).
+            'recomputed': flops.recomputed_flops(config.model, meta, batch_size),
             'xla_counts_loops_once': (plan.loops_with_matmuls(jx.compiled.as_text())
                                       if jax_row else None)},
         'peak_flops_per_s': peak,

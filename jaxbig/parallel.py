@@ -72,6 +72,8 @@ def memory(compiled) -> dict[str, int | None]:
       # XLA's own peak of live buffers. On TPU it may exceed the total (small programs) or fall
       # below it; `fits` takes the larger. On CPU it leaves out the temporaries.
       'peak_bytes': None if peak is None else int(peak),
+      # Host memory the program keeps temporaries in: what remat offloads (model.remat).
+      'host_temporaries_bytes': int(getattr(m, 'host_temp_size_in_bytes', 0) or 0),
   }
 
 

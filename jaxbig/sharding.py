@@ -26,10 +26,12 @@ AXES = ('data', 'fsdp', 'context', 'tensor')
 BATCH = ('data', 'fsdp')
 
 # Logical parameter axis -> mesh axis. FSDP shards the input side of weights, tensor
-# parallelism the output side (Megatron-style column split).
+# parallelism the output side (Megatron-style column split). Context devices shard weights
+# as FSDP does (as in MaxText): each holds part of every sequence, so their gradients are
+# reduce-scattered together with fsdp's, not all-reduced whole.
 RULES = (
     ('batch', BATCH),
-    ('embed', 'fsdp'),
+    ('embed', ('fsdp', 'context')),
     ('mlp', 'tensor'),
     ('classes', None),
     ('conv_in', 'fsdp'),

@@ -122,6 +122,7 @@ def test_the_prediction_is_a_roofline_bound_over_its_terms():
     assert p['terms_s']['compute'] == pytest.approx(compute)
     assert p['mfu'] == pytest.approx(p['model_flops_per_step'] / 4 / (p['step_s'] * 197e12))
     assert 0 < p['mfu'] <= 1
+    assert (d['predicted_step_s'], d['predicted_mfu']) == (p['step_s'], p['mfu'])  # --json.
     assert 'step time >=' in plan.format_plan(d)
   none, full = plans['none']['prediction'], plans['full']['prediction']
   # Full remat recomputes one forward pass: a third of the model's training FLOPs.
@@ -315,3 +316,19 @@ def test_collectives_in_a_scan_over_layers_count_once_per_layer():
         'v5e:2x2')
     counts[depth] = d['collectives']['all-gather']
   assert counts[4] > counts[2] > 0, counts
+
+
+def test_offload_input_keeps_the_blocks_inputs_in_host_memory():
+  """remat=offload_input on a TPU: the scanned blocks' inputs, depth x B x L x E, wait in
+  host memory (a program this small has no device temporaries to shrink; the 6.4B plan in
+  benchmarks/results/plan/ shows 2 GiB leave the device)."""
+  _tpu_or_skip()
+  mem = {}
+  for policy in ('full', 'offload_input'):
+    d = plan.plan(config_lib.load('experiments/gpt_stdlib.py:smoke', [
+        'mesh.data=4', 'model.scan_layers=true', f'model.remat={policy}', 'model.depth=4',
+        'model.width=128', 'data.batch_size=16']), 'v5e:2x2')
+    mem[policy] = d['memory_per_device']
+  inputs = 4 * (16 // 4) * 32 * 128 * 4  # depth x rows per device x L x E, float32.
+  assert mem['full']['host_temporaries_bytes'] == 0
+  assert mem['offload_input']['host_temporaries_bytes'] >= inputs

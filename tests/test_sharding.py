@@ -97,8 +97,9 @@ def test_mesh_gives_single_device_losses(results, model, mesh):
   one, got = results[model, 'one'], results[model, mesh]
   assert 'error' not in got, got
   np.testing.assert_allclose(got['losses'], one['losses'], rtol=RTOL)
-  # The mesh really splits parameters: some kernel (embed -> fsdp, mlp -> tensor) both ways.
-  assert got['split'] == mesh[1] * mesh[3]
+  # The mesh really splits parameters: some kernel (embed -> fsdp and context, mlp ->
+  # tensor) every way.
+  assert got['split'] == mesh[1] * mesh[2] * mesh[3]
 
 
 def test_flash_attention_with_context_split_gives_single_device_losses(results):

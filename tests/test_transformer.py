@@ -265,7 +265,9 @@ def test_remat_policies_give_the_plain_gradients():
   tokens = _tokens(4, (B, L + 1))
   loss, grads = _grad_fn(_lm())(_lm_params('rope'), tokens)
   stacked = _lm_params('rope', scan_layers=True)
-  for policy in ('dots',):  # What each policy keeps: the residuals test above.
+  # What each policy keeps: the residuals test above (offload_input keeps the input on
+  # the CPU, which has no host memory apart from its own; test_plan shows it offloaded).
+  for policy in ('dots', 'offload_input'):
     got_loss, got = _grad_fn(_lm(remat=policy, scan_layers=True))(stacked, tokens)
     np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
     jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), got, _stack(grads))

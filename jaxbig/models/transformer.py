@@ -60,6 +60,11 @@ REMAT_POLICIES = {
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
     # As `dots`, but the kept outputs go to host memory (TPUs and GPUs).
     'offload': jax.checkpoint_policies.offload_dot_with_no_batch_dims('device', 'pinned_host'),
+    # As `full`, but the blocks' inputs wait in host memory for the backward pass: under
+    # scan_layers, depth x B x L x E off the device for a copy each way per block.
+    'offload_input': jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=['block_in'],
+        offload_src='device', offload_dst='pinned_host'),
 }
 _IMPLEMENTATIONS = {'xla': 'xla', 'cudnn': 'cudnn', 'auto': None}
 # 'flash': the Pallas splash (block-sparse flash) attention kernel for TPUs
@@ -400,6 +405,7 @@ class Block(nn.Module):
   def __call__(self, x_BxLxE: jax.Array, positions_L: jax.Array,
                segments_BxL: jax.Array | None = None) -> tuple[jax.Array, None]:
     width = x_BxLxE.shape[-1]
+    x_BxLxE = checkpoint_name(x_BxLxE, 'block_in')  # For model.remat=offload_input.
     norm = dict(dtype=self.dtype, param_dtype=self.param_dtype, eps=self.norm_eps)
     dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     h_BxLxE = _rms_norm(x_BxLxE, **norm, name='attn_norm')

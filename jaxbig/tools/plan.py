@@ -320,6 +320,8 @@ def plan(config, topology: str | None = None, slices: int = 1) -> dict[str, Any]
       'collective_bytes': {},
       # A roofline bound from the analytic FLOPs and the device table (`predict`).
       'prediction': None,
+      'predicted_step_s': None,  # The prediction's bound, at the top level for scripts.
+      'predicted_mfu': None,
       'compile_s': None,
       'error': None,
   }
@@ -352,6 +354,8 @@ def plan(config, topology: str | None = None, slices: int = 1) -> dict[str, Any]
   out['prediction'] = predict(config, s.data.meta, s.policy.name, device.device_kind,
                               len(flat), _bytes_accessed(compiled),
                               sum(out['collective_bytes'].values()))
+  out['predicted_step_s'] = out['prediction']['step_s']
+  out['predicted_mfu'] = out['prediction']['mfu']
   return out
 
 
@@ -433,6 +437,8 @@ def format_plan(d: dict[str, Any]) -> str:
         f"  total               {fmt_bytes(m['total_bytes'])}"
         '   (arguments + outputs - aliased + temporaries)',
         f"  peak (XLA)          {fmt_bytes(m['peak_bytes'])}",
+        f"  host (offloaded)    {fmt_bytes(m['host_temporaries_bytes'])}"
+        if m.get('host_temporaries_bytes') else '',
         f"  code                {fmt_bytes(m['code_bytes'])}",
         f"  HBM                 {hbm}   fits: {fits}{share}"
         + (f", {fmt_bytes(d['hbm_margin_bytes'])} to spare" if d.get('hbm_margin_bytes', -1) >= 0

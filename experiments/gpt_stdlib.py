@@ -58,6 +58,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.bias = False
   c.model.rope_theta = 10_000.0
   c.model.norm_eps = 1e-6
+  c.model.norm = 'rms'  # rms (RMSNorm) | layer (LayerNorm with a bias, as in GPT-2).
+  c.model.mlp_dim = 0  # The MLP's hidden units where > 0 (else width x mlp_ratio).
   c.model.init_std = 0.02  # Standard deviation of the normal weight initialiser.
 
   # Shared settings (experiments/base.py) this experiment changes.

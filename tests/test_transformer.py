@@ -617,6 +617,8 @@ def test_rope_theta_sets_the_rotation_frequencies():
     ('model.kv_heads=3', 'model.kv_heads (3) must divide model.heads (4)'),
     ('model.mlp=relu', "model.mlp: unknown 'relu'; choose from gelu, swiglu"),
     ('model.rope_theta=0', 'model.rope_theta must be > 0'),
+    ('model.norm=batch', "model.norm: unknown 'batch'; choose from rms, layer"),
+    ('model.mlp_dim=-1', 'model.mlp_dim must be >= 0'),
 ])
 def test_bad_decoder_options_are_one_line(override, named, capsys, tmp_path):
   code, _, err = conftest.run_cli(capsys, 'train', 'experiments/gpt_stdlib.py:smoke', override,

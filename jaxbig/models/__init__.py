@@ -100,6 +100,7 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
                       'each context device holds an equal part of every sequence')
   common = dict(
       width=cfg.width, depth=cfg.depth, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+      mlp_dim=cfg.get('mlp_dim', 0),
       max_len=cfg.max_len, pos=cfg.pos, dropout=cfg.dropout,
       attention=attention_path(cfg, meta, dtype, platform, length, context),
       remat=_remat(cfg), scan_layers=cfg.scan_layers, init_std=cfg.init_std, dtype=dtype,
@@ -108,7 +109,7 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
       # behaviour of runs from before they existed.
       kv_heads=cfg.get('kv_heads', 0), mlp=cfg.get('mlp', 'gelu'),
       use_bias=cfg.get('bias', False), rope_theta=float(cfg.get('rope_theta', 10_000.0)),
-      norm_eps=float(cfg.get('norm_eps', 1e-6)))
+      norm_eps=float(cfg.get('norm_eps', 1e-6)), norm=cfg.get('norm', 'rms'))
   if cfg.width % cfg.heads:
     raise ConfigError(f'model.width ({cfg.width}) must be divisible by model.heads ({cfg.heads})')
   _choice(cfg, 'pos', transformer.POSITIONS)
@@ -118,6 +119,11 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   if kv_heads < 0 or (kv_heads and cfg.heads % kv_heads):
     raise ConfigError(f'model.kv_heads ({kv_heads}) must divide model.heads ({cfg.heads}); 0 '
                       'means one per query head')
+  if common['mlp_dim'] < 0:
+    raise ConfigError(f"model.mlp_dim must be >= 0 (0: width x mlp_ratio), got {common['mlp_dim']}")
+  if common['norm'] not in transformer.NORMS:
+    raise ConfigError(f"model.norm: unknown '{common['norm']}'; choose from "
+                      f"{', '.join(transformer.NORMS)}")
   if common['mlp'] not in transformer.MLPS:
     raise ConfigError(f"model.mlp: unknown '{common['mlp']}'; choose from "
                       f"{', '.join(transformer.MLPS)}")

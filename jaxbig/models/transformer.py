@@ -46,7 +46,8 @@ POS_TABLE = (None, 'embed')
 INPUT_KERNEL = (None, 'embed')
 INPUT_BIAS = ('embed',)
 POSITIONS = ('rope', 'learned')
-MLPS = ('gelu', 'swiglu')  # GELU(x W_in) W_out, or (SiLU(x W_gate) * x W_in) W_out.
+MLPS = ('gelu', 'swiglu')
+NORMS = ('rms', 'layer')  # RMSNorm (scale), or LayerNorm (scale and bias) as in GPT-2.  # GELU(x W_in) W_out, or (SiLU(x W_gate) * x W_in) W_out.
 # model.remat: what a block keeps from its forward pass for the backward pass; the rest is
 # recomputed. Names from jax.checkpoint_policies; `save:NAME,...` keeps the block's named
 # activations (REMAT_NAMES) and recomputes everything else.
@@ -247,11 +248,17 @@ def same_document(segments_BxL: jax.Array | None) -> jax.Array | None:
 
 
 def _rms_norm(x: jax.Array, *, dtype: Any, param_dtype: Any, name: str,
-              eps: float = 1e-6) -> jax.Array:
-  """RMSNorm in float32, cast back to the compute dtype (call inside a compact method)."""
-  norm = nn.RMSNorm(
-      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
-      scale_init=axes.logical(nn.initializers.ones_init(), axes.EMBED_NORM), name=name)
+              eps: float = 1e-6, kind: str = 'rms') -> jax.Array:
+  """RMSNorm (or with kind='layer' LayerNorm, with a bias) in float32, cast back to the
+  compute dtype (call inside a compact method)."""
+  scale = axes.logical(nn.initializers.ones_init(), axes.EMBED_NORM)
+  if kind == 'layer':
+    norm = nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, scale_init=scale,
+                        bias_init=axes.logical(nn.initializers.zeros_init(), axes.EMBED_NORM),
+                        name=name)
+  else:
+    norm = nn.RMSNorm(epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype,
+                      scale_init=scale, name=name)
   return norm(x.astype(jnp.float32)).astype(dtype)
 
 
@@ -271,8 +278,15 @@ def _check_attributes(m: nn.Module) -> None:
                      'means as many as heads')
   if m.mlp not in MLPS:
     raise ValueError(f"model.mlp: unknown '{m.mlp}'; choose from {', '.join(MLPS)}")
+  if m.norm not in NORMS:
+    raise ValueError(f"model.norm: unknown '{m.norm}'; choose from {', '.join(NORMS)}")
   if not m.rope_theta > 0 or not m.norm_eps > 0:
     raise ValueError('model.rope_theta and model.norm_eps must be > 0')
+
+
+def mlp_width(width: int, ratio: float, dim: int = 0) -> int:
+  """The MLP's hidden units: `dim` where set (model.mlp_dim), else width x ratio."""
+  return dim or int(round(width * ratio))
 
 
 def _check_length(length: int, max_len: int) -> None:
@@ -396,6 +410,7 @@ class Block(nn.Module):
   use_bias: bool = False
   rope_theta: float = ROPE_BASE
   norm_eps: float = 1e-6
+  norm: str = 'rms'
   init_std: float = 0.02
   out_std: float = 0.02
   dtype: Any = jnp.float32
@@ -406,7 +421,8 @@ class Block(nn.Module):
                segments_BxL: jax.Array | None = None) -> tuple[jax.Array, None]:
     width = x_BxLxE.shape[-1]
     x_BxLxE = checkpoint_name(x_BxLxE, 'block_in')  # For model.remat=offload_input.
-    norm = dict(dtype=self.dtype, param_dtype=self.param_dtype, eps=self.norm_eps)
+    norm = dict(dtype=self.dtype, param_dtype=self.param_dtype, eps=self.norm_eps,
+                kind=self.norm)
     dense = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     h_BxLxE = _rms_norm(x_BxLxE, **norm, name='attn_norm')
     h_BxLxE = Attention(
@@ -450,10 +466,11 @@ def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal:
     # CSE prevention is unnecessary (and costly) inside a scan.
     block_cls = nn.remat(Block, prevent_cse=not m.scan_layers, policy=remat_policy(m.remat))
   block = dict(
-      heads=m.heads, mlp_dim=int(round(m.width * m.mlp_ratio)), max_len=m.max_len, pos=m.pos,
+      heads=m.heads, mlp_dim=mlp_width(m.width, m.mlp_ratio, m.mlp_dim), max_len=m.max_len,
+      pos=m.pos,
       causal=causal, attention=m.attention, heads_major=m.heads_major, dropout=m.dropout,
       deterministic=not train, kv_heads=m.kv_heads, mlp=m.mlp, use_bias=m.use_bias,
-      rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+      rope_theta=m.rope_theta, norm_eps=m.norm_eps, norm=m.norm,
       decode=decode, init_std=m.init_std,
       # GPT-2: residual-output projections scaled by 1/sqrt(number of residual additions).
       out_std=m.init_std / math.sqrt(2 * m.depth), dtype=m.dtype, param_dtype=m.param_dtype)
@@ -488,6 +505,7 @@ class TransformerLM(nn.Module):
   depth: int = 8
   heads: int = 8
   mlp_ratio: int | float = 4
+  mlp_dim: int = 0  # > 0: the MLP's hidden units, whatever mlp_ratio says.
   max_len: int = 1024
   pos: str = 'rope'
   dropout: float = 0.0
@@ -499,7 +517,8 @@ class TransformerLM(nn.Module):
   mlp: str = 'gelu'  # MLPS.
   use_bias: bool = False  # Biases in the attention and MLP projections.
   rope_theta: float = ROPE_BASE  # RoPE's base wavelength.
-  norm_eps: float = 1e-6  # RMSNorm's epsilon.
+  norm_eps: float = 1e-6  # The norms' epsilon.
+  norm: str = 'rms'  # NORMS.
   tie_embeddings: bool = True
   init_std: float = 0.02
   dtype: Any = jnp.float32
@@ -550,7 +569,7 @@ class TransformerLM(nn.Module):
     x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=True, decode=self.decode, train=train,
                       segments_BxL=segments_BxL)
     x_BxLxE = _rms_norm(x_BxLxE, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name='final_norm', eps=self.norm_eps)
+                        name='final_norm', eps=self.norm_eps, kind=self.norm)
     if self.logits_chunk and not self.decode:  # The loss makes the logits chunk by chunk.
       table_VxE = (embed.embedding if self.tie_embeddings else
                    inits.LogitsKernel(
@@ -588,6 +607,7 @@ class TransformerClassifier(nn.Module):
   depth: int = 4
   heads: int = 4
   mlp_ratio: int | float = 4
+  mlp_dim: int = 0  # > 0: the MLP's hidden units, whatever mlp_ratio says.
   max_len: int = 256
   pos: str = 'learned'
   dropout: float = 0.0
@@ -600,6 +620,7 @@ class TransformerClassifier(nn.Module):
   use_bias: bool = False
   rope_theta: float = ROPE_BASE
   norm_eps: float = 1e-6
+  norm: str = 'rms'
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -639,7 +660,7 @@ class TransformerClassifier(nn.Module):
     x_BxLxE = _blocks(self, x_BxLxE, positions_L, causal=False, decode=False, train=train)
     x_BxE = x_BxLxE.astype(jnp.float32).mean(axis=1)
     x_BxE = _rms_norm(x_BxE, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name='final_norm', eps=self.norm_eps)
+                      name='final_norm', eps=self.norm_eps, kind=self.norm)
     logits_BxK = nn.Dense(
         self.num_outputs, dtype=self.dtype, param_dtype=self.param_dtype, name='out',
         kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.OUT_KERNEL),

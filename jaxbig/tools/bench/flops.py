@@ -82,7 +82,8 @@ def forward_flops(model_cfg, meta, batch: int) -> float | None:
     return None  # Classifier Transformers and RNNs, ResNets, VAEs: XLA's count only.
   seq, vocab = meta.input_shape[0], meta.vocab_size
   if name == 'transformer':
-    d, mlp = model_cfg.width, int(round(model_cfg.width * model_cfg.mlp_ratio))
+    d = model_cfg.width
+    mlp = model_cfg.get('mlp_dim', 0) or int(round(d * model_cfg.mlp_ratio))  # mlp_width.
     # Queries and the output projection are d x d; keys and values d x (kv_heads x head
     # size), d x d without grouped-query attention. SwiGLU adds a gate matrix to the MLP.
     kv = model_cfg.get('kv_heads', 0) or model_cfg.heads

@@ -90,7 +90,7 @@ def build(config, meta):
   class Block(nn.Module):
     def __init__(self):
       super().__init__()
-      d, mlp = m.width, int(round(m.width * m.mlp_ratio))
+      d, mlp = m.width, m.get('mlp_dim', 0) or int(round(m.width * m.mlp_ratio))
       self.heads = m.heads
       self.attn_norm, self.mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
       self.qkv = nn.Linear(d, 3 * d, bias=False)

@@ -1,0 +1,173 @@
+"""Tests for jaxbig.tools.hf: Hugging Face GPT-2 and Llama checkpoints read into jaxbig's
+decoder give the logits and greedy tokens of `transformers`' PyTorch models, and write back
+bit for bit. The models are small, random and made here (no download)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxbig import config as config_lib, models
+from jaxbig.config import ConfigError
+from jaxbig.data import DataMeta
+from jaxbig.tools import generate, hf
+
+torch = pytest.importorskip('torch', reason='the comparisons need PyTorch (the test extra)')
+transformers = pytest.importorskip('transformers',
+                                   reason='the comparisons need transformers (the test extra)')
+
+V, LENGTH, PROMPT, NEW = 300, 64, 8, 32
+FAMILIES = {
+    'gpt2': lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=V, n_positions=LENGTH, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=0, eos_token_id=0)),
+    # Grouped-query attention (2 key/value heads for 4), an untied output layer, RoPE base
+    # and RMSNorm epsilon away from jaxbig's defaults.
+    'llama': lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=88, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=LENGTH,
+        rope_theta=500_000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope='module', params=list(FAMILIES))
+def family(request, tmp_path_factory):
+  """(family, HF folder, the torch model's logits for TOKENS, its 32 greedy tokens)."""
+  torch.manual_seed(0)
+  model = FAMILIES[request.param]().eval()
+  # Weights as large as training leaves them, so that every tensor's mapping shows (norm
+  # scales around 1).
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      is_scale = p.ndim == 1 and name.endswith('weight')
+      p.normal_(1.0 if is_scale else 0.0, 0.2)
+  folder = tmp_path_factory.mktemp(request.param) / 'hf'
+  model.save_pretrained(folder)
+  tokens = torch.tensor(_tokens())
+  with torch.no_grad():
+    logits = model(tokens).logits.numpy()
+    # No end token: generate would stop at it, or (with min_new_tokens) never pick it.
+    model.generation_config.eos_token_id = None
+    out = model.generate(tokens[:1, :PROMPT], max_new_tokens=NEW, do_sample=False,
+                         pad_token_id=0)
+  return request.param, str(folder), logits, out[0, PROMPT:].numpy()
+
+
+def _tokens() -> np.ndarray:
+  return np.random.default_rng(0).integers(0, V, (2, 24)).astype(np.int64)
+
+
+def _import(folder: str):
+  """(jaxbig model, params) of an HF folder, built through models.build as a run would."""
+  arch = hf.architecture(hf.read_config(folder))
+  config = config_lib.load('experiments/gpt_stdlib.py', [
+      f'model.{k}={v}' for k, v in arch.fields.items()])
+  meta = DataMeta(input_shape=(LENGTH,), num_outputs=arch.vocab_size, task='lm',
+                  num_classes=arch.vocab_size, sizes={}, vocab_size=arch.vocab_size)
+  model = models.build(config.model, meta)
+  params = hf.unflatten(dict(hf.tensors(folder, arch)))
+  return arch, model, params
+
+
+def _shapes(model) -> dict:
+  """The model's parameters as unboxed shapes, without running its initialisers."""
+  import flax.linen as nn
+  return nn.unbox(jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 8), jnp.int32), train=False)))['params']
+
+
+def test_imported_logits_equal_transformers(family):
+  name, folder, want, _ = family
+  arch, model, params = _import(folder)
+  assert arch.family == name
+  hf.check_shapes(hf.flatten(_shapes(model)), hf.flatten(params), folder)
+  assert sorted(hf.flatten(_shapes(model))) == sorted(hf.flatten(params))
+  got = model.apply({'params': params}, jnp.asarray(_tokens(), jnp.int32), train=False)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  assert np.abs(want).max() > 1.0  # Logits large enough for the tolerance to mean something.
+
+
+def test_greedy_generation_gives_the_same_tokens(family):
+  _, folder, _, want = family
+  _, model, params = _import(folder)
+  got = generate.sample(model, params, _tokens()[0, :PROMPT], NEW, temperature=0.0)
+  np.testing.assert_array_equal(got, want)
+  assert len(set(want.tolist())) > 3  # Not one token repeated.
+
+
+def test_export_round_trip_is_bit_identical_and_loads_in_transformers(family, tmp_path):
+  _, folder, want, _ = family
+  arch, model, params = _import(folder)
+  out = str(tmp_path / 'export')
+  hf.save(out, hf.flatten(params), arch, hf.read_config(folder))
+  from safetensors.numpy import load_file
+  before, after = (load_file(os.path.join(f, hf.WEIGHTS)) for f in (folder, out))
+  assert sorted(after) == sorted(k for k in before if not k.endswith('.attn.bias'))
+  for k, v in after.items():
+    np.testing.assert_array_equal(v, before[k], err_msg=k)
+  loaded, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  with torch.no_grad():
+    np.testing.assert_allclose(loaded(torch.tensor(_tokens())).logits.numpy(), want, atol=1e-5)
+  with pytest.raises(ConfigError, match='exists'):  # Never overwritten.
+    hf.save(out, hf.flatten(params), arch)
+
+
+def test_scanned_layout_stacks_the_blocks(family):
+  _, folder, _, _ = family
+  arch, _, params = _import(folder)
+  flat = hf.flatten(params)
+  stacked = hf.stack_blocks(flat, arch.fields['depth'])
+  assert stacked['blocks/attn/query/kernel'].shape[0] == arch.fields['depth']
+  back = hf.unstack_blocks(stacked, arch.fields['depth'])
+  assert sorted(back) == sorted(flat)
+  for k in flat:
+    np.testing.assert_array_equal(back[k], flat[k])
+
+
+def _folder_with(tmp_path, family, edit=None, drop=None, config_edit=None):
+  """A copy of a saved family folder, with tensors edited or dropped, or its config changed."""
+  _, src, _, _ = family
+  from safetensors.numpy import load_file, save_file
+  out = tmp_path / 'edited'
+  out.mkdir()
+  weights = load_file(os.path.join(src, hf.WEIGHTS))
+  for k in list(weights):
+    if drop and drop in k:
+      del weights[k]
+    elif edit and edit in k:
+      weights[k] = weights[k][..., :-1].copy()
+  save_file(weights, str(out / hf.WEIGHTS))
+  with open(os.path.join(src, 'config.json'), encoding='utf-8') as f:
+    cfg = {**json.load(f), **(config_edit or {})}
+  (out / 'config.json').write_text(json.dumps(cfg))
+  return str(out)
+
+
+@pytest.mark.parametrize('case', ['missing', 'shape', 'no_weights', 'index', 'model_type'])
+def test_bad_folders_are_one_config_error(family, tmp_path, case):
+  name, _, _, _ = family
+  embed = 'wte' if name == 'gpt2' else 'embed_tokens'
+  if case == 'missing':
+    folder, named = _folder_with(tmp_path, family, drop='.0.mlp.'), 'is missing'
+  elif case == 'shape':
+    folder, named = _folder_with(tmp_path, family, edit=embed), 'shape'
+  elif case == 'no_weights':
+    folder = _folder_with(tmp_path, family)
+    os.remove(os.path.join(folder, hf.WEIGHTS))
+    named = 'no weights'
+  elif case == 'index':
+    folder = _folder_with(tmp_path, family)
+    os.rename(os.path.join(folder, hf.WEIGHTS), os.path.join(folder, 'part-1.safetensors'))
+    with open(os.path.join(folder, hf.INDEX), 'w') as f:
+      json.dump({'weight_map': {'x': 'part-1.safetensors', 'y': 'part-2.safetensors'}}, f)
+    named = 'part-2.safetensors'
+  else:
+    folder, named = _folder_with(tmp_path, family, config_edit={'model_type': 'bert'}), 'bert'
+  with pytest.raises(ConfigError, match=named) as e:
+    arch, model, params = _import(folder)
+    hf.check_shapes(hf.flatten(_shapes(model)), hf.flatten(params), folder)
+  assert '\n' not in str(e.value)

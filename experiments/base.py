@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Optimizer updates.
+  # A jaxbig workdir or a Hugging Face model folder whose parameters a fresh run starts from
+  # (fine-tuning; the optimizer starts fresh). '' : the initialisers.
+  c.train.init_from = ''
   c.train.accum_steps = 1  # Micro-batches per update (gradient accumulation).
   c.train.loss = 'xent'  # xent (classification, next token) | mse (regression).
   c.train.label_smoothing = 0.0  # Cross-entropy label smoothing.

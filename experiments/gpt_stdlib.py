@@ -60,6 +60,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.model.norm_eps = 1e-6
   c.model.norm = 'rms'  # rms (RMSNorm) | layer (LayerNorm with a bias, as in GPT-2).
   c.model.mlp_dim = 0  # The MLP's hidden units where > 0 (else width x mlp_ratio).
+  c.model.vocab_size = 0  # Embedding rows where > 0 (an imported model's), else the data's.
   c.model.init_std = 0.02  # Standard deviation of the normal weight initialiser.
 
   # Shared settings (experiments/base.py) this experiment changes.

@@ -1,4 +1,5 @@
-"""The jaxbig command: train eval predict generate plan quantize bench sweep report prepare.
+"""The jaxbig command: train eval predict generate plan quantize bench sweep report prepare
+import-hf export-hf.
 
 Thin on purpose: parse arguments, call a library function, turn bad input into one line.
 Exit codes: 0 done (also after a SIGTERM that saved a checkpoint), 2 bad input, 3 training
@@ -60,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
                      'WORKDIR/<to>')
   q.add_argument('workdir')
   q.add_argument('--to', default='int8', help='target type (default and only: int8)')
+  i = sub.add_parser('import-hf', help='a Hugging Face GPT-2 or Llama-family folder -> a new '
+                     'workdir (config, tokenizer, checkpoint of step 0)')
+  i.add_argument('folder', help='local folder: config.json, *.safetensors, tokenizer.json')
+  i.add_argument('overrides', nargs='*', help='key=value overrides, e.g. precision=bf16')
+  i.add_argument('--workdir', help='the workdir to write (must not exist)')
+  i.add_argument('--print-overrides', action='store_true',
+                 help="print the model.* overrides that build the folder's architecture (for "
+                 'train.init_from) and write nothing')
+  x = sub.add_parser('export-hf', help="a workdir's newest checkpoint -> a Hugging Face folder "
+                     'that transformers loads')
+  x.add_argument('workdir')
+  x.add_argument('--out', required=True, help='the folder to write (must not exist)')
   r = sub.add_parser('predict', help='write predictions of a trained model for INPUT.npy')
   r.add_argument('workdir')
   r.add_argument('input', help='.npy of inputs, (N, ...) or one example')
@@ -170,6 +183,18 @@ def _run(args) -> int:
       print(json.dumps(quantize.evaluate(args.workdir), indent=2))
     else:
       print(json.dumps(inference.evaluate(args.workdir), indent=2))
+  elif args.command == 'import-hf':
+    from jaxbig import pretrained
+    from jaxbig.tools import hf
+    if args.print_overrides:
+      print(' '.join(pretrained.overrides(hf.architecture(hf.read_config(args.folder)))))
+      return 0
+    if not args.workdir:
+      raise ConfigError('import-hf: give --workdir (the workdir to write)')
+    print(json.dumps(pretrained.import_hf(args.folder, args.workdir, args.overrides), indent=2))
+  elif args.command == 'export-hf':
+    from jaxbig import pretrained
+    print(json.dumps(pretrained.export_hf(args.workdir, args.out), indent=2))
   elif args.command == 'quantize':
     from jaxbig.tools import quantize
     print(json.dumps(quantize.quantize(args.workdir, args.to), indent=2))
@@ -297,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
   args, extra = parser.parse_known_args(argv)
   # Overrides may also follow --workdir (argparse stops the positional list at an option).
   options = any(e.startswith('-') for e in extra)
-  if extra and args.command in ('train', 'plan', 'sweep') and not options:
+  if extra and args.command in ('train', 'plan', 'sweep', 'import-hf') and not options:
     args.overrides += extra
   elif extra:
     parser.error(f"unrecognized arguments: {' '.join(extra)}")

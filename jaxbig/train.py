@@ -25,7 +25,7 @@ from flax import struct
 from jaxbig import checkpoint, data as data_lib, faults, kernels as kernels_lib, losses
 from jaxbig import models, optim
 from jaxbig import memory, metrics as metrics_lib, parallel, precision, sharding
-from jaxbig import workdir as workdir_lib
+from jaxbig import pretrained, workdir as workdir_lib
 from jaxbig.config import ConfigError
 from jaxbig.kernels import threefry
 from jaxbig import matmul
@@ -420,6 +420,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
   t_start = time.perf_counter()
   with faults.Preemption() as preemption:  # From here on a SIGTERM is noted, not fatal.
     s = setup(config, devices)  # Validates everything before the workdir is touched.
+    if not getattr(s.data, 'trains', True):
+      s.data.train_iter()  # Its one-line error: nothing to train on.
+    if config.train.get('init_from', ''):
+      pretrained.check_source(s, config.train.init_from)
     with workdir_lib.owned(workdir):
       ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                      config.train.keep_checkpoints, fingerprint=run_fingerprint(s))
@@ -435,6 +439,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
         if start is None:
           state, iter_state = init_state(s), None
           metrics_lib.note(f'initialised a fresh state from seed {config.seed}')
+          source = config.train.get('init_from', '')
+          if source:
+            state = state.replace(params=pretrained.load_params(s, source))
+            metrics_lib.note(f'parameters from {source} (train.init_from)')
         else:
           state, iter_state, _ = restore(s, ckpts, start)
           metrics_lib.note(f'restored step {start} from {ckpts.directory}')

@@ -171,3 +171,87 @@ def test_bad_folders_are_one_config_error(family, tmp_path, case):
     arch, model, params = _import(folder)
     hf.check_shapes(hf.flatten(_shapes(model)), hf.flatten(params), folder)
   assert '\n' not in str(e.value)
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  """A GPT-2 folder with a BPE tokenizer trained here, imported into a workdir by the CLI."""
+  from jaxbig.data import tokenizer
+  root = tmp_path_factory.mktemp('imported')
+  corpus = root / 'corpus'
+  corpus.mkdir()
+  rng = np.random.default_rng(0)
+  words = 'def class return import self value print range list dict for while if else'.split()
+  for i in range(20):
+    (corpus / f'f{i}.py').write_text('\n'.join(' '.join(rng.choice(words, 12))
+                                               for _ in range(50)))
+  torch.manual_seed(0)
+  folder = root / 'gpt2'
+  FAMILIES['gpt2']().save_pretrained(folder)
+  tokenizer.train_bpe(str(corpus), V, str(folder / 'tokenizer.json'))
+  return root, corpus, folder
+
+
+def test_import_generate_export_and_fine_tune_from_the_cli(imported, capsys):
+  import conftest
+  from safetensors.numpy import load_file
+  root, corpus, folder = imported
+  work = root / 'base'
+  code, out, err = conftest.run_cli(capsys, 'import-hf', folder, '--workdir', work)
+  assert code == 0, err
+  assert json.loads(out)['family'] == 'gpt2'
+  assert sorted(os.listdir(work)) == ['checkpoints', 'config.json', 'hf_config.json',
+                                      'tokenizer.json']
+  code, out, err = conftest.run_cli(capsys, 'generate', work, '--prompt', 'def ', '--tokens',
+                                    '8', '--temperature', '0')
+  assert code == 0 and out.startswith('def '), err
+  code, _, err = conftest.run_cli(capsys, 'export-hf', work, '--out', root / 'export')
+  assert code == 0, err
+  original = load_file(str(folder / hf.WEIGHTS))
+  exported = load_file(str(root / 'export' / hf.WEIGHTS))
+  for k, v in exported.items():
+    np.testing.assert_array_equal(v, original[k], err_msg=k)
+  assert (root / 'export' / 'tokenizer.json').read_bytes() == (
+      folder / 'tokenizer.json').read_bytes()
+  # Fine-tuning: corpus prepared with the model's tokenizer, a run started from the import.
+  code, _, err = conftest.run_cli(capsys, 'prepare', 'text', corpus, '--tokenizer',
+                                  work / 'tokenizer.json', '--out', root / 'prepared')
+  assert code == 0, err
+  code, out, _ = conftest.run_cli(capsys, 'import-hf', folder, '--print-overrides')
+  arch = out.split()
+  run = ['experiments/finetune_hf.py', *arch, f'data.path={root / "prepared"}',
+         'data.seq_len=32', 'data.batch_size=4', 'data.eval_batch_size=4', 'data.eval_windows=8',
+         'train.steps=1', 'opt.warmup_steps=0', 'opt.lr=1e-9', 'precision=fp32']
+  code, _, err = conftest.run_cli(capsys, 'train', *run, f'train.init_from={work}',
+                                  '--workdir', root / 'tuned')
+  assert code == 0, err
+  # One step at a learning rate of 1e-9: the parameters are the imported ones, give or take.
+  code, _, err = conftest.run_cli(capsys, 'export-hf', root / 'tuned', '--out', root / 'tuned-hf')
+  assert code == 0, err
+  tuned = load_file(str(root / 'tuned-hf' / hf.WEIGHTS))
+  for k, v in tuned.items():
+    np.testing.assert_allclose(v, original[k], atol=1e-6, err_msg=k)
+  # Another architecture than the source's: one line, nothing written.
+  code, _, err = conftest.run_cli(capsys, 'train', *run, 'model.mlp_dim=64',
+                                  f'train.init_from={folder}', '--workdir', root / 'other')
+  assert code == 2 and err.count('\n') == 1 and 'train.init_from' in err, err
+  assert not (root / 'other').exists()
+
+
+def test_import_refuses_bad_input_in_one_line(imported, capsys, tmp_path):
+  import conftest
+  root, _, folder = imported
+  small = tmp_path / 'small-vocab'
+  small.mkdir()
+  for name in ('model.safetensors', 'tokenizer.json'):
+    (small / name).write_bytes((folder / name).read_bytes())
+  cfg = json.loads((folder / 'config.json').read_text())
+  (small / 'config.json').write_text(json.dumps({**cfg, 'vocab_size': 100}))
+  (tmp_path / 'exists').mkdir()
+  for args, named in (
+      ([small, '--workdir', tmp_path / 'w1'], 'vocabulary'),
+      ([folder, '--workdir', tmp_path / 'exists'], 'exists'),
+      ([tmp_path, '--workdir', tmp_path / 'w2'], 'no config.json')):
+    code, _, err = conftest.run_cli(capsys, 'import-hf', *args)
+    assert code == 2 and err.count('\n') == 1 and named in err, err
+  assert not (tmp_path / 'w1').exists() and not (tmp_path / 'w2').exists()

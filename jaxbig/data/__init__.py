@@ -331,6 +331,8 @@ def build(cfg, seed: int) -> 'Data | text.TextData | tokens.TokensData':
     return tokens.TokensData(cfg, seed)
   if cfg.name == 'random_tokens':
     return tokens.RandomTokens(cfg, seed)
+  if cfg.name == 'none':
+    return tokens.NoCorpus(cfg, seed)
   if cfg.name == 'imagefolder':
     from jaxbig.data import images  # pylint: disable=g-import-not-at-top
     return images.ImageFolder(cfg, seed)

@@ -226,3 +226,28 @@ class RandomTokens(TokensData):
 
   def identity(self) -> dict:
     return {}  # Made by the config, as synthetic arrays are.
+
+
+class NoCorpus(TokensData):
+  """`data.name=none`: a language model's tokenizer (`data.tokenizer`) and no text, as in a
+  workdir that `jaxbig import-hf` wrote: `generate` and `export-hf` work on it; training or
+  evaluating needs a data source (`train.init_from=` that workdir in a run that has one)."""
+
+  trains = False
+
+  @classmethod
+  def _load(cls, cfg, seed: int):
+    del seed
+    tokenizer = tokenizer_lib.load(cfg.get('tokenizer', '') or tokenizer_lib.BYTES)
+    # One window of padding ids per split: enough for the checks, never read.
+    shards = {s: [np.zeros(cfg.seq_len + 1, np.uint32)] for s in ('train', 'val', 'test')}
+    manifest = {'tokenizer': {'identity': tokenizer.identity},
+                'splits': {s: {'tokens': 0, 'bytes': 0, 'documents': 0} for s in shards}}
+    return manifest, tokenizer, shards, np.ones(tokenizer.vocab_size)
+
+  def identity(self) -> dict:
+    return {'tokenizer': self.manifest['tokenizer']['identity']}
+
+  def train_iter(self, rows=None):
+    raise ConfigError('data.name=none: this run has no text to train or evaluate on; train '
+                      'with a data source and train.init_from=<this workdir>')

@@ -133,7 +133,11 @@ def _transformer(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   if length > cfg.max_len:
     raise ConfigError(f'data.seq_len ({length}) exceeds model.max_len ({cfg.max_len})')
   if meta.task == 'lm':
-    return transformer.TransformerLM(vocab_size=meta.vocab_size,
+    vocab = cfg.get('vocab_size', 0) or meta.vocab_size
+    if vocab < meta.num_classes:  # An imported model's own table; the tokenizer must fit.
+      raise ConfigError(f'model.vocab_size ({vocab}) is smaller than the tokenizer\'s '
+                        f'vocabulary ({meta.num_classes})')
+    return transformer.TransformerLM(vocab_size=vocab,
                                      tie_embeddings=cfg.tie_embeddings,
                                      logits_chunk=_logits_chunk(cfg), doc_eos=meta.doc_eos,
                                      **common)

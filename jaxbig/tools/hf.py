@@ -29,6 +29,9 @@ import numpy as np
 from jaxbig.config import ConfigError
 
 FAMILIES = {'gpt2': 'gpt2', 'llama': 'llama', 'mistral': 'llama'}
+# The jaxbig model.* fields an architecture sets.
+FIELDS = ('width', 'depth', 'heads', 'kv_heads', 'mlp_dim', 'max_len', 'pos', 'rope_theta',
+          'mlp', 'bias', 'norm', 'norm_eps', 'tie_embeddings')
 WEIGHTS = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
 
@@ -253,7 +256,8 @@ def _ignored(name: str) -> bool:
       name == 'lm_head.weight')
 
 
-def check_shapes(expected: dict, loaded: dict, where: str) -> None:
+def check_shapes(expected: dict, loaded: dict, where: str,
+                 why: str = 'the checkpoint differs from the architecture') -> None:
   """Every loaded array has the shape of its parameter in `expected` (flat paths -> arrays or
   shapes); ConfigError naming the first that does not."""
   for path, leaf in expected.items():
@@ -261,8 +265,8 @@ def check_shapes(expected: dict, loaded: dict, where: str) -> None:
     if path not in loaded:
       raise ConfigError(f'{where}: no tensor maps onto {path}')
     if tuple(loaded[path].shape) != shape:
-      raise ConfigError(f'{where}: {path} has shape {loaded[path].shape}, the model needs '
-                        f'{tuple(shape)} (config.json disagrees with the weights)')
+      raise ConfigError(f'{where}: {path} has shape {tuple(loaded[path].shape)}, the model '
+                        f'needs {shape} ({why})')
 
 
 def flatten(params: dict, prefix: str = '') -> dict[str, Any]:

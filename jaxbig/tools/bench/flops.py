@@ -80,7 +80,7 @@ def forward_flops(model_cfg, meta, batch: int) -> float | None:
     return batch * total
   if meta.task != 'lm':
     return None  # Classifier Transformers and RNNs, ResNets, VAEs: XLA's count only.
-  seq, vocab = meta.input_shape[0], meta.vocab_size
+  seq, vocab = meta.input_shape[0], model_cfg.get('vocab_size', 0) or meta.vocab_size
   if name == 'transformer':
     d = model_cfg.width
     mlp = model_cfg.get('mlp_dim', 0) or int(round(d * model_cfg.mlp_ratio))  # mlp_width.

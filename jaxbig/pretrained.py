@@ -1,0 +1,225 @@
+"""Parameters from elsewhere: `train.init_from` (fine-tuning) and `jaxbig import-hf`.
+
+A source is a jaxbig workdir (its newest checkpoint's parameters, whatever mesh or layer
+layout trained it) or a Hugging Face model folder (jaxbig.tools.hf). Either must have the
+architecture of the run's config: the same parameter names and shapes, or a one-line
+ConfigError naming the first that differs. The parameters land on the run's mesh one array
+at a time, each with its own sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from jaxbig.config import ConfigError
+from jaxbig.tools import hf
+
+
+def is_hf_folder(path: str) -> bool:
+  """A folder with a Hugging Face config.json (it names a model_type; jaxbig's does not)."""
+  try:
+    return 'model_type' in hf.read_config(path)
+  except ConfigError:
+    return False
+
+
+def check_architecture(model_cfg, arch: hf.Architecture, vocab_size: int, where: str) -> None:
+  """The config's model fields must build the Hugging Face model's network."""
+  for key, value in arch.fields.items():
+    mine = model_cfg.get(key)
+    if mine != value and not (isinstance(value, float) and mine is not None and
+                              np.isclose(float(mine), value, rtol=1e-9)):
+      raise ConfigError(f'{where}: a {arch.family} model with model.{key}={value}; this config '
+                        f'has model.{key}={mine}')
+  if vocab_size != arch.vocab_size:
+    raise ConfigError(f'{where}: a vocabulary of {arch.vocab_size}; this config builds '
+                      f'{vocab_size} (set model.vocab_size={arch.vocab_size})')
+
+
+ARCHITECTURE = ('name', 'vocab_size', 'mlp_ratio', 'scan_layers', *hf.FIELDS)
+
+
+def check_source(s, source: str) -> None:
+  """Before a run starts: `source` (train.init_from) exists and has the config's architecture
+  (the fields that shape the parameters; a layer layout from scan_layers converts)."""
+  where = f'train.init_from: {source}'
+  if not os.path.isdir(source):
+    raise ConfigError(f'{where}: not a folder')
+  cfg = s.config.model
+  if is_hf_folder(source):
+    arch = hf.architecture(hf.read_config(source), os.path.join(source, 'config.json'))
+    check_architecture(cfg, arch, cfg.get('vocab_size', 0) or s.data.meta.vocab_size, where)
+    return
+  from jaxbig import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(os.path.join(source, 'config.json')):
+    raise ConfigError(f'{where}: neither a jaxbig workdir nor a Hugging Face folder (no '
+                      'config.json)')
+  theirs = workdir_lib.saved_config(source).get('model', {})
+  for key in ARCHITECTURE:
+    if key == 'scan_layers' or key not in theirs:
+      continue
+    if theirs[key] != cfg.get(key) and not (key == 'mlp_ratio' and theirs.get('mlp_dim')):
+      raise ConfigError(f'{where}: trained with model.{key}={theirs[key]}; this config has '
+                        f'model.{key}={cfg.get(key)}')
+
+
+def _relayout(flat: dict, scanned: bool, depth: int) -> dict:
+  """Blocks stacked for `model.scan_layers` or not, as the target wants."""
+  stacked = any(k.startswith('blocks/') for k in flat)
+  if scanned and not stacked:
+    return hf.stack_blocks(flat, depth)
+  if stacked and not scanned:
+    return hf.unstack_blocks(flat, depth)
+  return flat
+
+
+def source_params(s, source: str) -> dict[str, np.ndarray]:
+  """Flat parameters (path -> host array) of `source`, laid out for setup `s`."""
+  cfg = s.config.model
+  if is_hf_folder(source):
+    arch = hf.architecture(hf.read_config(source), os.path.join(source, 'config.json'))
+    check_architecture(cfg, arch, cfg.get('vocab_size', 0) or s.data.meta.vocab_size,
+                       f'train.init_from: {source}')
+    flat = dict(hf.tensors(source, arch))
+  else:
+    from jaxbig.tools import inference  # pylint: disable=g-import-not-at-top
+    src, state, _, _ = inference.load(source)
+    flat = {k: np.asarray(v) for k, v in hf.flatten(jax.device_get(state.params)).items()}
+    if src.config.model.name != cfg.name:
+      raise ConfigError(f'train.init_from: {source} trained model.name={src.config.model.name}'
+                        f'; this config builds {cfg.name}')
+  return _relayout(flat, bool(cfg.get('scan_layers', False)), cfg.get('depth', 0))
+
+
+def load_params(s, source: str):
+  """The run's parameter tree from `source`, each array placed with its sharding."""
+  flat = source_params(s, source)
+  abstract = hf.flatten(nn.meta.unbox(s.abstract_boxed).params)
+  shardings = hf.flatten(s.shardings.params)
+  hf.check_shapes(abstract, flat, f'train.init_from: {source}',
+                  'its architecture differs from this config\'s')
+  extra = sorted(set(flat) - set(abstract))
+  if extra:
+    raise ConfigError(f'train.init_from: {source} has {extra[0]}, which this config does not '
+                      'build')
+  placed = {k: jax.device_put(flat.pop(k).astype(abstract[k].dtype), shardings[k])
+            for k in list(abstract)}
+  return hf.unflatten(placed)
+
+
+EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          'experiments', 'finetune_hf.py')
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model')  # HF tokenizers, SentencePiece.
+HF_CONFIG = 'hf_config.json'  # The imported config.json, kept for export-hf.
+
+
+def overrides(arch: hf.Architecture) -> list[str]:
+  """key=value overrides that make an experiment build `arch` (`import-hf --print-overrides`)."""
+  return [f'model.{k}={v}' for k, v in arch.fields.items()] + [
+      f'model.vocab_size={arch.vocab_size}', 'model.name=transformer']
+
+
+def _tokenizer(folder: str, vocab_size: int) -> str:
+  """The folder's tokenizer file; its vocabulary must fit the embedding."""
+  from jaxbig.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  for name in TOKENIZER_FILES:
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      tok = tokenizer_lib.load(path, field=path)
+      if tok.vocab_size > vocab_size:
+        raise ConfigError(f'{path}: a vocabulary of {tok.vocab_size}, more than the model\'s '
+                          f'{vocab_size} embedding rows')
+      return path
+  raise ConfigError(f'{folder}: no tokenizer ({" or ".join(TOKENIZER_FILES)})')
+
+
+def import_hf(folder: str, workdir: str, extra: list[str] = ()) -> dict:
+  """Writes `workdir` (which must not exist): config.json (experiments/finetune_hf.py with the
+  folder's architecture, data.name=none and its tokenizer), the tokenizer, the imported
+  config.json and a checkpoint of step 0 holding the parameters and a fresh optimizer state.
+  Everything is checked and built before the first file is written, into a sibling folder
+  renamed into place at the end."""
+  from jaxbig import checkpoint, config as config_lib, train  # pylint: disable=g-import-not-at-top
+  from jaxbig import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  hf_cfg = hf.read_config(folder)
+  arch = hf.architecture(hf_cfg, os.path.join(folder, 'config.json'))
+  tokenizer = _tokenizer(folder, arch.vocab_size)
+  if os.path.exists(workdir):
+    raise ConfigError(f'--workdir {workdir}: exists; import-hf writes a new workdir')
+  workdir = os.path.abspath(workdir)
+  partial = workdir + '.importing'
+  tok_path = os.path.join(workdir, os.path.basename(tokenizer))
+  seq_len = min(arch.fields['max_len'], 512)
+  fields = lambda tok: overrides(arch) + [
+      'data.name=none', f'data.tokenizer={tok}', f'data.seq_len={seq_len}', *extra]
+  config = config_lib.load(EXPERIMENT, fields(tok_path))  # As saved: the copied tokenizer.
+  s = train.setup(config_lib.load(EXPERIMENT, fields(tokenizer)))  # Built from the source's.
+  params = load_params(s, folder)
+  state = train.init_state(s).replace(params=params)
+  if os.path.exists(partial):
+    raise ConfigError(f'{partial}: exists (an interrupted import?); remove it first')
+  os.makedirs(partial)
+  shutil.copyfile(tokenizer, os.path.join(partial, os.path.basename(tokenizer)))
+  with open(os.path.join(partial, HF_CONFIG), 'w', encoding='utf-8') as f:
+    json.dump(hf_cfg, f, indent=2)
+  workdir_lib.write_config(partial, config)
+  # The fingerprint of the config as saved (its tokenizer in the workdir; the same file).
+  ckpts = checkpoint.Checkpoints(os.path.join(partial, 'checkpoints'), 1,
+                                 fingerprint=train.run_fingerprint(dataclasses.replace(
+                                     s, config=config)))
+  ckpts.open_for_writing()
+  ckpts.save(0, state, {}, s.data.meta.to_json())
+  ckpts.close()
+  os.rename(partial, workdir)
+  return {'workdir': workdir, 'family': arch.family, 'num_params': train.num_params(s),
+          'tokenizer': tok_path}
+
+
+def export_hf(workdir: str, out: str) -> dict:
+  """Writes `out` (which must not exist) as a Hugging Face folder from the newest checkpoint
+  of `workdir`: config.json (over the imported one where the run was imported), the weights
+  in model.safetensors, and the run's tokenizer file."""
+  from jaxbig.tools import inference  # pylint: disable=g-import-not-at-top
+  if os.path.exists(out):
+    raise ConfigError(f'--out {out}: exists; export-hf writes a new folder')
+  s, state, step, meta = inference.load(workdir)
+  cfg = s.config.model
+  base_path, base = os.path.join(workdir, HF_CONFIG), None
+  if os.path.isfile(base_path):
+    with open(base_path, encoding='utf-8') as f:
+      base = json.load(f)
+  family = hf.FAMILIES.get((base or {}).get('model_type'), None) or family_of(cfg)
+  fields = {k: cfg.get(k) for k in hf.FIELDS}
+  fields['kv_heads'] = fields['kv_heads'] or 0
+  fields['mlp_dim'] = fields['mlp_dim'] or int(round(cfg.width * cfg.mlp_ratio))
+  vocab = cfg.get('vocab_size', 0) or meta.vocab_size
+  dtype = (base or {}).get('dtype') or (base or {}).get('torch_dtype') or 'float32'
+  arch = hf.Architecture(family, vocab, fields, str(dtype))
+  flat = {k: np.asarray(v) for k, v in hf.flatten(jax.device_get(state.params)).items()}
+  flat = _relayout(flat, False, cfg.depth)
+  hf.save(out, flat, arch, base)
+  tok = getattr(s.data, 'tokenizer', None)
+  if tok is not None and getattr(tok, 'path', ''):
+    shutil.copyfile(tok.path, os.path.join(out, os.path.basename(tok.path)))
+  return {'out': out, 'step': step, 'family': family}
+
+
+def family_of(cfg) -> str:
+  """The Hugging Face family a jaxbig decoder's fields describe; ConfigError if none."""
+  if cfg.name != 'transformer':
+    raise ConfigError(f'export-hf: model.name={cfg.name} has no Hugging Face counterpart here')
+  if cfg.get('norm', 'rms') == 'layer' and cfg.pos == 'learned' and cfg.get('mlp') == 'gelu' \
+      and cfg.get('bias') and cfg.tie_embeddings and not cfg.get('kv_heads'):
+    return 'gpt2'
+  if cfg.get('norm', 'rms') == 'rms' and cfg.pos == 'rope' and cfg.get('mlp') == 'swiglu':
+    return 'llama'
+  raise ConfigError('export-hf: this decoder is neither GPT-2 (model.norm=layer, pos=learned, '
+                    'mlp=gelu, bias=true, tied) nor Llama-style (norm=rms, pos=rope, '
+                    'mlp=swiglu)')

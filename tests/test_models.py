@@ -36,6 +36,7 @@ class Meta:
   task: str = 'classification'
   vocab_size: int = 0
   doc_eos: int = -1
+  num_classes: int = 0
 
 
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'

@@ -305,30 +305,20 @@ def test_multi_slice_plans_span_slices_with_the_data_axis_only():
     plan.plan(config_lib.load(smoke), None, slices=2)
 
 
-def test_collectives_in_a_scan_over_layers_count_once_per_layer():
+def test_scanned_collectives_count_per_layer_and_offload_input_uses_host_memory():
   """Under scan_layers the blocks are one loop body: with static counts depth 2 and depth 4
-  would show the same collectives; counted by trip count, the 2 more layers add theirs."""
+  would show the same collectives; counted by trip count, the 2 more layers add theirs.
+  remat=offload_input keeps the scanned blocks' inputs (depth x B x L x E) in host memory,
+  remat=full on the device (a program this small has no device temporaries to shrink; the
+  6.4B plan in benchmarks/results/plan/ shows 2 GiB leave the device)."""
   _tpu_or_skip()
-  counts = {}
-  for depth in (2, 4):
-    d = plan.plan(config_lib.load('experiments/gpt_stdlib.py:smoke', [
-        'mesh.data=1', 'mesh.fsdp=4', 'model.scan_layers=true', f'model.depth={depth}']),
-        'v5e:2x2')
-    counts[depth] = d['collectives']['all-gather']
+  plans = {}
+  for depth, policy in ((2, 'full'), (4, 'offload_input')):
+    plans[depth] = plan.plan(config_lib.load('experiments/gpt_stdlib.py:smoke', [
+        'mesh.data=1', 'mesh.fsdp=4', 'model.scan_layers=true', f'model.depth={depth}',
+        f'model.remat={policy}']), 'v5e:2x2')
+  counts = {depth: d['collectives']['all-gather'] for depth, d in plans.items()}
   assert counts[4] > counts[2] > 0, counts
-
-
-def test_offload_input_keeps_the_blocks_inputs_in_host_memory():
-  """remat=offload_input on a TPU: the scanned blocks' inputs, depth x B x L x E, wait in
-  host memory (a program this small has no device temporaries to shrink; the 6.4B plan in
-  benchmarks/results/plan/ shows 2 GiB leave the device)."""
-  _tpu_or_skip()
-  mem = {}
-  for policy in ('full', 'offload_input'):
-    d = plan.plan(config_lib.load('experiments/gpt_stdlib.py:smoke', [
-        'mesh.data=4', 'model.scan_layers=true', f'model.remat={policy}', 'model.depth=4',
-        'model.width=128', 'data.batch_size=16']), 'v5e:2x2')
-    mem[policy] = d['memory_per_device']
-  inputs = 4 * (16 // 4) * 32 * 128 * 4  # depth x rows per device x L x E, float32.
-  assert mem['full']['host_temporaries_bytes'] == 0
-  assert mem['offload_input']['host_temporaries_bytes'] >= inputs
+  inputs = 4 * (8 // 4) * 32 * 32 * 4  # depth x rows per device x L x E, float32.
+  assert plans[2]['memory_per_device']['host_temporaries_bytes'] == 0
+  assert plans[4]['memory_per_device']['host_temporaries_bytes'] >= inputs

@@ -75,8 +75,8 @@ def _apply(model: nn.Module):
   return _jit(lambda params, x: model.apply({'params': params}, x, train=False))
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-@pytest.mark.parametrize('pos', ['rope', 'learned'])
+# Each position kind and each layer layout once (the four pairs cost twice as much).
+@pytest.mark.parametrize('pos, scan_layers', [('rope', False), ('learned', True)])
 def test_lm_is_causal(pos, scan_layers):
   tokens = _tokens(0)
   t = 5
@@ -100,7 +100,7 @@ def test_packed_documents_see_only_themselves(pos, heads_major, scan_layers):
   rows = jnp.asarray(np.stack([np.concatenate([a, b, c]), np.concatenate([b, c, a + 1])]),
                      jnp.int32)
   model = _lm(doc_eos=eos, pos=pos, heads_major=heads_major, scan_layers=scan_layers)
-  params = model.init(jax.random.key(0), rows, train=False)['params']
+  params = _init(model, rows)['params']
   logits = _apply(model)(params, rows)
   np.testing.assert_allclose(logits[0, 4:9], logits[1, :5], atol=1e-5)  # b, moved.
   np.testing.assert_allclose(logits[0, 9:], logits[1, 5:8], atol=1e-5)  # c, after b.
@@ -109,8 +109,7 @@ def test_packed_documents_see_only_themselves(pos, heads_major, scan_layers):
   assert np.abs(plain[0, 4:9] - plain[1, :5]).max() > 1e-2
 
 
-@pytest.mark.parametrize('scan_layers', [False, True])
-@pytest.mark.parametrize('pos', ['rope', 'learned'])
+@pytest.mark.parametrize('pos, scan_layers', [('rope', True), ('learned', False)])
 @pytest.mark.slow(reason='compiles several Transformer variants')
 def test_cached_decoding_matches_full_forward(pos, scan_layers):
   model = _lm(pos=pos, scan_layers=scan_layers)

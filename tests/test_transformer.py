@@ -219,12 +219,14 @@ def test_remat_and_scan_match_plain_model():
   swapped = {**stacked, 'blocks': jax.tree.map(lambda x: x[::-1], stacked['blocks'])}
   assert abs(float(grad(swapped, tokens)[0]) - float(loss)) > 1e-4
 
-  # Both at once: a rematerialised scan body, same loss and gradients.
-  model = _lm(scan_layers=True, remat=True)
-  assert _transforms(model, stacked, tokens) == (True, True)
-  both_loss, both_grads = _grad_fn(model)(stacked, tokens)
-  np.testing.assert_allclose(both_loss, loss, rtol=1e-6)
-  jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), both_grads, _stack(grads))
+  # Both at once: a rematerialised scan body, same loss and gradients, whatever the policy
+  # keeps (test_remat_policies_keep_what_they_name); offload_input keeps the input on the
+  # CPU, which has no host memory apart from its own (test_plan shows it offloaded).
+  assert _transforms(_lm(scan_layers=True, remat=True), stacked, tokens) == (True, True)
+  for policy in ('full', 'dots', 'offload_input'):
+    both_loss, both_grads = _grad_fn(_lm(scan_layers=True, remat=policy))(stacked, tokens)
+    np.testing.assert_allclose(both_loss, loss, rtol=1e-6)
+    jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), both_grads, _stack(grads))
 
 
 def _saved_bytes(model: nn.Module, params: dict, tokens: jax.Array, capsys) -> tuple[int, str]:
@@ -257,19 +259,6 @@ def test_remat_policies_keep_what_they_name(capsys):
   assert "named 'qkv'" in saved['save:qkv'][1] and "named 'qkv'" not in saved['full'][1]
   assert _lm(remat=True).remat is True and _saved_bytes(
       _lm(remat=True), params, tokens, capsys)[0] == size['full']  # The old boolean field.
-
-
-@pytest.mark.slow(reason='compiles the gradient under two policies')
-def test_remat_policies_give_the_plain_gradients():
-  tokens = _tokens(4, (B, L + 1))
-  loss, grads = _grad_fn(_lm())(_lm_params('rope'), tokens)
-  stacked = _lm_params('rope', scan_layers=True)
-  # What each policy keeps: the residuals test above (offload_input keeps the input on
-  # the CPU, which has no host memory apart from its own; test_plan shows it offloaded).
-  for policy in ('dots', 'offload_input'):
-    got_loss, got = _grad_fn(_lm(remat=policy, scan_layers=True))(stacked, tokens)
-    np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
-    jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), got, _stack(grads))
 
 
 @pytest.mark.parametrize('value, named', [

@@ -293,3 +293,33 @@ def test_import_onto_a_sharded_mesh_gives_the_same_logits(family, tmp_path):
   got = json.loads(run.stdout.strip().splitlines()[-1])
   assert got['split'] == 8  # Some kernel split both ways: fsdp 4 x tensor 2.
   np.testing.assert_allclose(np.asarray(got['logits']), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_trained_here_exports_to_a_gpt2_folder(tmp_path, capsys):
+  """finetune_hf.py:smoke trains a GPT-2-shaped model from scratch; export-hf names its
+  family from the fields, and transformers computes the logits jaxbig does."""
+  import conftest
+  from jaxbig.tools import inference
+  work = tmp_path / 'smoke'
+  code, _, err = conftest.run_cli(capsys, 'train', 'experiments/finetune_hf.py:smoke',
+                                  '--workdir', work)
+  assert code == 0, err
+  code, out, err = conftest.run_cli(capsys, 'export-hf', work, '--out', tmp_path / 'hf')
+  assert code == 0 and json.loads(out)['family'] == 'gpt2', err
+  s, state, _, _ = inference.load(str(work))
+  tokens = _tokens()
+  want = s.model.apply({'params': state.params}, jnp.asarray(tokens, jnp.int32), train=False)
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf')
+  with torch.no_grad():
+    got = loaded(torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # A decoder of neither family (RMSNorm with GELU and learned positions) has no folder to
+  # go to; the Llama fields do.
+  from jaxbig import pretrained
+  model = config_lib.load('experiments/finetune_hf.py:smoke').model
+  with pytest.raises(ConfigError, match='neither GPT-2'):
+    pretrained.family_of(config_lib.load('experiments/finetune_hf.py:smoke',
+                                         ['model.norm=rms']).model)
+  assert pretrained.family_of(model) == 'gpt2'
+  assert pretrained.family_of(config_lib.load('experiments/finetune_hf.py:smoke', [
+      'model.norm=rms', 'model.pos=rope', 'model.mlp=swiglu', 'model.bias=false']).model) == 'llama'

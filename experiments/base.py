@@ -46,6 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.profile_steps = 0  # Steps traced by jax.profiler into WORKDIR/tb (0: none).
   c.train.profile_start = 10  # Tracing starts after this step (past compile and warm-up).
 
+  # LoRA (Transformers): rank > 0 trains low-rank adapters on the `targets` projections (q, k,
+  # v, o: attention; mlp: the MLP's) with everything else frozen; alpha / rank scales them.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = 'q,k,v,o'
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # Data-parallel devices (-1: all that remain).
   c.mesh.fsdp = 1  # Devices sharding parameters and batch (fully sharded data parallel).

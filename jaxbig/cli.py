@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                      'that transformers loads')
   x.add_argument('workdir')
   x.add_argument('--out', required=True, help='the folder to write (must not exist)')
+  x.add_argument('--merge-lora', action='store_true',
+                 help='fold LoRA adapters into the base weights: W + (A B) alpha / rank')
   r = sub.add_parser('predict', help='write predictions of a trained model for INPUT.npy')
   r.add_argument('workdir')
   r.add_argument('input', help='.npy of inputs, (N, ...) or one example')
@@ -194,7 +196,7 @@ def _run(args) -> int:
     print(json.dumps(pretrained.import_hf(args.folder, args.workdir, args.overrides), indent=2))
   elif args.command == 'export-hf':
     from jaxbig import pretrained
-    print(json.dumps(pretrained.export_hf(args.workdir, args.out), indent=2))
+    print(json.dumps(pretrained.export_hf(args.workdir, args.out, args.merge_lora), indent=2))
   elif args.command == 'quantize':
     from jaxbig.tools import quantize
     print(json.dumps(quantize.quantize(args.workdir, args.to), indent=2))

@@ -141,3 +141,24 @@ def build(cfg: ml_collections.ConfigDict,
               optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
               optax.scale_by_learning_rate(lr)]
   return optax.chain(*chain), lr
+
+
+def adapters_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` for the LoRA adapters (parameters named `*_lora_a`, `*_lora_b`) only; every other
+  parameter is frozen: its update is zero and it has no optimizer state."""
+  def labels(params):
+    def label(path, _):
+      names = [str(getattr(k, 'key', '')) for k in path]
+      return 'adapters' if any('_lora_' in n for n in names) else 'frozen'
+    return jax.tree_util.tree_map_with_path(label, params)
+  return optax.multi_transform({'adapters': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def unbox_masked(opt_state: Any) -> Any:
+  """The optimizer state of boxed (logically named) parameters without the boxes around
+  `optax.MaskedNode`s: the frozen leaves of `adapters_only` hold no state, so nothing to
+  name or shard."""
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda x: x.value if box(x) and isinstance(x.value, optax.MaskedNode)
+                      else x, opt_state, is_leaf=box)

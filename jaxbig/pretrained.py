@@ -21,6 +21,8 @@ from flax import linen as nn
 from jaxbig.config import ConfigError
 from jaxbig.tools import hf
 
+LORA = '_lora_'  # transformer.LORA: in the names of adapter parameters.
+
 
 def is_hf_folder(path: str) -> bool:
   """A folder with a Hugging Face config.json (it names a model_type; jaxbig's does not)."""
@@ -98,10 +100,15 @@ def source_params(s, source: str) -> dict[str, np.ndarray]:
   return _relayout(flat, bool(cfg.get('scan_layers', False)), cfg.get('depth', 0))
 
 
-def load_params(s, source: str):
-  """The run's parameter tree from `source`, each array placed with its sharding."""
+def load_params(s, source: str, fresh=None):
+  """The run's parameter tree from `source`, each array placed with its sharding. LoRA
+  adapters the source lacks come from `fresh` (the run's initialised parameters)."""
   flat = source_params(s, source)
   abstract = hf.flatten(nn.meta.unbox(s.abstract_boxed).params)
+  adapters = {}
+  if fresh is not None:
+    adapters = {k: v for k, v in hf.flatten(fresh).items() if LORA in k and k not in flat}
+  abstract = {k: v for k, v in abstract.items() if k not in adapters}
   shardings = hf.flatten(s.shardings.params)
   hf.check_shapes(abstract, flat, f'train.init_from: {source}',
                   'its architecture differs from this config\'s')
@@ -111,7 +118,7 @@ def load_params(s, source: str):
                       'build')
   placed = {k: jax.device_put(flat.pop(k).astype(abstract[k].dtype), shardings[k])
             for k in list(abstract)}
-  return hf.unflatten(placed)
+  return hf.unflatten({**placed, **adapters})
 
 
 EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -182,7 +189,20 @@ def import_hf(folder: str, workdir: str, extra: list[str] = ()) -> dict:
           'tokenizer': tok_path}
 
 
-def export_hf(workdir: str, out: str) -> dict:
+def merge_lora(flat: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
+  """Unscanned parameters with every adapter folded into its kernel: W + (A B) alpha / rank."""
+  out = {k: v for k, v in flat.items() if LORA not in k}
+  for path in [k for k in flat if k.endswith(LORA + 'a')]:
+    base = path[:-len(LORA + 'a')]
+    a, b = flat[path], flat[base + LORA + 'b']
+    rank = a.shape[-1]
+    kernel = out[base + '/kernel']
+    delta = (a.reshape(-1, rank).astype(np.float64) @ b.reshape(rank, -1)) * (alpha / rank)
+    out[base + '/kernel'] = (kernel + delta.reshape(kernel.shape)).astype(kernel.dtype)
+  return out
+
+
+def export_hf(workdir: str, out: str, merge: bool = False) -> dict:
   """Writes `out` (which must not exist) as a Hugging Face folder from the newest checkpoint
   of `workdir`: config.json (over the imported one where the run was imported), the weights
   in model.safetensors, and the run's tokenizer file."""
@@ -204,6 +224,11 @@ def export_hf(workdir: str, out: str) -> dict:
   arch = hf.Architecture(family, vocab, fields, str(dtype))
   flat = {k: np.asarray(v) for k, v in hf.flatten(jax.device_get(state.params)).items()}
   flat = _relayout(flat, False, cfg.depth)
+  if any(LORA in k for k in flat):
+    if not merge:
+      raise ConfigError(f'export-hf: {workdir} trained LoRA adapters; --merge-lora writes the '
+                        'base weights with the adapters folded in')
+    flat = merge_lora(flat, float(s.config.lora.alpha))
   hf.save(out, flat, arch, base)
   tok = getattr(s.data, 'tokenizer', None)
   if tok is not None and getattr(tok, 'path', ''):

@@ -81,6 +81,8 @@ def setup(config, devices=None) -> Setup:
   model = _model(config, data.meta, policy, kernels, mode, mesh.devices.flat[0].platform,
                  mesh.shape['context'])
   tx, schedule = optim.build(config.opt, config.train.steps)
+  if config.get('lora') is not None and config.lora.get('rank', 0):
+    tx = optim.adapters_only(tx)
   loss_fn = _loss(config, data)
   init = _init_fn(model, tx, data.meta, scaling, kernels)
   with matmul.compiling_for(mesh):  # As the steps will be traced.
@@ -115,7 +117,8 @@ def _mesh(config, devices, data) -> tuple[jax.sharding.Mesh, tuple, str]:
 def _model(config, meta, policy: precision.Policy, kernels: kernels_lib.Kernels,
            mode: str, platform: str, context: int = 1) -> nn.Module:
   """The model in the policy's compute dtype and low-precision matmuls."""
-  model = models.build(config.model, meta, policy.compute_dtype, kernels, platform, context)
+  model = models.build(config.model, meta, policy.compute_dtype, kernels, platform, context,
+                       config.get('lora'))
   if mode == 'pmap' and models.has_batch_stats(config.model.name):
     model = model.clone(axis_name=parallel.AXIS)  # BatchNorm statistics over all devices.
   return precision.quantize(model, policy)
@@ -147,7 +150,7 @@ def _init(rng: jax.Array, *, model: nn.Module, tx, input_shape: tuple, tokens: b
                          x, train=False)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    batch_stats=variables.get('batch_stats', {}), opt_state=optim.unbox_masked(tx.init(params)),
                     rng=jax.random.key_data(key),
                     loss_scale=scaling.init_state() if scaling else {},
                     skips=faults.init_skips())
@@ -441,7 +444,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
           metrics_lib.note(f'initialised a fresh state from seed {config.seed}')
           source = config.train.get('init_from', '')
           if source:
-            state = state.replace(params=pretrained.load_params(s, source))
+            state = state.replace(params=pretrained.load_params(s, source, state.params))
             metrics_lib.note(f'parameters from {source} (train.init_from)')
         else:
           state, iter_state, _ = restore(s, ckpts, start)

@@ -47,7 +47,8 @@ ADDED_FIELDS = {'kernels': 'auto', 'data.pack': False, 'data.vocab_size': 0,
                 'model.logits_chunk': 0, 'model.kv_heads': 0, 'model.mlp': 'gelu',
                 'model.bias': False, 'model.rope_theta': 10_000.0, 'model.norm_eps': 1e-6,
                 'mesh.context': 1, 'mesh.slices': 1, 'model.norm': 'rms',
-                'model.mlp_dim': 0, 'model.vocab_size': 0, 'train.init_from': ''}
+                'model.mlp_dim': 0, 'model.vocab_size': 0, 'train.init_from': '',
+                'lora.rank': 0, 'lora.alpha': 16.0, 'lora.targets': 'q,k,v,o'}
 
 
 # Values renamed since runs were first saved: a saved run's value -> today's name for it.

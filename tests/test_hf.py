@@ -323,3 +323,70 @@ def test_a_model_trained_here_exports_to_a_gpt2_folder(tmp_path, capsys):
   assert pretrained.family_of(model) == 'gpt2'
   assert pretrained.family_of(config_lib.load('experiments/finetune_hf.py:smoke', [
       'model.norm=rms', 'model.pos=rope', 'model.mlp=swiglu', 'model.bias=false']).model) == 'llama'
+
+
+def test_lora_trains_adapters_only_and_merges_into_the_export(imported, capsys, tmp_path):
+  """20 LoRA steps (rank 4 on q, v and the MLP) from the GPT-2 folder: the loss falls, the
+  base parameters stay bit-identical, and --merge-lora writes W + (A B) alpha / rank, whose
+  logits in transformers are the LoRA model's."""
+  import conftest
+  from safetensors.numpy import load_file
+  from jaxbig import pretrained
+  from jaxbig.tools import inference
+  root, corpus, folder = imported
+  prepared = tmp_path / 'prepared'
+  assert conftest.run_cli(capsys, 'prepare', 'text', corpus, '--tokenizer',
+                          folder / 'tokenizer.json', '--out', prepared)[0] == 0
+  arch = hf.architecture(hf.read_config(str(folder)))
+  work = tmp_path / 'lora'
+  code, _, err = conftest.run_cli(
+      capsys, 'train', 'experiments/finetune_hf.py', *pretrained.overrides(arch),
+      f'train.init_from={folder}', f'data.path={prepared}', 'data.seq_len=32',
+      'data.batch_size=8', 'data.eval_batch_size=8', 'data.eval_windows=8', 'train.steps=20',
+      'train.log_every=5', 'opt.warmup_steps=0', 'opt.lr=1e-2', 'precision=fp32',
+      'lora.rank=4', 'lora.targets=q,v,mlp', '--workdir', work)
+  assert code == 0, err
+  losses = [json.loads(l)['train/loss'] for l in (work / 'metrics.jsonl').read_text().splitlines()
+            if 'train/loss' in l]
+  assert losses[-1] < losses[0] - 0.05, losses
+  s, state, _, _ = inference.load(str(work))
+  trained = hf.flatten(jax.device_get(state.params))
+  source = dict(hf.tensors(str(folder), arch))
+  adapters = [k for k in trained if '_lora_' in k]
+  assert len(adapters) == 2 * 2 * 4  # q, v, mlp_in, mlp_out in 2 blocks: A and B each.
+  for k, v in source.items():  # The base, bit for bit.
+    np.testing.assert_array_equal(trained[k], v, err_msg=k)
+  assert all(np.abs(trained[k]).max() > 0 for k in adapters if k.endswith('_b'))
+  # No optimizer state for frozen parameters: Adam's two moments for the adapters only.
+  moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+  assert moments == 2 * sum(trained[k].size for k in adapters)
+  code, _, err = conftest.run_cli(capsys, 'export-hf', work, '--out', tmp_path / 'merged',
+                                  '--merge-lora')
+  assert code == 0, err
+  merged = load_file(str(tmp_path / 'merged' / hf.WEIGHTS))
+  a, b = trained['block0/mlp_in_lora_a'], trained['block0/mlp_in_lora_b']
+  np.testing.assert_allclose(merged['transformer.h.0.mlp.c_fc.weight'],
+                             source['block0/mlp_in/kernel'] + a @ b * (16.0 / 4), atol=1e-6)
+  tokens = _tokens()
+  want = s.model.apply({'params': state.params}, jnp.asarray(tokens, jnp.int32), train=False)
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'merged')
+  with torch.no_grad():
+    np.testing.assert_allclose(loaded(torch.tensor(tokens)).logits.numpy(), want, atol=1e-4)
+
+
+def test_lora_optimizer_state_is_under_two_percent_of_full_fine_tuning():
+  """GPT-2 small's shape (124M parameters, 50257 tokens), rank 8 on q, k, v, o: the
+  optimizer state's bytes against full fine-tuning's, from the abstract states."""
+  from jaxbig import train
+  gpt2 = ['model.width=768', 'model.depth=12', 'model.heads=12', 'model.mlp_dim=3072',
+          'model.max_len=1024', 'model.pos=learned', 'model.norm=layer', 'model.bias=true',
+          'model.vocab_size=50257', 'data.name=random_tokens', 'data.vocab_size=50257',
+          'data.seq_len=64']
+  state_bytes = {}
+  for rank in (0, 8):
+    s = train.setup(config_lib.load('experiments/finetune_hf.py', gpt2 + [f'lora.rank={rank}']))
+    state = train.abstract_state(s)
+    state_bytes[rank] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
+    if rank == 0:
+      assert 120e6 < train.num_params(s) < 130e6
+  assert state_bytes[8] < 0.02 * state_bytes[0], state_bytes

@@ -193,6 +193,24 @@ def attention_path(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any,
   return 'xla'
 
 
+def _lora(lora: ml_collections.ConfigDict | None, cfg: ml_collections.ConfigDict) -> dict:
+  """The Transformer's LoRA attributes from the `lora` section (none where rank is 0)."""
+  if lora is None or not lora.get('rank', 0):
+    return {}
+  if lora.rank < 0 or not lora.alpha > 0:
+    raise ConfigError(f'lora.rank must be >= 0 and lora.alpha > 0, got {lora.rank}, '
+                      f'{lora.alpha}')
+  names = [t.strip() for t in str(lora.targets).split(',') if t.strip()]
+  unknown = [t for t in names if t not in transformer.LORA_TARGETS]
+  if not names or unknown:
+    raise ConfigError(f"lora.targets: '{(unknown or [lora.targets])[0]}' matches no "
+                      f"projection; choose from {', '.join(transformer.LORA_TARGETS)}")
+  targets = tuple(p for t in names for p in transformer.LORA_TARGETS[t])
+  if cfg.get('mlp', 'gelu') != 'swiglu':
+    targets = tuple(p for p in targets if p != 'mlp_gate')
+  return dict(lora_rank=int(lora.rank), lora_alpha=float(lora.alpha), lora_targets=targets)
+
+
 def _remat(cfg: ml_collections.ConfigDict) -> str:
   try:
     return transformer.remat_name(cfg.remat)
@@ -273,7 +291,7 @@ def _check_name(name: str) -> None:
 
 def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float32,
           kernels: kernels_lib.Kernels = kernels_lib.REFERENCE, platform: str = 'cpu',
-          context: int = 1) -> nn.Module:
+          context: int = 1, lora: ml_collections.ConfigDict | None = None) -> nn.Module:
   """Returns the module named by `cfg.name`, computing in `dtype` with float32 params and
   the fast paths that `kernels` chose (jaxbig/kernels) for devices of `platform`, its
   sequences split over `context` devices (mesh.context). Raises ConfigError for a config
@@ -285,12 +303,17 @@ def build(cfg: ml_collections.ConfigDict, meta: DataMeta, dtype: Any = jnp.float
   if meta.doc_eos >= 0 and cfg.name != 'transformer':
     raise ConfigError(f'data.pack: packed documents need model.name=transformer, not '
                       f'{cfg.name}; set data.pack=false')
+  rank = lora.get('rank', 0) if lora is not None else 0
+  if rank and cfg.name != 'transformer':
+    raise ConfigError(f'lora.rank={rank}: LoRA adapts Transformer projections; model.name='
+                      f'{cfg.name} has none (set lora.rank=0)')
   if context > 1 and cfg.name != 'transformer':
     raise ConfigError(f'mesh.context={context} splits sequence positions, which only '
                       f'model.name=transformer attends across; set mesh.context=1 for {cfg.name}')
   try:
     if cfg.name == 'transformer':
-      return _transformer(cfg, meta, dtype, kernels, platform, context)
+      return _transformer(cfg, meta, dtype, kernels, platform, context).clone(
+          **_lora(lora, cfg))
     return _FACTORIES[cfg.name](cfg, meta, dtype, kernels)
   except AttributeError as e:  # ConfigDict: a field this model needs is not declared.
     field = str(e).splitlines()[0].strip('"\'')

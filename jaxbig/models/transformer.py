@@ -284,6 +284,37 @@ def _check_attributes(m: nn.Module) -> None:
     raise ValueError('model.rope_theta and model.norm_eps must be > 0')
 
 
+# lora.targets -> the projections they adapt (Attention's q/k/v/out, Block's MLP denses).
+LORA_TARGETS = {'q': ('query',), 'k': ('key',), 'v': ('value',), 'o': ('out',),
+                'mlp': ('mlp_in', 'mlp_gate', 'mlp_out')}
+LORA = '_lora_'  # In the names of adapter parameters: `<projection>_lora_a`, `..._lora_b`.
+
+
+def lora_delta(m: nn.Module, name: str, x_TxI: jax.Array, in_names: tuple, out_shape: tuple,
+               out_names: tuple) -> jax.Array | None:
+  """The LoRA update of projection `name` for inputs x_TxI... (T, then the kernel's input
+  dims): (x A) B * alpha / rank, shaped (T, *out_shape); None where `name` is not adapted.
+  A starts normal (std 1/sqrt(inputs)), B at zero, so the adapted model starts as the base
+  (call inside a compact method of `m`, which has lora_rank, lora_alpha, lora_targets)."""
+  if not m.lora_rank or name not in m.lora_targets:
+    return None
+  rank, in_shape = m.lora_rank, x_TxI.shape[1:]
+  fan_in = math.prod(in_shape)
+  a = m.param(f'{name}{LORA}a', axes.logical(nn.initializers.normal(fan_in**-0.5),
+                                              (*in_names, None)), (*in_shape, rank),
+              m.param_dtype)
+  b = m.param(f'{name}{LORA}b', axes.logical(nn.initializers.zeros_init(), (None, *out_names)),
+              (rank, *out_shape), m.param_dtype)
+  x_TxI = x_TxI.reshape(x_TxI.shape[0], fan_in).astype(m.dtype)
+  h_TxR = x_TxI @ a.reshape(fan_in, rank).astype(m.dtype)
+  out = (h_TxR @ b.reshape(rank, -1).astype(m.dtype)) * (m.lora_alpha / rank)
+  return out.reshape(x_TxI.shape[0], *out_shape)
+
+
+def _plus(y: jax.Array, delta: jax.Array | None) -> jax.Array:
+  return y if delta is None else y + delta.astype(y.dtype)
+
+
 def mlp_width(width: int, ratio: float, dim: int = 0) -> int:
   """The MLP's hidden units: `dim` where set (model.mlp_dim), else width x ratio."""
   return dim or int(round(width * ratio))
@@ -309,6 +340,9 @@ class Attention(nn.Module):
   rope_theta: float = ROPE_BASE
   init_std: float = 0.02
   out_std: float = 0.02
+  lora_rank: int = 0  # > 0: low-rank adapters on the projections in lora_targets.
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -328,9 +362,10 @@ class Attention(nn.Module):
     # Projections over tokens as matrix rows (T = B L), as in Block's MLP: faster on XLA:CPU.
     batch, length = x_BxLxE.shape[:2]
     x_TxE = x_BxLxE.reshape(batch * length, width)
-    to_BxLxHxD = lambda name, heads: nn.DenseGeneral(
-        features=(heads, head_dim), **qkv, name=name)(x_TxE).reshape(
-            batch, length, heads, head_dim)
+    to_BxLxHxD = lambda name, heads: _plus(
+        nn.DenseGeneral(features=(heads, head_dim), **qkv, name=name)(x_TxE),
+        lora_delta(self, name, x_TxE, ('embed',), (heads, head_dim), ('heads', 'kv'))
+    ).reshape(batch, length, heads, head_dim)
     # With kv_heads < heads (grouped-query attention), K is short for key/value heads.
     q_BxLxHxD, k_BxLxKxD, v_BxLxKxD = (
         checkpoint_name(axes.constrain(to_BxLxHxD(n, h), axes.ACT_BxLxHxD), 'qkv')
@@ -383,12 +418,15 @@ class Attention(nn.Module):
     """The output projection, over token rows: out_BxLxE."""
     batch, length, heads, head_dim = out_BxLxHxD.shape
     out_BxLxHxD = checkpoint_name(out_BxLxHxD, 'attn_out')
+    out_TxHxD = out_BxLxHxD.reshape(batch * length, heads, head_dim)
     out_TxE = nn.DenseGeneral(
         heads * head_dim, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
         param_dtype=self.param_dtype,
         kernel_init=axes.logical(nn.initializers.normal(self.out_std), axes.ATTN_OUT_KERNEL),
         bias_init=axes.logical(nn.initializers.zeros_init(), axes.EMBED_NORM),
-        name='out')(out_BxLxHxD.reshape(batch * length, heads, head_dim))
+        name='out')(out_TxHxD)
+    out_TxE = _plus(out_TxE, lora_delta(self, 'out', out_TxHxD, ('heads', 'kv'),
+                                        (heads * head_dim,), ('embed',)))
     return out_TxE.reshape(batch, length, heads * head_dim)
 
 
@@ -411,6 +449,9 @@ class Block(nn.Module):
   rope_theta: float = ROPE_BASE
   norm_eps: float = 1e-6
   norm: str = 'rms'
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ()
   init_std: float = 0.02
   out_std: float = 0.02
   dtype: Any = jnp.float32
@@ -429,7 +470,8 @@ class Block(nn.Module):
         heads=self.heads, max_len=self.max_len, pos=self.pos, causal=self.causal,
         attention=self.attention, heads_major=self.heads_major, decode=self.decode,
         kv_heads=self.kv_heads, use_bias=self.use_bias, rope_theta=self.rope_theta,
-        init_std=self.init_std,
+        init_std=self.init_std, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+        lora_targets=self.lora_targets,
         out_std=self.out_std, dtype=self.dtype, param_dtype=self.param_dtype, name='attn')(
             h_BxLxE, positions_L, segments_BxL)
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
@@ -439,20 +481,22 @@ class Block(nn.Module):
     batch, length = x_BxLxE.shape[:2]
     h_TxE = _rms_norm(x_BxLxE, **norm, name='mlp_norm').reshape(batch * length, width)
     h_TxE = checkpoint_name(h_TxE, 'mlp_in')
-    to_hidden = lambda name: nn.Dense(
+    to_hidden = lambda name: _plus(nn.Dense(
         self.mlp_dim, **dense, name=name,
         kernel_init=axes.logical(nn.initializers.normal(self.init_std), axes.MLP_IN_KERNEL),
-        bias_init=axes.logical(nn.initializers.zeros_init(), axes.DENSE_BIAS))(h_TxE)
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.DENSE_BIAS))(h_TxE),
+        lora_delta(self, name, h_TxE, ('embed',), (self.mlp_dim,), ('mlp',)))
     h_TxM = checkpoint_name(axes.constrain(to_hidden('mlp_in'), axes.ACT_TxM), 'mlp_hidden')
     if self.mlp == 'swiglu':  # (SiLU(x W_gate) * x W_in) W_out, as in Llama.
       gate_TxM = axes.constrain(to_hidden('mlp_gate'), axes.ACT_TxM)
       h_TxM = nn.silu(gate_TxM) * h_TxM
     else:
       h_TxM = nn.gelu(h_TxM)
-    h_TxE = nn.Dense(
+    h_TxE = _plus(nn.Dense(
         width, **dense, name='mlp_out',
         kernel_init=axes.logical(nn.initializers.normal(self.out_std), axes.MLP_OUT_KERNEL),
-        bias_init=axes.logical(nn.initializers.zeros_init(), axes.EMBED_NORM))(h_TxM)
+        bias_init=axes.logical(nn.initializers.zeros_init(), axes.EMBED_NORM))(h_TxM),
+        lora_delta(self, 'mlp_out', h_TxM, ('mlp',), (width,), ('embed',)))
     h_BxLxE = h_TxE.reshape(batch, length, width)
     x_BxLxE = x_BxLxE + nn.Dropout(self.dropout, deterministic=self.deterministic)(h_BxLxE)
     return axes.constrain(x_BxLxE, axes.ACT_BxLxE), None
@@ -471,6 +515,7 @@ def _blocks(m: nn.Module, x_BxLxE: jax.Array, positions_L: jax.Array, *, causal:
       causal=causal, attention=m.attention, heads_major=m.heads_major, dropout=m.dropout,
       deterministic=not train, kv_heads=m.kv_heads, mlp=m.mlp, use_bias=m.use_bias,
       rope_theta=m.rope_theta, norm_eps=m.norm_eps, norm=m.norm,
+      lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_targets=m.lora_targets,
       decode=decode, init_std=m.init_std,
       # GPT-2: residual-output projections scaled by 1/sqrt(number of residual additions).
       out_std=m.init_std / math.sqrt(2 * m.depth), dtype=m.dtype, param_dtype=m.param_dtype)
@@ -519,6 +564,9 @@ class TransformerLM(nn.Module):
   rope_theta: float = ROPE_BASE  # RoPE's base wavelength.
   norm_eps: float = 1e-6  # The norms' epsilon.
   norm: str = 'rms'  # NORMS.
+  lora_rank: int = 0  # LoRA adapters (lora.*): rank, scale alpha / rank, LORA_TARGETS.
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ()
   tie_embeddings: bool = True
   init_std: float = 0.02
   dtype: Any = jnp.float32
@@ -621,6 +669,9 @@ class TransformerClassifier(nn.Module):
   rope_theta: float = ROPE_BASE
   norm_eps: float = 1e-6
   norm: str = 'rms'
+  lora_rank: int = 0  # LoRA adapters (lora.*): rank, scale alpha / rank, LORA_TARGETS.
+  lora_alpha: float = 16.0
+  lora_targets: tuple = ()
   init_std: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32

@@ -390,3 +390,24 @@ def test_lora_optimizer_state_is_under_two_percent_of_full_fine_tuning():
     if rank == 0:
       assert 120e6 < train.num_params(s) < 130e6
   assert state_bytes[8] < 0.02 * state_bytes[0], state_bytes
+
+
+def test_checkpoints_of_the_base_model_alone_import_too(family, tmp_path):
+  """GPT-2's published files hold the base model's tensors without the `transformer.` prefix
+  (Llama's without `model.`) and GPT-2's causal-mask buffers: the same parameters."""
+  from safetensors.numpy import load_file, save_file
+  name, folder, _, _ = family
+  prefix = hf.PREFIX[name]
+  weights = {k[len(prefix):] if k.startswith(prefix) else k: v
+             for k, v in load_file(os.path.join(folder, hf.WEIGHTS)).items()}
+  if name == 'gpt2':
+    weights['h.0.attn.bias'] = np.tril(np.ones((1, 1, LENGTH, LENGTH), np.float32))
+  out = tmp_path / 'base-only'
+  out.mkdir()
+  save_file(weights, str(out / hf.WEIGHTS))
+  (out / 'config.json').write_bytes(open(os.path.join(folder, 'config.json'), 'rb').read())
+  arch = hf.architecture(hf.read_config(str(out)))
+  got, want = dict(hf.tensors(str(out), arch)), dict(hf.tensors(folder, arch))
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k])

@@ -228,14 +228,15 @@ def tensors(folder: str, arch: Architecture) -> Iterator[tuple[str, np.ndarray]]
   """(jaxbig path, float32 array) for every parameter, reading one rule's tensors at a time;
   ConfigError naming a missing tensor or one of the wrong shape, and any tensor left over."""
   files = weight_files(folder)
+  stored = _stored_names(files, arch.family)
   expected = set()
   for rule in rules(arch):
-    missing = [n for n in rule.hf if n not in files]
+    missing = [n for n in rule.hf if stored(n) not in files]
     if missing:
       raise ConfigError(f'{folder}: tensor {missing[0]} is missing (a {arch.family} '
                         'checkpoint has it)')
-    expected.update(rule.hf)
-    arrays = [_read(files[n], n) for n in rule.hf]
+    expected.update(stored(n) for n in rule.hf)
+    arrays = [_read(files[stored(n)], stored(n)) for n in rule.hf]
     try:
       converted = rule.to_jax(*arrays)
     except ValueError:
@@ -247,6 +248,19 @@ def tensors(folder: str, arch: Architecture) -> Iterator[tuple[str, np.ndarray]]
   if extra:
     raise ConfigError(f'{folder}: tensor {extra[0]} is not part of a {arch.family} model that '
                       'jaxbig builds')
+
+
+# The prefix of the base model's tensors in a *ForCausalLM checkpoint; a checkpoint saved
+# from the base model alone (GPT-2's own files: `wte.weight`, `h.0...`) lacks it.
+PREFIX = {'gpt2': 'transformer.', 'llama': 'model.'}
+
+
+def _stored_names(files: dict, family: str) -> Callable[[str], str]:
+  """Our tensor name -> the name the checkpoint stores it under (with or without PREFIX)."""
+  prefix = PREFIX[family]
+  if any(k.startswith(prefix) for k in files):
+    return lambda name: name
+  return lambda name: name[len(prefix):] if name.startswith(prefix) else name
 
 
 def _ignored(name: str) -> bool:

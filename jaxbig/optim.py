@@ -146,10 +146,12 @@ def build(cfg: ml_collections.ConfigDict,
 def adapters_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
   """`tx` for the LoRA adapters (parameters named `*_lora_a`, `*_lora_b`) only; every other
   parameter is frozen: its update is zero and it has no optimizer state."""
+  from jaxbig.models.transformer import LORA  # pylint: disable=g-import-not-at-top
+
   def labels(params):
     def label(path, _):
       names = [str(getattr(k, 'key', '')) for k in path]
-      return 'adapters' if any('_lora_' in n for n in names) else 'frozen'
+      return 'adapters' if any(LORA in n for n in names) else 'frozen'
     return jax.tree_util.tree_map_with_path(label, params)
   return optax.multi_transform({'adapters': tx, 'frozen': optax.set_to_zero()}, labels)
 

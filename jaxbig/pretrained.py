@@ -19,9 +19,8 @@ import numpy as np
 from flax import linen as nn
 
 from jaxbig.config import ConfigError
+from jaxbig.models.transformer import LORA  # In the names of adapter parameters.
 from jaxbig.tools import hf
-
-LORA = '_lora_'  # transformer.LORA: in the names of adapter parameters.
 
 
 def is_hf_folder(path: str) -> bool:

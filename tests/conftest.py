@@ -66,28 +66,13 @@ def _xdist_folder(config) -> pathlib.Path | None:
   return config._tmp_path_factory.getbasetemp().parent / 'mesh'  # pylint: disable=protected-access
 
 
-# The longest files (a full run's --durations, summed per file, 2 cores) go to the xdist
-# workers first, so that none of them is left running alone at the end; test_sharding goes
-# last, when its mesh worker (started at collection) has its results ready.
-FIRST = ('test_transformer.py', 'test_plan.py', 'test_bench.py', 'test_sequence.py',
-         'test_cli.py', 'test_hf.py', 'test_rnn.py', 'test_tokens.py')
-LAST = ('test_sharding.py',)
-
-
-def _order(item) -> int:
-  name = item.path.name
-  return FIRST.index(name) - len(FIRST) if name in FIRST else int(name in LAST)
-
-
 def pytest_collection_modifyitems(config, items):
-  """Every slow test says why it is slow (`@pytest.mark.slow(reason=...)`); files in the
-  order FIRST, the rest as collected, LAST (a stable sort: tests keep their order)."""
+  """Every slow test says why it is slow (`@pytest.mark.slow(reason=...)`)."""
   del config
   for item in items:
     for mark in item.iter_markers('slow'):
       if not mark.kwargs.get('reason'):
         raise pytest.UsageError(f'{item.nodeid}: pytest.mark.slow needs a reason=')
-  items.sort(key=_order)
 
 
 def pytest_collection_finish(session):

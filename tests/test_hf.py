@@ -411,3 +411,26 @@ def test_checkpoints_of_the_base_model_alone_import_too(family, tmp_path):
   assert sorted(got) == sorted(want)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_a_bfloat16_checkpoint_imports_and_exports_bit_identically(family, tmp_path):
+  """Published checkpoints are mostly bfloat16: read exactly (float32 parameters) and
+  written back in bfloat16, bit for bit."""
+  import ml_dtypes
+  from safetensors.numpy import load_file, save_file
+  _, folder, _, _ = family
+  src = tmp_path / 'bf16'
+  src.mkdir()
+  weights = {k: v.astype(ml_dtypes.bfloat16)
+             for k, v in load_file(os.path.join(folder, hf.WEIGHTS)).items()}
+  save_file(weights, str(src / hf.WEIGHTS))
+  cfg = {**hf.read_config(folder), 'dtype': 'bfloat16'}
+  (src / 'config.json').write_text(json.dumps(cfg))
+  arch = hf.architecture(cfg)
+  params = dict(hf.tensors(str(src), arch))
+  assert all(v.dtype == np.float32 for v in params.values())
+  hf.save(str(tmp_path / 'out'), params, arch, cfg)
+  back = load_file(str(tmp_path / 'out' / hf.WEIGHTS))
+  assert sorted(back) == sorted(k for k in weights if not k.endswith('.attn.bias'))
+  for k, v in back.items():
+    assert v.dtype == weights[k].dtype and v.tobytes() == weights[k].tobytes(), k

@@ -219,9 +219,12 @@ def weight_files(folder: str) -> dict[str, str]:
 
 
 def _read(path: str, name: str) -> np.ndarray:
+  """One tensor, on the host. safetensors' numpy reader knows no bfloat16 (most published
+  checkpoints): its flax reader does, kept on the CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  with safe_open(path, framework='numpy') as f:
-    return f.get_tensor(name)
+  with jax.default_device(jax.devices('cpu')[0]), safe_open(path, framework='flax') as f:
+    return np.asarray(f.get_tensor(name))
 
 
 def tensors(folder: str, arch: Architecture) -> Iterator[tuple[str, np.ndarray]]:

@@ -217,7 +217,8 @@ class Checkpoints:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=None, enable_async_checkpointing=self.async_save, create=False,
           read_only=self.read_only)
-      handlers = {'state': ocp.StandardCheckpointHandler(),
+      # PyTree (not Standard) handler: its restore reads a part of the state (`skip`).
+      handlers = {'state': ocp.PyTreeCheckpointHandler(),
                   'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_handlers=handlers)
@@ -421,7 +422,7 @@ class Checkpoints:
     a background thread writes its manifest once Orbax has committed it."""
     self.wait()
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
         meta=ocp.args.JsonSave(meta)), force=True)
     self._thread = threading.Thread(target=self._commit, args=(step,), daemon=True,
                                     name=f'jaxbig-commit-{step}')
@@ -446,18 +447,21 @@ class Checkpoints:
       os.replace(self._path(old), gone)
       shutil.rmtree(gone, ignore_errors=True)
 
-  def restore(self, step: int, abstract_state: Any, fresh: dict | None = None
-              ) -> tuple[Any, dict, dict]:
+  def restore(self, step: int, abstract_state: Any, fresh: dict | None = None,
+              skip: tuple[str, ...] = ()) -> tuple[Any, dict, dict]:
     """(state, data iterator state, meta) of `step`, the state laid out like `abstract_state`.
 
     The step's fingerprint must match this run's (a ConfigError names what changed). A field
     of the state that the checkpoint lacks (saved before the field existed) keeps its empty
     value (`{}`, e.g. `loss_scale` without loss scaling) or takes its value from `fresh`.
+    Fields named in `skip` are not read and come back as None (readers need no optimizer
+    state). Only the leaves of `abstract_state` are read: a checkpoint holding more (the
+    optimizer state of the adapters alone, say) restores into a smaller tree.
     """
     self.check_fingerprint(step)
-    saved = self.manager.item_metadata(step)['state']
-    saved = set(getattr(saved, 'tree', saved) or {})
-    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+    saved = self.saved_fields(step)
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+              if f.name not in skip}
     absent = [k for k in fields if k not in saved]
     for k in absent:
       if not (_empty(fields[k]) or k in (fresh or {})):
@@ -465,11 +469,20 @@ class Checkpoints:
                          'needs')
     target = {k: v for k, v in fields.items() if k not in absent}
     out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore()))
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     filled = {k: fields[k] if _empty(fields[k]) else fresh[k] for k in absent}
-    state = abstract_state.replace(**out['state'], **filled)
+    state = abstract_state.replace(**out['state'], **filled, **{k: None for k in skip})
     return state, out['data'], out['meta']
+
+  def saved_fields(self, step: int) -> set[str]:
+    """The fields of the state that step `step` holds (a None field, as import-hf saves the
+    optimizer state, is not held)."""
+    saved = self.manager.item_metadata(step)['state']
+    saved = getattr(saved, 'tree', saved) or {}
+    return {k for k, v in saved.items() if v is not None}
 
   def check_fingerprint(self, step: int, describe_data: Callable | None = None) -> None:
     """Raises a ConfigError naming what differs between `step`'s fingerprint and this run's:
@@ -495,6 +508,10 @@ class Checkpoints:
       if change:
         raise ConfigError(f'{change} since checkpoint step {step} in {self.directory} was '
                           'saved; resume with the same data or use a new --workdir')
+
+  def saved_fingerprint(self, step: int) -> dict:
+    """The fingerprint step `step` was saved with ({} for none)."""
+    return (read_manifest(self._path(step)) or {}).get('fingerprint') or {}
 
   def restore_meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']

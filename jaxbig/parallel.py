@@ -87,6 +87,12 @@ def tracing(s):
     yield
 
 
+def for_eval(state):
+  """The part of a state (or of its shardings) that the jit eval step takes: no optimizer
+  state."""
+  return state.replace(opt_state=None)
+
+
 def jit_steps(s, train_c, eval_c, compile_s: float) -> Steps:
   """`train_c`/`eval_c`: the compiled jit steps (or None: not needed), traced in `tracing(s)`
   for the global batch."""
@@ -100,7 +106,7 @@ def jit_steps(s, train_c, eval_c, compile_s: float) -> Steps:
     size = len(batch['mask'])
     lo, hi = rows(size)
     local = {k: v[lo:hi] for k, v in batch.items()}
-    return eval_c(state, sharding.to_global(local, batch_sh, size))
+    return eval_c(for_eval(state), sharding.to_global(local, batch_sh, size))
 
   same = lambda state: state
   train_bytes = memory(train_c)['total_bytes'] if train_c is not None else None

@@ -10,9 +10,11 @@ at a time, each with its own sharding.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -81,43 +83,109 @@ def _relayout(flat: dict, scanned: bool, depth: int) -> dict:
   return flat
 
 
-def source_params(s, source: str) -> dict[str, np.ndarray]:
-  """Flat parameters (path -> host array) of `source`, laid out for setup `s`."""
+def source_arrays(s, source: str) -> Iterator[tuple[str, np.ndarray]]:
+  """(unscanned path, host array) for every parameter of `source`, one at a time."""
   cfg = s.config.model
   if is_hf_folder(source):
     arch = hf.architecture(hf.read_config(source), os.path.join(source, 'config.json'))
     check_architecture(cfg, arch, cfg.get('vocab_size', 0) or s.data.meta.vocab_size,
                        f'train.init_from: {source}')
-    flat = dict(hf.tensors(source, arch))
-  else:
-    from jaxbig.tools import inference  # pylint: disable=g-import-not-at-top
-    src, state, _, _ = inference.load(source)
-    flat = {k: np.asarray(v) for k, v in hf.flatten(jax.device_get(state.params)).items()}
-    if src.config.model.name != cfg.name:
-      raise ConfigError(f'train.init_from: {source} trained model.name={src.config.model.name}'
-                        f'; this config builds {cfg.name}')
-  return _relayout(flat, bool(cfg.get('scan_layers', False)), cfg.get('depth', 0))
+    yield from hf.tensors(source, arch)
+    return
+  from jaxbig.tools import inference  # pylint: disable=g-import-not-at-top
+  _, state, _, _ = inference.load(source)
+  flat = hf.flatten(state.params)
+  del state
+  for path in list(flat):
+    value = flat.pop(path)
+    if path.startswith('blocks/'):
+      for i in range(value.shape[0]):
+        yield f'block{i}/{path[len("blocks/"):]}', np.asarray(value[i])
+    else:
+      yield path, np.asarray(value)
 
 
-def load_params(s, source: str, fresh=None):
-  """The run's parameter tree from `source`, each array placed with its sharding. LoRA
-  adapters the source lacks come from `fresh` (the run's initialised parameters)."""
-  flat = source_params(s, source)
+def adapters(params: dict) -> dict:
+  """The LoRA adapters of a parameter tree (what a LoRA run's checkpoints hold)."""
+  return hf.unflatten({k: v for k, v in hf.flatten(params).items() if LORA in k})
+
+
+def load_params(s, source: str, fresh=None, fresh_wins: bool = False):
+  """The run's parameter tree from `source`, streamed: each array is placed with its
+  sharding as it is read, so the host holds one tensor at a time (with
+  `model.scan_layers`, one stacked parameter). LoRA adapters the source lacks come from
+  `fresh` (the run's initialised parameters); with `fresh_wins` (a LoRA checkpoint's own
+  adapters over its base's) the source's adapters are skipped."""
   abstract = hf.flatten(nn.meta.unbox(s.abstract_boxed).params)
-  adapters = {}
-  if fresh is not None:
-    adapters = {k: v for k, v in hf.flatten(fresh).items() if LORA in k and k not in flat}
-  abstract = {k: v for k, v in abstract.items() if k not in adapters}
+  own = {k: v for k, v in hf.flatten(fresh or {}).items() if LORA in k}
   shardings = hf.flatten(s.shardings.params)
-  hf.check_shapes(abstract, flat, f'train.init_from: {source}',
-                  'its architecture differs from this config\'s')
-  extra = sorted(set(flat) - set(abstract))
-  if extra:
-    raise ConfigError(f'train.init_from: {source} has {extra[0]}, which this config does not '
-                      'build')
-  placed = {k: jax.device_put(flat.pop(k).astype(abstract[k].dtype), shardings[k])
-            for k in list(abstract)}
-  return hf.unflatten({**placed, **adapters})
+  where = f'train.init_from: {source}'
+  why = 'its architecture differs from this config\'s'
+  depth = s.config.model.get('depth', 0)
+  placed, stacks = {}, {}  # Stacks: blocks/x -> (host buffer, layers filled so far).
+
+  def place(path: str, value: np.ndarray) -> None:
+    placed[path] = jax.device_put(value.astype(abstract[path].dtype, copy=False),
+                                  shardings[path])
+
+  for path, value in source_arrays(s, source):
+    block, _, rest = path.partition('/')
+    target = path
+    if block.startswith('block') and block[5:].isdigit() and path not in abstract:
+      target = 'blocks/' + rest  # Scanned: block i is row i of the stacked parameter.
+    if fresh_wins and target in own:
+      continue
+    if target not in abstract or target in placed:
+      raise ConfigError(f'{where} has {path}, which this config does not build')
+    shape = tuple(abstract[target].shape)[0 if target == path else 1:]
+    if tuple(value.shape) != shape:
+      raise ConfigError(f'{where}: {path} has shape {tuple(value.shape)}, the model needs '
+                        f'{shape} ({why})')
+    if target == path:
+      place(path, value)
+      continue
+    buf, filled = stacks.get(target) or (np.empty(abstract[target].shape,
+                                                  abstract[target].dtype), 0)
+    buf[int(block[5:])] = value
+    stacks[target] = (buf, filled + 1)
+    if filled + 1 == depth:
+      place(target, stacks.pop(target)[0])
+  rest = {k: own[k] for k in abstract if k not in placed and k in own}
+  missing = [k for k in abstract if k not in placed and k not in rest]
+  if missing:
+    raise ConfigError(f'{where}: no tensor maps onto {missing[0]} ({why})')
+  return hf.unflatten({**placed, **rest})
+
+
+def identity(source: str) -> dict:
+  """What a LoRA run's checkpoints record of the base they refer to: its absolute path and
+  the SHA-256 of its weights and config (a Hugging Face folder), or its newest step and
+  that step's manifest, which holds the SHA-256 of every file (a jaxbig workdir)."""
+  source = os.path.abspath(source)
+  if is_hf_folder(source):
+    files = sorted(set(hf.weight_files(source).values())) + [os.path.join(source, 'config.json')]
+    return {'path': source, 'sha256': {os.path.basename(f): _sha256(f) for f in files}}
+  from jaxbig import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpts = checkpoint.Checkpoints(os.path.join(source, 'checkpoints'), read_only=True)
+  step, _ = ckpts.find_newest()
+  manifest = os.path.join(source, 'checkpoints', str(step), checkpoint.MANIFEST)
+  return {'path': source, 'step': step,
+          'manifest_sha256': _sha256(manifest) if os.path.isfile(manifest) else None}
+
+
+_HASHES: dict = {}  # (path, size, mtime) -> SHA-256: a run hashes its base once.
+
+
+def _sha256(path: str) -> str:
+  st = os.stat(path)
+  key = (path, st.st_size, st.st_mtime_ns)
+  if key not in _HASHES:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+      for chunk in iter(lambda: f.read(1 << 24), b''):
+        h.update(chunk)
+    _HASHES[key] = h.hexdigest()
+  return _HASHES[key]
 
 
 EXPERIMENT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -149,7 +217,8 @@ def _tokenizer(folder: str, vocab_size: int) -> str:
 def import_hf(folder: str, workdir: str, extra: list[str] = ()) -> dict:
   """Writes `workdir` (which must not exist): config.json (experiments/finetune_hf.py with the
   folder's architecture, data.name=none and its tokenizer), the tokenizer, the imported
-  config.json and a checkpoint of step 0 holding the parameters and a fresh optimizer state.
+  config.json and a checkpoint of step 0 holding the parameters (no optimizer state: a run
+  from it starts a fresh one). The tensors stream onto the devices one at a time.
   Everything is checked and built before the first file is written, into a sibling folder
   renamed into place at the end."""
   from jaxbig import checkpoint, config as config_lib, train  # pylint: disable=g-import-not-at-top
@@ -167,8 +236,7 @@ def import_hf(folder: str, workdir: str, extra: list[str] = ()) -> dict:
       'data.name=none', f'data.tokenizer={tok}', f'data.seq_len={seq_len}', *extra]
   config = config_lib.load(EXPERIMENT, fields(tok_path))  # As saved: the copied tokenizer.
   s = train.setup(config_lib.load(EXPERIMENT, fields(tokenizer)))  # Built from the source's.
-  params = load_params(s, folder)
-  state = train.init_state(s).replace(params=params)
+  state = train.params_state(s, load_params(s, folder))  # The optimizer starts when a run does.
   if os.path.exists(partial):
     raise ConfigError(f'{partial}: exists (an interrupted import?); remove it first')
   os.makedirs(partial)

@@ -164,11 +164,66 @@ def init_state(s: Setup) -> TrainState:
   return jax.block_until_ready(state)
 
 
-def restore(s: Setup, ckpts: checkpoint.Checkpoints, step: int) -> tuple[TrainState, dict, dict]:
+def restore(s: Setup, ckpts: checkpoint.Checkpoints, step: int, reader: bool = False
+            ) -> tuple[TrainState, dict, dict]:
   """(state, data iterator state, meta) of checkpoint `step`, laid out on this run's mesh
-  (whatever the mesh that saved it); checkpoints from before the skip counts start at 0."""
+  (whatever the mesh that saved it); checkpoints from before the skip counts start at 0.
+
+  A `reader` (eval, generate, export) gets no optimizer state (None). A step saved without
+  one (import-hf's step 0) resumes with a fresh one. A LoRA run's steps hold the adapters,
+  and the base parameters are read again from its `train.init_from`."""
   fresh = {'skips': jax.device_put(faults.init_skips(), s.shardings.skips)}
-  return ckpts.restore(step, abstract_state(s), fresh)
+  abstract = abstract_state(s)
+  base = base_source(s)
+  if base:
+    abstract = abstract.replace(params=pretrained.adapters(abstract.params))
+    recorded = ckpts.saved_fingerprint(step).get('base')
+    if recorded is not None and recorded != pretrained.identity(base):
+      raise ConfigError(f'train.init_from: {base} is not the base that LoRA checkpoint step '
+                        f'{step} was trained on (its weights or steps changed since); the '
+                        'checkpoint holds the adapters only: restore that base')
+  with_opt = not reader and 'opt_state' in ckpts.saved_fields(step)
+  state, data_state, meta = ckpts.restore(step, abstract, fresh,
+                                          skip=() if with_opt else ('opt_state',))
+  if base:
+    state = state.replace(params=pretrained.load_params(s, base, state.params,
+                                                        fresh_wins=True))
+  if not reader and not with_opt:
+    state = state.replace(opt_state=init_opt_state(s, state.params))
+  return state, data_state, meta
+
+
+def base_source(s: Setup) -> str:
+  """The base model that a LoRA run's checkpoints refer to instead of holding it (its
+  `train.init_from`); '' for other runs, whose checkpoints hold every parameter."""
+  lora = s.config.get('lora')
+  if lora is None or not lora.get('rank', 0):
+    return ''
+  return s.config.train.get('init_from', '')
+
+
+def checkpointed(s: Setup, state: TrainState) -> TrainState:
+  """What a checkpoint of the run holds: the state, less a LoRA run's frozen base."""
+  if base_source(s):
+    return state.replace(params=pretrained.adapters(state.params))
+  return state
+
+
+def init_opt_state(s: Setup, params) -> Any:
+  """A fresh optimizer state for `params`, laid out with the run's shardings."""
+  init = lambda p: optim.unbox_masked(s.tx.init(p))
+  return jax.jit(init, out_shardings=s.shardings.opt_state)(params)
+
+
+def params_state(s: Setup, params) -> TrainState:
+  """A state holding `params` and no optimizer state (what `jaxbig import-hf` saves at step
+  0); the other leaves are the seed's, computed without materialising the initial
+  parameters (XLA drops what is not returned)."""
+  def small(rng):
+    return nn.meta.unbox(s.init(rng)).replace(params={}, opt_state=None)
+  out_shardings = s.shardings.replace(params={}, opt_state=None)
+  rng = jax.random.key_data(jax.random.key(s.config.seed))
+  return jax.jit(small, out_shardings=out_shardings)(rng).replace(params=params)
 
 
 def num_params(s: Setup) -> int:
@@ -330,11 +385,13 @@ def lower_train_step(s: Setup):
 
 def _lower_eval_step(s: Setup, evaluate_fn: Callable):
   """The lowered jit eval step for the padded eval batch."""
-  eval_jit = jax.jit(evaluate_fn, in_shardings=(s.shardings, sharding.batch_sharding(s.mesh)),
+  # Without the optimizer state, which evaluation never reads (readers do not restore it).
+  eval_jit = jax.jit(evaluate_fn, in_shardings=(parallel.for_eval(s.shardings),
+                                                sharding.batch_sharding(s.mesh)),
                      out_shardings=sharding.replicated(s.mesh))
   batch = s.data.batch_spec(s.config.data.eval_batch_size, with_mask=True)
   with parallel.tracing(s):
-    return eval_jit.lower(abstract_state(s), batch)
+    return eval_jit.lower(parallel.for_eval(abstract_state(s)), batch)
 
 
 def compile_steps(s: Setup, state: TrainState, with_train: bool = True,
@@ -383,8 +440,11 @@ def describe(s: Setup) -> list[str]:
 
 def run_fingerprint(s: Setup) -> dict:
   """What every checkpoint of this run stores and a resumed run must match."""
-  return checkpoint.fingerprint(workdir_lib.fingerprint_config(s.config),
-                                nn.meta.unbox(s.abstract_boxed), s.data.identity())
+  out = checkpoint.fingerprint(workdir_lib.fingerprint_config(s.config),
+                               nn.meta.unbox(s.abstract_boxed), s.data.identity())
+  if base_source(s):  # What a LoRA run's checkpoints refer to (they hold the adapters only).
+    out['base'] = pretrained.identity(base_source(s))
+  return out
 
 
 def resume_point(s: Setup, workdir: str, ckpts: checkpoint.Checkpoints
@@ -567,7 +627,8 @@ def _save(s: Setup, steps: parallel.Steps, ckpts: checkpoint.Checkpoints,
   if not bool(_all_finite(mesh_state)):  # Never reached while train_step guards each step.
     raise faults.NonFiniteError(f'train: refusing to save step {step}: the state holds '
                                 'non-finite values')
-  ckpts.save(step, mesh_state, data_lib.save_iter_state(train_iter), s.data.meta.to_json())
+  ckpts.save(step, checkpointed(s, mesh_state), data_lib.save_iter_state(train_iter),
+             s.data.meta.to_json())
   return step
 
 

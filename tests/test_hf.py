@@ -4,6 +4,7 @@ bit for bit. The models are small, random and made here (no download)."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -202,6 +203,11 @@ def test_import_generate_export_and_fine_tune_from_the_cli(imported, capsys):
   assert json.loads(out)['family'] == 'gpt2'
   assert sorted(os.listdir(work)) == ['checkpoints', 'config.json', 'hf_config.json',
                                       'tokenizer.json']
+  # Step 0 holds the parameters and no optimizer state: a run from it starts a fresh one.
+  from jaxbig import checkpoint
+  ckpts = checkpoint.Checkpoints(str(work / 'checkpoints'), read_only=True)
+  assert ckpts.steps() == [0] and 'opt_state' not in ckpts.saved_fields(0)
+  assert {'params', 'step', 'rng'} <= ckpts.saved_fields(0)
   code, out, err = conftest.run_cli(capsys, 'generate', work, '--prompt', 'def ', '--tokens',
                                     '8', '--temperature', '0')
   assert code == 0 and out.startswith('def '), err
@@ -330,26 +336,29 @@ def test_lora_trains_adapters_only_and_merges_into_the_export(imported, capsys, 
   base parameters stay bit-identical, and --merge-lora writes W + (A B) alpha / rank, whose
   logits in transformers are the LoRA model's."""
   import conftest
-  from safetensors.numpy import load_file
-  from jaxbig import pretrained
+  from safetensors.numpy import load_file, save_file
+  from jaxbig import checkpoint, pretrained, train
   from jaxbig.tools import inference
   root, corpus, folder = imported
   prepared = tmp_path / 'prepared'
   assert conftest.run_cli(capsys, 'prepare', 'text', corpus, '--tokenizer',
                           folder / 'tokenizer.json', '--out', prepared)[0] == 0
   arch = hf.architecture(hf.read_config(str(folder)))
+  base = tmp_path / 'base'  # A copy: changed below.
+  shutil.copytree(folder, base)
   work = tmp_path / 'lora'
-  code, _, err = conftest.run_cli(
-      capsys, 'train', 'experiments/finetune_hf.py', *pretrained.overrides(arch),
-      f'train.init_from={folder}', f'data.path={prepared}', 'data.seq_len=32',
-      'data.batch_size=8', 'data.eval_batch_size=8', 'data.eval_windows=8', 'train.steps=20',
-      'train.log_every=5', 'opt.warmup_steps=0', 'opt.lr=1e-2', 'precision=fp32',
-      'lora.rank=4', 'lora.targets=q,v,mlp', '--workdir', work)
+  args = [*pretrained.overrides(arch), f'train.init_from={base}', f'data.path={prepared}',
+          'data.seq_len=32', 'data.batch_size=8', 'data.eval_batch_size=8',
+          'data.eval_windows=8', 'train.steps=20', 'train.log_every=5', 'train.ckpt_every=10',
+          'opt.warmup_steps=0', 'opt.lr=1e-2', 'precision=fp32', 'lora.rank=4',
+          'lora.targets=q,v,mlp']
+  code, _, err = conftest.run_cli(capsys, 'train', 'experiments/finetune_hf.py', *args,
+                                  '--workdir', work)
   assert code == 0, err
   losses = [json.loads(l)['train/loss'] for l in (work / 'metrics.jsonl').read_text().splitlines()
             if 'train/loss' in l]
   assert losses[-1] < losses[0] - 0.05, losses
-  s, state, _, _ = inference.load(str(work))
+  s, state, _, _ = inference.load(str(work))  # The adapters, on the base from init_from.
   trained = hf.flatten(jax.device_get(state.params))
   source = dict(hf.tensors(str(folder), arch))
   adapters = [k for k in trained if '_lora_' in k]
@@ -357,8 +366,15 @@ def test_lora_trains_adapters_only_and_merges_into_the_export(imported, capsys, 
   for k, v in source.items():  # The base, bit for bit.
     np.testing.assert_array_equal(trained[k], v, err_msg=k)
   assert all(np.abs(trained[k]).max() > 0 for k in adapters if k.endswith('_b'))
+  # The checkpoint holds the adapters, their optimizer state and a reference to the base.
+  ckpts = checkpoint.Checkpoints(str(work / 'checkpoints'), read_only=True)
+  saved = ckpts.manager.item_metadata(20)['state']
+  saved = hf.flatten(dict(getattr(saved, 'tree', saved)['params']))
+  assert sorted(saved) == sorted(adapters)
+  assert ckpts.saved_fingerprint(20)['base']['path'] == str(base)
   # No optimizer state for frozen parameters: Adam's two moments for the adapters only.
-  moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+  full, _, _ = train.restore(s, ckpts, 20)
+  moments = sum(x.size for x in jax.tree.leaves(full.opt_state) if np.ndim(x) > 0)
   assert moments == 2 * sum(trained[k].size for k in adapters)
   code, _, err = conftest.run_cli(capsys, 'export-hf', work, '--out', tmp_path / 'merged',
                                   '--merge-lora')
@@ -372,6 +388,21 @@ def test_lora_trains_adapters_only_and_merges_into_the_export(imported, capsys, 
   loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'merged')
   with torch.no_grad():
     np.testing.assert_allclose(loaded(torch.tensor(tokens)).logits.numpy(), want, atol=1e-4)
+  # Resumed from step 10's adapters (the base read again from init_from): the same run.
+  resumed = tmp_path / 'resumed'
+  config = config_lib.load('experiments/finetune_hf.py', args)
+  assert train.train_and_evaluate(config, str(resumed), stop_after=10) is None
+  train.train_and_evaluate(config, str(resumed))
+  _, again, _, _ = inference.load(str(resumed))
+  for k, v in hf.flatten(jax.device_get(again.params)).items():
+    np.testing.assert_array_equal(v, trained[k], err_msg=k)
+  # A base changed since: the adapters are refused on it, in one line.
+  weights = load_file(str(base / hf.WEIGHTS))
+  weights['transformer.h.0.mlp.c_fc.weight'] += 1e-3
+  save_file(weights, str(base / hf.WEIGHTS), metadata={'format': 'pt'})
+  capsys.readouterr()
+  code, _, err = conftest.run_cli(capsys, 'generate', work, '--prompt', 'def ', '--tokens', '2')
+  assert code == 2 and err.count('\n') == 1 and 'is not the base' in err, err
 
 
 def test_lora_optimizer_state_is_under_two_percent_of_full_fine_tuning():

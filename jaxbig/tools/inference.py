@@ -40,7 +40,7 @@ def load(workdir: str, step: int | None = None
                       'another version or edited') from None
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True)
   with ckpts.pinned(step) as (view, picked):
-    state, _, meta = train.restore(s, view, picked)
+    state, _, meta = train.restore(s, view, picked, reader=True)
   return s, state, picked, data_lib.DataMeta.from_json(meta)
 
 

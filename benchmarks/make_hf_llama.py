@@ -26,7 +26,7 @@ def _tokenizer(path: str) -> None:
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.train_from_iterator(['the quick brown fox jumps over the lazy dog'] * 10,
-                          trainers.BpeTrainer(vocab_size=300, initial_alphabet=
+                          trainers.BpeTrainer(vocab_size=300, special_tokens=['<|end_of_text|>'], initial_alphabet=
                                               pre_tokenizers.ByteLevel.alphabet()))
   tok.save(path)
 

@@ -202,11 +202,14 @@ class Checkpoints:
   """
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
-               fingerprint: dict | None = None, read_only: bool = False):
-    """Touches nothing: a writer's folder is made and tidied by `open_for_writing()`."""
+               fingerprint: dict | None = None, read_only: bool = False,
+               concurrent_gb: int | None = None):
+    """Touches nothing: a writer's folder is made and tidied by `open_for_writing()`.
+    `concurrent_gb` bounds the bytes a save copies to the host and writes at once, and a
+    restore reads at once (Orbax's default is unbounded: the whole state at once)."""
     self.directory = os.path.abspath(directory)
     self.keep, self.fingerprint, self.read_only = keep, fingerprint, read_only
-    self.async_save = async_save
+    self.async_save, self.concurrent_gb = async_save, concurrent_gb
     self.primary = jax.process_index() == 0
     self._thread, self._error, self._manager, self._reported = None, None, None, False
 
@@ -218,7 +221,10 @@ class Checkpoints:
           max_to_keep=None, enable_async_checkpointing=self.async_save, create=False,
           read_only=self.read_only)
       # PyTree (not Standard) handler: its restore reads a part of the state (`skip`).
-      handlers = {'state': ocp.PyTreeCheckpointHandler(),
+      bound = {} if self.concurrent_gb is None else dict(
+          save_concurrent_gb=self.concurrent_gb, restore_concurrent_gb=self.concurrent_gb,
+          save_device_host_concurrent_gb=self.concurrent_gb)
+      handlers = {'state': ocp.PyTreeCheckpointHandler(**bound),
                   'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_handlers=handlers)
@@ -341,7 +347,8 @@ class Checkpoints:
     lock = open(os.path.join(folder, 'lock'), 'w')
     try:
       fcntl.flock(lock, fcntl.LOCK_SH)  # Held while reading: the owner removes it after.
-      view = Checkpoints(folder, read_only=True, fingerprint=self.fingerprint)
+      view = Checkpoints(folder, read_only=True, fingerprint=self.fingerprint,
+                         concurrent_gb=self.concurrent_gb)
       picked = self._link_newest(view, step)
       if picked is None:  # No hard links on this file system.
         yield self, self._pick(step)

@@ -245,9 +245,11 @@ def import_hf(folder: str, workdir: str, extra: list[str] = ()) -> dict:
     json.dump(hf_cfg, f, indent=2)
   workdir_lib.write_config(partial, config)
   # The fingerprint of the config as saved (its tokenizer in the workdir; the same file).
-  ckpts = checkpoint.Checkpoints(os.path.join(partial, 'checkpoints'), 1,
+  # A synchronous save that copies 1 GB to the host at a time: the host never holds a
+  # second copy of the model.
+  ckpts = checkpoint.Checkpoints(os.path.join(partial, 'checkpoints'), 1, async_save=False,
                                  fingerprint=train.run_fingerprint(dataclasses.replace(
-                                     s, config=config)))
+                                     s, config=config)), concurrent_gb=1)
   ckpts.open_for_writing()
   ckpts.save(0, state, {}, s.data.meta.to_json())
   ckpts.close()
@@ -289,8 +291,9 @@ def export_hf(workdir: str, out: str, merge: bool = False) -> dict:
   vocab = cfg.get('vocab_size', 0) or meta.vocab_size
   dtype = (base or {}).get('dtype') or (base or {}).get('torch_dtype') or 'float32'
   arch = hf.Architecture(family, vocab, fields, str(dtype))
-  flat = {k: np.asarray(v) for k, v in hf.flatten(jax.device_get(state.params)).items()}
-  flat = _relayout(flat, False, cfg.depth)
+  # Host views of the parameters (a copy off an accelerator), converted shard by shard.
+  flat = _relayout({k: np.asarray(v) for k, v in hf.flatten(state.params).items()}, False,
+                   cfg.depth)
   if any(LORA in k for k in flat):
     if not merge:
       raise ConfigError(f'export-hf: {workdir} trained LoRA adapters; --merge-lora writes the '

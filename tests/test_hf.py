@@ -115,6 +115,18 @@ def test_export_round_trip_is_bit_identical_and_loads_in_transformers(family, tm
     np.testing.assert_allclose(loaded(torch.tensor(_tokens())).logits.numpy(), want, atol=1e-5)
   with pytest.raises(ConfigError, match='exists'):  # Never overwritten.
     hf.save(out, hf.flatten(params), arch)
+  # Past max_shard_bytes: shards and their index, as transformers writes them; both ways.
+  sharded = str(tmp_path / 'sharded')
+  hf.save(sharded, hf.flatten(params), arch, hf.read_config(folder), max_shard_bytes=40_000)
+  files = sorted(f for f in os.listdir(sharded) if f.endswith('.safetensors'))
+  assert len(files) > 2 and files[0].startswith('model-00001-of-') and os.path.isfile(
+      os.path.join(sharded, hf.INDEX)), files
+  loaded = transformers.AutoModelForCausalLM.from_pretrained(sharded)
+  with torch.no_grad():
+    np.testing.assert_allclose(loaded(torch.tensor(_tokens())).logits.numpy(), want, atol=1e-5)
+  flat = hf.flatten(params)
+  for path, value in hf.tensors(sharded, arch):
+    np.testing.assert_array_equal(value, flat[path], err_msg=path)
 
 
 def test_scanned_layout_stacks_the_blocks(family):

@@ -352,22 +352,46 @@ def hf_config(arch: Architecture, base: dict | None = None) -> dict:
   return cfg
 
 
-def save(out: str, flat_params: dict[str, np.ndarray], arch: Architecture,
-         base_config: dict | None = None) -> None:
-  """Writes `out`/config.json and `out`/model.safetensors (the checkpoint's dtype) from
-  unscanned jaxbig parameters. `out` must not exist yet: nothing is overwritten."""
+# Shards of at most 2 GB (transformers 5 writes up to 50 GB each): the export holds one.
+MAX_SHARD_BYTES = 2 * 10**9
+
+
+def save(out: str, flat_params: dict[str, Any], arch: Architecture,
+         base_config: dict | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+  """Writes `out`/config.json and the weights in the checkpoint's dtype from unscanned jaxbig
+  parameters: `model.safetensors`, or past `max_shard_bytes` shards named by
+  `model.safetensors.index.json`, as transformers writes them. One shard is converted and
+  held at a time. `out` must not exist yet: nothing is overwritten."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   import ml_dtypes  # pylint: disable=g-import-not-at-top
   if os.path.exists(out):
     raise ConfigError(f'{out}: exists; export writes a new folder')
   dtype = {'bfloat16': ml_dtypes.bfloat16, 'float16': np.float16}.get(arch.dtype, np.float32)
-  tensors_out = {}
+  shards, size = [[]], 0  # Rules per shard, in order; a rule's tensors stay together.
   for rule in rules(arch):
-    for name, value in zip(rule.hf, rule.to_hf(*(np.asarray(flat_params[p]) for p in rule.jax))):
-      tensors_out[name] = np.ascontiguousarray(value.astype(dtype))
+    nbytes = sum(int(np.prod(np.shape(flat_params[p]))) for p in rule.jax) * np.dtype(
+        dtype).itemsize
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(rule)
+    size += nbytes
   tmp = out + '.partial'
   os.makedirs(tmp)
-  save_file(tensors_out, os.path.join(tmp, WEIGHTS), metadata={'format': 'pt'})
+  weight_map, total = {}, 0
+  for i, shard in enumerate(shards):
+    name = WEIGHTS if len(shards) == 1 else f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+    tensors_out = {}
+    for rule in shard:
+      arrays = rule.to_hf(*(np.asarray(flat_params[p]) for p in rule.jax))
+      for hf_name, value in zip(rule.hf, arrays):
+        tensors_out[hf_name] = np.ascontiguousarray(value.astype(dtype))
+        weight_map[hf_name], total = name, total + tensors_out[hf_name].nbytes
+    save_file(tensors_out, os.path.join(tmp, name), metadata={'format': 'pt'})
+    del tensors_out
+  if len(shards) > 1:
+    with open(os.path.join(tmp, INDEX), 'w', encoding='utf-8') as f:
+      json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2)
   with open(os.path.join(tmp, 'config.json'), 'w', encoding='utf-8') as f:
     json.dump(hf_config(arch, base_config), f, indent=2)
   os.rename(tmp, out)

@@ -18,7 +18,8 @@ from jaxbig.config import ConfigError
 
 def load(workdir: str, step: int | None = None
          ) -> tuple[train.Setup, train.TrainState, int, data_lib.DataMeta]:
-  """Rebuilds a run from its workdir and restores checkpoint `step` (default: the newest).
+  """Rebuilds a run from its workdir and restores checkpoint `step` (default: the newest),
+  without its optimizer state (None): readers need the parameters only.
 
   Reads only, and never blocks a run training in the workdir: the step is read through hard
   links (`Checkpoints.pinned`), so the run may delete it meanwhile.
@@ -38,7 +39,9 @@ def load(workdir: str, step: int | None = None
   except (AttributeError, KeyError) as e:  # A field the code needs is not in the file.
     raise ConfigError(f'{path}: lacks a field this jaxbig needs ({e}); it was written by '
                       'another version or edited') from None
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True)
+  # Read 1 GB at a time: the host holds no second copy of the parameters.
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True,
+                                 concurrent_gb=1)
   with ckpts.pinned(step) as (view, picked):
     state, _, meta = train.restore(s, view, picked, reader=True)
   return s, state, picked, data_lib.DataMeta.from_json(meta)

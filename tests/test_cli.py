@@ -1,7 +1,7 @@
 """Tests of the `jaxbig` command: the train workdir contract, eval, predict, and bad input.
 
-One real `python -m jaxbig train ...:smoke` subprocess makes a workdir that the eval and
-predict tests share. Everything else calls `jaxbig.cli.main` in-process: bad input must end
+One real `jaxbig train ...:smoke` subprocess (the `python -m jaxbig` module run as
+__main__) makes a workdir that the eval and predict tests share. Everything else calls `jaxbig.cli.main` in-process: bad input must end
 in exit code 2 with one line on stderr, before anything is written.
 """
 
@@ -18,6 +18,7 @@ import pytest
 import conftest
 from jaxbig import config as config_lib
 from jaxbig import data as data_lib
+from jaxbig import hostmem
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / 'experiments' / 'cnn_digits.py') + ':smoke'
@@ -26,19 +27,41 @@ LR, LOG_EVERY = 0.003, 4
 STEPS = 20  # cnn_digits:smoke.
 
 
+# `python -m jaxbig ARGV`, then (test_tensorboard_writer_does_not_import_torch) torch must
+# not have been imported and must still import: one process for both (each costs a JAX start).
+# It runs in the environment the command would restart itself with (jaxbig.hostmem), so that
+# this process is the one that trains (test_hostmem tests the restart).
+_RUN_THEN_IMPORT_TORCH = (
+    'import runpy, sys\n'
+    'try:\n'
+    '  runpy.run_module("jaxbig", run_name="__main__", alter_sys=True)\n'
+    'except SystemExit as e:\n'
+    '  code = e.code\n'
+    'assert "torch" not in sys.modules\n'
+    'import torch\n'
+    'sys.exit(code)\n')
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """(workdir, summary, stdout) of one real smoke run of the command."""
-  workdir = tmp_path_factory.mktemp('run') / 'wd'
-  cmd = [sys.executable, '-m', 'jaxbig', 'train', SMOKE, f'opt.lr={LR}',
+  """(workdir, summary, stdout, torch imports) of one real smoke run of the command, with a
+  stand-in torch package first on the path that records each import of it in the file
+  `torch imports`."""
+  tmp = tmp_path_factory.mktemp('run')
+  workdir, marker, fake = tmp / 'wd', tmp / 'imports', tmp / 'site' / 'torch'
+  fake.mkdir(parents=True)
+  (fake / '__init__.py').write_text(f'open({str(marker)!r}, "a").write("x")\nTensor = object\n')
+  cmd = [sys.executable, '-c', _RUN_THEN_IMPORT_TORCH, 'train', SMOKE, f'opt.lr={LR}',
          f'train.log_every={LOG_EVERY}', '--workdir', str(workdir)]
-  path = [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+  path = [str(tmp / 'site'), str(REPO)] + [
+      p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(path)}
+  env = hostmem.tuned_environ(env, hostmem.glibc_version()) or env
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / 'summary.json') as f:
     summary = json.load(f)
-  return workdir, summary, proc.stdout
+  return workdir, summary, proc.stdout, marker
 
 
 def _read_metrics(workdir) -> list[dict]:
@@ -72,7 +95,7 @@ def _assert_one_line_error(err: str, *needles: str) -> None:
 
 @pytest.mark.slow(reason='runs the command end to end')
 def test_train_writes_the_resolved_config(trained):
-  workdir, _, stdout = trained
+  workdir, _, stdout, _ = trained
   with open(workdir / 'config.json') as f:
     saved = json.load(f)
   expected = config_lib.to_dict(config_lib.load(SMOKE, [f'opt.lr={LR}',
@@ -84,7 +107,7 @@ def test_train_writes_the_resolved_config(trained):
 
 
 def test_train_logs_metrics_lines(trained):
-  workdir, summary, _ = trained
+  workdir, summary, _, _ = trained
   lines = _read_metrics(workdir)
   assert all(isinstance(l['step'], int) for l in lines)
   steps = [l['step'] for l in lines]
@@ -98,7 +121,7 @@ def test_train_logs_metrics_lines(trained):
 
 
 def test_train_writes_tensorboard_events(trained):
-  workdir, _, _ = trained
+  workdir, _, _, _ = trained
   files = list((workdir / 'tb').glob('events.out.tfevents.*'))
   assert len(files) == 1 and files[0].stat().st_size > 0
   losses = {e.step: v.simple_value for e in _read_events(files[0]) if e.HasField('summary')
@@ -111,25 +134,17 @@ def test_train_writes_tensorboard_events(trained):
 
 
 @pytest.mark.slow(reason='runs the command end to end')
-def test_tensorboard_writer_does_not_import_torch(tmp_path):
-  """tensorboardX imports torch, where installed, for a type hint. A stand-in torch package
-  that records each import of it shows that the writer leaves it alone, and that torch
-  still imports afterwards."""
-  fake = tmp_path / 'site' / 'torch'
-  fake.mkdir(parents=True)
-  marker = tmp_path / 'imports'
-  (fake / '__init__.py').write_text(f'open({str(marker)!r}, "a").write("x")\nTensor = object\n')
-  code = ('import sys; from jaxbig import metrics; w = metrics.Writer(sys.argv[1], enabled=True); '
-          'w.write(1, {"loss": 1.0}); w.close(); assert "torch" not in sys.modules; import torch')
-  path = os.pathsep.join(p for p in (str(tmp_path / 'site'), os.environ.get('PYTHONPATH')) if p)
-  subprocess.run([sys.executable, '-c', code, str(tmp_path)], check=True,
-                 env={**os.environ, 'PYTHONPATH': path})
+def test_tensorboard_writer_does_not_import_torch(trained):
+  """tensorboardX imports torch, where installed, for a type hint. The stand-in torch
+  package of the trained run shows that the run (its TensorBoard writer included) leaves
+  it alone, and that torch still imports afterwards."""
+  workdir, _, _, marker = trained
   assert marker.read_text() == 'x'  # Once: the last `import torch`, not tensorboardX's.
-  assert len(_read_events(next((tmp_path / 'tb').glob('events.*')))) > 1
+  assert len(_read_events(next((workdir / 'tb').glob('events.*')))) > 1
 
 
 def test_train_writes_checkpoints_and_summary(trained):
-  workdir, summary, stdout = trained
+  workdir, summary, stdout, _ = trained
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps == [10, STEPS]  # train.ckpt_every=10, and the last step.
   for key in ('step', 'train_loss', 'eval', 'wall_s', 'compile_s', 'steps_per_s',
@@ -146,7 +161,7 @@ def test_train_writes_checkpoints_and_summary(trained):
 
 
 def test_eval_reproduces_the_summary(trained, capsys):
-  workdir, summary, _ = trained
+  workdir, summary, _, _ = trained
   code, out, _ = _main(capsys, 'eval', workdir)
   assert code == 0
   result = json.loads(out)
@@ -159,7 +174,7 @@ def test_eval_reproduces_the_summary(trained, capsys):
 @pytest.fixture(scope='module')
 def test_split(trained):
   """The trained run's raw test images (N, 8, 8) and labels, rebuilt from its config.json."""
-  workdir, _, _ = trained
+  workdir, _, _, _ = trained
   with open(workdir / 'config.json') as f:
     config = config_lib.from_dict(json.load(f))
   x, y = data_lib.build(config.data, config.seed).splits['test']
@@ -167,7 +182,7 @@ def test_split(trained):
 
 
 def test_predict_writes_class_ids(trained, test_split, capsys, tmp_path):
-  workdir, summary, _ = trained
+  workdir, summary, _, _ = trained
   x, y = test_split
   np.save(tmp_path / 'x.npy', x)
   code, out, _ = _main(capsys, 'predict', workdir, tmp_path / 'x.npy', '--out',
@@ -186,7 +201,7 @@ def test_predict_writes_class_ids(trained, test_split, capsys, tmp_path):
 
 @pytest.mark.parametrize('channel', [True, False], ids=['8x8x1', '8x8'])
 def test_predict_accepts_a_single_image(trained, test_split, capsys, tmp_path, channel):
-  workdir, _, _ = trained
+  workdir, _, _, _ = trained
   x = test_split[0][:50]
   np.save(tmp_path / 'x.npy', x)
   assert _main(capsys, 'predict', workdir, tmp_path / 'x.npy')[0] == 0
@@ -202,7 +217,7 @@ def test_predict_accepts_a_single_image(trained, test_split, capsys, tmp_path, c
 
 
 def test_predict_never_overwrites(trained, test_split, capsys, tmp_path):
-  workdir, _, _ = trained
+  workdir, _, _, _ = trained
   np.save(tmp_path / 'x.npy', test_split[0][:5])
   out = tmp_path / 'y.npy'
   out.write_bytes(b'keep me')
@@ -213,7 +228,7 @@ def test_predict_never_overwrites(trained, test_split, capsys, tmp_path):
 
 
 def test_predict_rejects_inputs_of_the_wrong_shape(trained, capsys, tmp_path):
-  workdir, _, _ = trained
+  workdir, _, _, _ = trained
   np.save(tmp_path / 'x.npy', np.zeros((4, 10), np.float32))
   code, _, err = _main(capsys, 'predict', workdir, tmp_path / 'x.npy')
   assert code == 2
@@ -234,7 +249,7 @@ def test_eval_and_predict_refuse_a_folder_that_is_not_a_workdir(command, capsys,
 
 
 def test_eval_refuses_a_workdir_without_checkpoints(trained, capsys, tmp_path):
-  workdir, _, _ = trained
+  workdir, _, _, _ = trained
   (tmp_path / 'config.json').write_bytes((workdir / 'config.json').read_bytes())
   code, _, err = _main(capsys, 'eval', tmp_path)
   assert code == 2

@@ -629,7 +629,7 @@ def test_flash_attention_kernel_equals_xla_attention_with_gradients():
   # One block; query heads in pairs: the kernel reads the key/value heads repeated.
   xla = _lm(max_len=128, kv_heads=2, depth=1, doc_eos=eos)
   params = _init(xla, tokens[:, :-1])['params']
-  want_loss, want = _grad_fn(xla, jit=False)(params, tokens)
+  want_loss, want = _grad_fn(xla)(params, tokens)
   with transformer.interpret():
     loss, got = _grad_fn(xla.clone(attention='flash'))(params, tokens)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)

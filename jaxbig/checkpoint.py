@@ -203,13 +203,15 @@ class Checkpoints:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                fingerprint: dict | None = None, read_only: bool = False,
-               concurrent_gb: int | None = None):
+               concurrent_gb: int | None = None, compress: bool = True):
     """Touches nothing: a writer's folder is made and tidied by `open_for_writing()`.
     `concurrent_gb` bounds the bytes a save copies to the host and writes at once, and a
-    restore reads at once (Orbax's default is unbounded: the whole state at once)."""
+    restore reads at once (Orbax's default is unbounded: the whole state at once).
+    `compress=False` writes the arrays uncompressed (zstd buffers a compressed copy of what
+    it writes; readers read either)."""
     self.directory = os.path.abspath(directory)
     self.keep, self.fingerprint, self.read_only = keep, fingerprint, read_only
-    self.async_save, self.concurrent_gb = async_save, concurrent_gb
+    self.async_save, self.concurrent_gb, self.compress = async_save, concurrent_gb, compress
     self.primary = jax.process_index() == 0
     self._thread, self._error, self._manager, self._reported = None, None, None, False
 
@@ -224,7 +226,7 @@ class Checkpoints:
       bound = {} if self.concurrent_gb is None else dict(
           save_concurrent_gb=self.concurrent_gb, restore_concurrent_gb=self.concurrent_gb,
           save_device_host_concurrent_gb=self.concurrent_gb)
-      handlers = {'state': ocp.PyTreeCheckpointHandler(**bound),
+      handlers = {'state': ocp.PyTreeCheckpointHandler(use_compression=self.compress, **bound),
                   'data': ocp.JsonCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
       self._manager = ocp.CheckpointManager(self.directory, options=options,
                                             item_handlers=handlers)

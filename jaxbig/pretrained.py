@@ -167,7 +167,7 @@ def identity(source: str) -> dict:
     return {'path': source, 'sha256': {os.path.basename(f): _sha256(f) for f in files}}
   from jaxbig import checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = checkpoint.Checkpoints(os.path.join(source, 'checkpoints'), read_only=True)
-  step, _ = ckpts.find_newest()
+  step = (ckpts.steps() or [None])[-1]
   manifest = os.path.join(source, 'checkpoints', str(step), checkpoint.MANIFEST)
   return {'path': source, 'step': step,
           'manifest_sha256': _sha256(manifest) if os.path.isfile(manifest) else None}
@@ -245,11 +245,11 @@ def import_hf(folder: str, workdir: str, extra: list[str] = ()) -> dict:
     json.dump(hf_cfg, f, indent=2)
   workdir_lib.write_config(partial, config)
   # The fingerprint of the config as saved (its tokenizer in the workdir; the same file).
-  # A synchronous save that copies 1 GB to the host at a time: the host never holds a
-  # second copy of the model.
+  # A synchronous, uncompressed save that copies 1 GB to the host at a time: the host never
+  # holds a second copy of the model.
   ckpts = checkpoint.Checkpoints(os.path.join(partial, 'checkpoints'), 1, async_save=False,
                                  fingerprint=train.run_fingerprint(dataclasses.replace(
-                                     s, config=config)), concurrent_gb=1)
+                                     s, config=config)), concurrent_gb=1, compress=False)
   ckpts.open_for_writing()
   ckpts.save(0, state, {}, s.data.meta.to_json())
   ckpts.close()

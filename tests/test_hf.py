@@ -253,6 +253,13 @@ def test_import_generate_export_and_fine_tune_from_the_cli(imported, capsys):
   code, _, err = conftest.run_cli(capsys, 'train', *run, 'model.mlp_dim=64',
                                   f'train.init_from={folder}', '--workdir', root / 'other')
   assert code == 2 and err.count('\n') == 1 and 'train.init_from' in err, err
+  # LoRA targets that match no projection, or LoRA on a model without them: the same.
+  for bad, named in ((['lora.rank=4', 'lora.targets=q,qq'], "lora.targets: 'qq'"),
+                     (['lora.rank=4', 'lora.targets='], 'lora.targets'),
+                     (['lora.rank=4', 'model.name=lstm'], 'lora.rank=4')):
+    code, _, err = conftest.run_cli(capsys, 'train', *run, *bad, f'train.init_from={work}',
+                                    '--workdir', root / 'other')
+    assert code == 2 and err.count('\n') == 1 and named in err, (bad, err)
   assert not (root / 'other').exists()
 
 
@@ -400,6 +407,8 @@ def test_lora_trains_adapters_only_and_merges_into_the_export(imported, capsys, 
   loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'merged')
   with torch.no_grad():
     np.testing.assert_allclose(loaded(torch.tensor(tokens)).logits.numpy(), want, atol=1e-4)
+  code, out, err = conftest.run_cli(capsys, 'eval', work)  # As on any run.
+  assert code == 0 and json.loads(out)['step'] == 20, err
   # Resumed from step 10's adapters (the base read again from init_from): the same run.
   resumed = tmp_path / 'resumed'
   config = config_lib.load('experiments/finetune_hf.py', args)

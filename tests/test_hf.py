@@ -141,8 +141,9 @@ def test_scanned_layout_stacks_the_blocks(family):
     np.testing.assert_array_equal(back[k], flat[k])
 
 
-def _folder_with(tmp_path, family, edit=None, drop=None, config_edit=None):
-  """A copy of a saved family folder, with tensors edited or dropped, or its config changed."""
+def _folder_with(tmp_path, family, edit=None, drop=None, config_edit=None, cast=None):
+  """A copy of a saved family folder, with tensors edited (cut short, or cast to `cast`) or
+  dropped, or its config changed."""
   _, src, _, _ = family
   from safetensors.numpy import load_file, save_file
   out = tmp_path / 'edited'
@@ -152,7 +153,7 @@ def _folder_with(tmp_path, family, edit=None, drop=None, config_edit=None):
     if drop and drop in k:
       del weights[k]
     elif edit and edit in k:
-      weights[k] = weights[k][..., :-1].copy()
+      weights[k] = weights[k].astype(cast) if cast else weights[k][..., :-1].copy()
   save_file(weights, str(out / hf.WEIGHTS))
   with open(os.path.join(src, 'config.json'), encoding='utf-8') as f:
     cfg = {**json.load(f), **(config_edit or {})}
@@ -160,7 +161,8 @@ def _folder_with(tmp_path, family, edit=None, drop=None, config_edit=None):
   return str(out)
 
 
-@pytest.mark.parametrize('case', ['missing', 'shape', 'no_weights', 'index', 'model_type'])
+@pytest.mark.parametrize('case', ['missing', 'shape', 'dtype', 'no_weights', 'index',
+                                  'model_type'])
 def test_bad_folders_are_one_config_error(family, tmp_path, case):
   name, _, _, _ = family
   embed = 'wte' if name == 'gpt2' else 'embed_tokens'
@@ -168,6 +170,8 @@ def test_bad_folders_are_one_config_error(family, tmp_path, case):
     folder, named = _folder_with(tmp_path, family, drop='.0.mlp.'), 'is missing'
   elif case == 'shape':
     folder, named = _folder_with(tmp_path, family, edit=embed), 'shape'
+  elif case == 'dtype':
+    folder, named = _folder_with(tmp_path, family, edit='.1.', cast=np.int32), 'is int32'
   elif case == 'no_weights':
     folder = _folder_with(tmp_path, family)
     os.remove(os.path.join(folder, hf.WEIGHTS))

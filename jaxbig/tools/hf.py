@@ -32,6 +32,7 @@ FAMILIES = {'gpt2': 'gpt2', 'llama': 'llama', 'mistral': 'llama'}
 # The jaxbig model.* fields an architecture sets.
 FIELDS = ('width', 'depth', 'heads', 'kv_heads', 'mlp_dim', 'max_len', 'pos', 'rope_theta',
           'mlp', 'bias', 'norm', 'norm_eps', 'tie_embeddings')
+FLOAT_DTYPES = ('float32', 'bfloat16', 'float16')  # What weights may be stored as.
 WEIGHTS = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
 
@@ -240,6 +241,10 @@ def tensors(folder: str, arch: Architecture) -> Iterator[tuple[str, np.ndarray]]
                         'checkpoint has it)')
     expected.update(stored(n) for n in rule.hf)
     arrays = [_read(files[stored(n)], stored(n)) for n in rule.hf]
+    for n, a in zip(rule.hf, arrays):
+      if a.dtype.name not in FLOAT_DTYPES:
+        raise ConfigError(f'{files[stored(n)]}: tensor {stored(n)} is {a.dtype.name}; weights '
+                          f'are one of {", ".join(FLOAT_DTYPES)}')
     try:
       converted = rule.to_jax(*arrays)
     except ValueError:

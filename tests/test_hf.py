@@ -295,32 +295,36 @@ folder, tokens = sys.argv[1], np.asarray(json.loads(sys.argv[2]), np.int32)
 arch = hf.architecture(hf.read_config(folder))
 config = config_lib.load('experiments/finetune_hf.py', pretrained.overrides(arch) + [
     'data.name=none', f'data.seq_len={tokens.shape[1]}', 'mesh.data=1', 'mesh.fsdp=4',
-    'mesh.tensor=2', 'precision=fp32'])
+    'mesh.tensor=2', 'precision=fp32', f'model.scan_layers={sys.argv[3]}'])
 s = train.setup(config)
 params = pretrained.load_params(s, folder)
 split = max(int(np.prod(x.shape) // np.prod(x.sharding.shard_shape(x.shape)))
             for x in jax.tree.leaves(params))
 with parallel.tracing(s):
   logits = jax.jit(lambda p, t: s.model.apply({'params': p}, t, train=False))(params, tokens)
-print(json.dumps({'split': split, 'logits': np.asarray(logits).tolist()}))
+print(json.dumps({'split': split, 'scanned': 'blocks' in params,
+                  'logits': np.asarray(logits).tolist()}))
 '''
 
 
 @pytest.mark.slow(reason='imports onto 8 fake devices in a subprocess')
 def test_import_onto_a_sharded_mesh_gives_the_same_logits(family, tmp_path):
   """fsdp 4 x tensor 2 on 8 fake CPU devices: every parameter placed with its sharding as it
-  is read, and the logits those of transformers."""
+  is read (Llama's blocks stacked for model.scan_layers as they arrive), and the logits those
+  of transformers."""
   import subprocess
   import sys
-  _, folder, want, _ = family
+  name, folder, want, _ = family
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
          'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'}
-  run = subprocess.run([sys.executable, '-c', SHARDED, folder, json.dumps(_tokens().tolist())],
+  run = subprocess.run([sys.executable, '-c', SHARDED, folder, json.dumps(_tokens().tolist()),
+                        str(name == 'llama').lower()],
                        capture_output=True, text=True, env=env, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert run.returncode == 0, run.stderr[-3000:]
   got = json.loads(run.stdout.strip().splitlines()[-1])
   assert got['split'] == 8  # Some kernel split both ways: fsdp 4 x tensor 2.
+  assert got['scanned'] == (name == 'llama')
   np.testing.assert_allclose(np.asarray(got['logits']), want, atol=1e-4, rtol=1e-4)
 
 

@@ -4,6 +4,7 @@ analytic FLOPs against XLA's count, the energy meters, and bad input.
 No assertion is about how fast anything is: speed targets live in the suites' tables.
 """
 
+import functools
 import glob
 import gzip
 import json
@@ -22,6 +23,17 @@ FIELDS = ('suite', 'name', 'framework', 'model', 'precision', 'remat', 'batch', 
 
 
 _main = conftest.run_cli  # (exit code, stdout, stderr) of the command, in-process.
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _one_roof_measurement():
+  """The CPU's matmul rate (the MFU's basis), measured once for all of the module's bench
+  runs instead of once per run: 1.8 s of CPU each."""
+  from jaxbig.tools import bench
+  patch = pytest.MonkeyPatch()
+  patch.setattr(bench, 'cpu_matmul_roof', functools.cache(bench.cpu_matmul_roof))
+  yield
+  patch.undo()
 
 
 @pytest.fixture(scope='module')

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -28,11 +29,20 @@ def uninterrupted(tmp_path_factory):
   return config, _losses(workdir)
 
 
+@pytest.fixture(scope='module')
+def interrupted(uninterrupted, tmp_path_factory):
+  """A workdir of the same run stopped after step 13; each test resumes a copy of it."""
+  config, _ = uninterrupted
+  workdir = tmp_path_factory.mktemp('interrupted') / 'run'
+  assert train.train_and_evaluate(config, str(workdir), stop_after=13) is None
+  return workdir
+
+
 @pytest.mark.slow(reason='trains or compiles several train steps')
-def test_resume_is_bit_identical(uninterrupted, tmp_path):
+def test_resume_is_bit_identical(uninterrupted, interrupted, tmp_path):
   config, expected = uninterrupted
   workdir = str(tmp_path / 'run')
-  assert train.train_and_evaluate(config, workdir, stop_after=13) is None  # Saved at 5 and 10.
+  shutil.copytree(interrupted, workdir)  # Saved at 5 and 10.
   summary = train.train_and_evaluate(config, workdir)
   assert summary['resumed_from'] == 10
   got = _losses(workdir)
@@ -42,11 +52,12 @@ def test_resume_is_bit_identical(uninterrupted, tmp_path):
 
 
 @pytest.mark.slow(reason='trains or compiles several train steps')
-def test_resume_without_data_position_differs(uninterrupted, tmp_path, monkeypatch):
+def test_resume_without_data_position_differs(uninterrupted, interrupted, tmp_path,
+                                              monkeypatch):
   """The resume test can fail: forgetting the iterator position changes the losses."""
   config, expected = uninterrupted
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir, stop_after=13)
+  shutil.copytree(interrupted, workdir)
   original = data_lib.Data.train_iter
 
   def forgetful(self, rows=None):
@@ -81,9 +92,10 @@ def test_gradient_accumulation_equals_large_batch():
                big.params, acc.params)
   np.testing.assert_allclose(m_big['loss'], m_acc['loss'], rtol=1e-5)
   assert m_acc['count'] == 32
-  # Not vacuous: one micro-batch alone gives a different update.
-  quarter = jax.tree.map(lambda a: a[:8], batch)
-  _, small, _, _ = _one_step(['model.dropout=0.0', 'data.batch_size=8'], quarter)
+  # Not vacuous: one micro-batch alone gives a different update. Its 8 examples repeated 4
+  # times make the same mean gradient in the batch-32 program already compiled above.
+  quarter = jax.tree.map(lambda a: np.concatenate([a[:8]] * 4), batch)
+  _, small, _, _ = _one_step(['model.dropout=0.0', 'data.batch_size=32'], quarter)
   diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), big.params, small.params)
   assert max(jax.tree.leaves(diffs)) > 1e-6
 

@@ -203,30 +203,30 @@ def test_remat_and_scan_match_plain_model():
   stacked = _lm_params('rope', scan_layers=True)
   assert stacked['blocks']['mlp_in']['kernel'].shape == (DEPTH, 32, 128)
   assert _transforms(_lm(), params, tokens) == (False, False)
-  loss, grads = _grad_fn(_lm())(params, tokens)
-
   assert _transforms(_lm(remat=True), params, tokens) == (True, False)
-  remat_loss, remat_grads = _grad_fn(_lm(remat=True))(params, tokens)
-  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-  jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), remat_grads, grads)
-
   assert _transforms(_lm(scan_layers=True), stacked, tokens) == (False, True)
-  grad = _grad_fn(_lm(scan_layers=True))
-  scan_loss, scan_grads = grad(stacked, tokens)
-  np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
-  jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), scan_grads, _stack(grads))
-  # The layout mapping matters: the same layers in the other order give another loss.
-  swapped = {**stacked, 'blocks': jax.tree.map(lambda x: x[::-1], stacked['blocks'])}
-  assert abs(float(grad(swapped, tokens)[0]) - float(loss)) > 1e-4
-
   # Both at once: a rematerialised scan body, same loss and gradients, whatever the policy
   # keeps (test_remat_policies_keep_what_they_name). offload_input is `full` on a CPU, which
   # has no host memory apart from its own (test_plan shows it offloaded on a TPU).
   assert _transforms(_lm(scan_layers=True, remat=True), stacked, tokens) == (True, True)
-  for policy in ('full', 'dots'):
-    both_loss, both_grads = _grad_fn(_lm(scan_layers=True, remat=policy))(stacked, tokens)
-    np.testing.assert_allclose(both_loss, loss, rtol=1e-6)
-    jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6), both_grads, _stack(grads))
+  # The layout mapping matters: the same layers in the other order give another loss.
+  swapped = {**stacked, 'blocks': jax.tree.map(lambda x: x[::-1], stacked['blocks'])}
+  grad = lambda model: _grad_fn(model, jit=False)
+  # Every variant in one compiled program (one compile instead of six).
+  out = _jit(lambda params, stacked, swapped, tokens: dict(
+      plain=grad(_lm())(params, tokens), remat=grad(_lm(remat=True))(params, tokens),
+      scan=grad(_lm(scan_layers=True))(stacked, tokens),
+      swapped=grad(_lm(scan_layers=True))(swapped, tokens)[0],
+      full=grad(_lm(scan_layers=True, remat='full'))(stacked, tokens),
+      dots=grad(_lm(scan_layers=True, remat='dots'))(stacked, tokens)))(
+          params, stacked, swapped, tokens)
+  loss, grads = out['plain']
+  for name in ('remat', 'scan', 'full', 'dots'):
+    got_loss, got_grads = out[name]
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-6, err_msg=name)
+    jax.tree.map(partial(np.testing.assert_allclose, atol=1e-6, err_msg=name), got_grads,
+                 grads if name == 'remat' else _stack(grads))
+  assert abs(float(out['swapped']) - float(loss)) > 1e-4
 
 
 def _saved_bytes(model: nn.Module, params: dict, tokens: jax.Array, capsys) -> tuple[int, str]:

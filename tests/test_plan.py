@@ -82,9 +82,23 @@ def test_topology_libtpu_cannot_build_is_a_config_error():
     plan.topology_devices('v5e:3x7')
 
 
+def _no_cpu_fast_paths(monkeypatch) -> None:
+  """Makes the CPU-only rewrites (Winograd convolutions, heads-major attention) fail if traced:
+  a TPU plan runs on a CPU host, and must still take the TPU paths."""
+  from jaxbig.kernels import attention, winograd  # pylint: disable=g-import-not-at-top
+
+  def cpu_only(*args, **kwargs):
+    raise AssertionError('a CPU-only fast path was traced for a TPU')
+
+  monkeypatch.setattr(winograd, 'winograd_conv', cpu_only)
+  monkeypatch.setattr(attention, 'heads_major_attention', cpu_only)
+
+
 @pytest.mark.slow(reason='compiles train steps for TPU topologies')
-def test_v5e_plan_fits_and_has_collectives():
+def test_v5e_plan_fits_and_has_collectives(monkeypatch):
   _tpu_or_skip()
+  # The CNN's TPU plans take XLA's convolutions (test_tpu_plans_trace_the_tpu_paths_...).
+  _no_cpu_fast_paths(monkeypatch)
   d = plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=4']), 'v5e:2x2')
   assert d['device_kind'] == 'TPU v5 lite' and d['num_devices'] == 4
   assert d['mesh'] == {'data': 4, 'fsdp': 1, 'context': 1, 'tensor': 1}
@@ -244,19 +258,11 @@ def test_tpu_plans_trace_the_tpu_paths_not_the_cpu_fast_paths(monkeypatch):
   """A TPU plan runs on a CPU host: the models must still take their TPU paths (XLA's
   convolutions and attention), not the CPU-only rewrites, or the plan costs another program."""
   _tpu_or_skip('v5e:1x1')
-  from jaxbig.kernels import attention, winograd
-
-  def cpu_only(*args, **kwargs):
-    raise AssertionError('a CPU-only fast path was traced for a TPU')
-
-  monkeypatch.setattr(winograd, 'winograd_conv', cpu_only)
-  monkeypatch.setattr(attention, 'heads_major_attention', cpu_only)
-  # model.hidden=40: not the program test_v5e_plan_fits_and_has_collectives compiles, whose
-  # persistent-cache entry a compile-only TPU client cannot read back (a warning).
-  for experiment, hidden in ((CNN_SMOKE, 40), ('experiments/gpt_stdlib.py:smoke', None)):
-    overrides = ['mesh.data=1'] + ([f'model.hidden={hidden}'] if hidden else [])
-    d = plan.plan(config_lib.load(experiment, overrides), 'v5e:1x1')
-    assert d['device_kind'] == 'TPU v5 lite' and d['flops_per_step'] > 0
+  _no_cpu_fast_paths(monkeypatch)
+  # The CNN's plans (XLA's convolutions) are test_v5e_plan_fits_and_has_collectives's, made
+  # under the same patch: one TPU compile of it fewer.
+  d = plan.plan(config_lib.load('experiments/gpt_stdlib.py:smoke', ['mesh.data=1']), 'v5e:1x1')
+  assert d['device_kind'] == 'TPU v5 lite' and d['flops_per_step'] > 0
   with pytest.raises(AssertionError, match='CPU-only fast path'):  # Locally, on this CPU.
     plan.plan(config_lib.load(CNN_SMOKE, ['mesh.data=1']))
 

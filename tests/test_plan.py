@@ -279,7 +279,11 @@ def test_tpu_plans_take_the_flash_kernel_where_the_sequence_allows():
     config = config_lib.load('experiments/gpt_stdlib.py:smoke', [
         *mesh, 'precision=bf16', f'data.seq_len={length}', f'model.max_len={length}'])
     s = train.setup(config, devices=devices)
-    texts[length] = (s.model.attention, train.lower_train_step(s).compile().as_text())
+    lowered = train.lower_train_step(s)
+    # The kernel is a custom call in the lowered program already: where XLA's attention is
+    # chosen, its absence there needs no TPU compile.
+    texts[length] = (s.model.attention,
+                     (lowered if length == 64 else lowered.compile()).as_text())
   assert texts[128][0] == 'flash' and 'tpu_custom_call' in texts[128][1]
   assert texts[64][0] == 'xla' and 'tpu_custom_call' not in texts[64][1]
   assert texts[256][0] == 'flash' and 'tpu_custom_call' in texts[256][1]

@@ -125,8 +125,11 @@ def load_params(s, source: str, fresh=None, fresh_wins: bool = False):
   placed, stacks = {}, {}  # Stacks: blocks/x -> (host buffer, layers filled so far).
 
   def place(path: str, value: np.ndarray) -> None:
-    placed[path] = jax.device_put(value.astype(abstract[path].dtype, copy=False),
-                                  shardings[path])
+    # Each device takes its own slice; with several processes, each places only its
+    # devices' slices (every process reads the same files).
+    value = value.astype(abstract[path].dtype, copy=False)
+    placed[path] = jax.make_array_from_callback(value.shape, shardings[path],
+                                                lambda index: value[index])
 
   for path, value in source_arrays(s, source):
     block, _, rest = path.partition('/')

@@ -83,6 +83,14 @@ def fingerprint(config: dict, abstract_state, data: dict | None = None) -> dict:
   return {'config': config, 'shapes': shapes, 'data': data}
 
 
+def bound_gb(abstract_tree, gb: float = 1.0) -> float:
+  """A bound (GB) on the bytes Orbax holds in flight: `gb`, or twice the largest array of
+  `abstract_tree` where that is more (Orbax refuses an array as large as its bound)."""
+  largest = max((x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_tree)),
+                default=0)
+  return max(gb, 2 * largest / 1e9)
+
+
 def _digest(obj) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -203,10 +211,11 @@ class Checkpoints:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True,
                fingerprint: dict | None = None, read_only: bool = False,
-               concurrent_gb: int | None = None, compress: bool = True):
+               concurrent_gb: float | None = None, compress: bool = True):
     """Touches nothing: a writer's folder is made and tidied by `open_for_writing()`.
-    `concurrent_gb` bounds the bytes a save copies to the host and writes at once, and a
-    restore reads at once (Orbax's default is unbounded: the whole state at once).
+    `concurrent_gb` (from `bound_gb`) bounds the bytes a save copies to the host and writes
+    at once, and a restore reads at once (Orbax's defaults: every device-to-host copy at
+    once, 96 GB in flight).
     `compress=False` writes the arrays uncompressed (zstd buffers a compressed copy of what
     it writes; readers read either)."""
     self.directory = os.path.abspath(directory)
@@ -482,9 +491,30 @@ class Checkpoints:
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True),
         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    # partial_restore leaves a leaf the step lacks as the target's ShapeDtypeStruct.
+    lacking = [jax.tree_util.keystr(p) for p, x in
+               jax.tree_util.tree_leaves_with_path(out['state'])
+               if isinstance(x, jax.ShapeDtypeStruct)]
+    if lacking:
+      raise ValueError(f'checkpoint step {step} has no {lacking[0]} in its state, which this '
+                       'run needs')
     filled = {k: fields[k] if _empty(fields[k]) else fresh[k] for k in absent}
     state = abstract_state.replace(**out['state'], **filled, **{k: None for k in skip})
     return state, out['data'], out['meta']
+
+  def saved_params(self, step: int) -> list[str]:
+    """The paths ('a/b/c') of the parameters that step `step` holds."""
+    saved = self.manager.item_metadata(step)['state']
+    params = (getattr(saved, 'tree', saved) or {}).get('params') or {}
+    out = []
+    def walk(node, prefix):
+      for k, v in node.items():
+        if isinstance(v, dict):
+          walk(v, f'{prefix}{k}/')
+        else:
+          out.append(prefix + k)
+    walk(dict(params), '')
+    return out
 
   def saved_fields(self, step: int) -> set[str]:
     """The fields of the state that step `step` holds (a None field, as import-hf saves the

@@ -10,7 +10,6 @@ at a time, each with its own sharding.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -83,17 +82,20 @@ def _relayout(flat: dict, scanned: bool, depth: int) -> dict:
   return flat
 
 
-def source_arrays(s, source: str) -> Iterator[tuple[str, np.ndarray]]:
-  """(unscanned path, host array) for every parameter of `source`, one at a time."""
+def source_arrays(s, source: str, step: int | None = None
+                  ) -> Iterator[tuple[str, np.ndarray]]:
+  """(unscanned path, host array) for every parameter of `source` (a workdir's checkpoint
+  `step`, default the newest), one at a time; with `model.scan_layers`, each parameter of
+  every block before the next."""
   cfg = s.config.model
   if is_hf_folder(source):
     arch = hf.architecture(hf.read_config(source), os.path.join(source, 'config.json'))
     check_architecture(cfg, arch, cfg.get('vocab_size', 0) or s.data.meta.vocab_size,
                        f'train.init_from: {source}')
-    yield from hf.tensors(source, arch)
+    yield from hf.tensors(source, arch, by_parameter=bool(cfg.get('scan_layers', False)))
     return
   from jaxbig.tools import inference  # pylint: disable=g-import-not-at-top
-  _, state, _, _ = inference.load(source)
+  _, state, _, _ = inference.load(source, step)
   flat = hf.flatten(state.params)
   del state
   for path in list(flat):
@@ -110,10 +112,12 @@ def adapters(params: dict) -> dict:
   return hf.unflatten({k: v for k, v in hf.flatten(params).items() if LORA in k})
 
 
-def load_params(s, source: str, fresh=None, fresh_wins: bool = False):
-  """The run's parameter tree from `source`, streamed: each array is placed with its
-  sharding as it is read, so the host holds one tensor at a time (with
-  `model.scan_layers`, one stacked parameter). LoRA adapters the source lacks come from
+def load_params(s, source: str, fresh=None, fresh_wins: bool = False,
+                step: int | None = None):
+  """The run's parameter tree from `source` (a workdir's checkpoint `step`, default the
+  newest), streamed: each array is placed with its sharding as it is read, so the host
+  holds one tensor at a time (with `model.scan_layers`, one stacked parameter, or the few
+  that one Hugging Face tensor splits into). LoRA adapters the source lacks come from
   `fresh` (the run's initialised parameters); with `fresh_wins` (a LoRA checkpoint's own
   adapters over its base's) the source's adapters are skipped."""
   abstract = hf.flatten(nn.meta.unbox(s.abstract_boxed).params)
@@ -131,7 +135,7 @@ def load_params(s, source: str, fresh=None, fresh_wins: bool = False):
     placed[path] = jax.make_array_from_callback(value.shape, shardings[path],
                                                 lambda index: value[index])
 
-  for path, value in source_arrays(s, source):
+  for path, value in source_arrays(s, source, step):
     block, _, rest = path.partition('/')
     target = path
     if block.startswith('block') and block[5:].isdigit() and path not in abstract:
@@ -148,10 +152,15 @@ def load_params(s, source: str, fresh=None, fresh_wins: bool = False):
       place(path, value)
       continue
     buf, filled = stacks.get(target) or (np.empty(abstract[target].shape,
-                                                  abstract[target].dtype), 0)
-    buf[int(block[5:])] = value
-    stacks[target] = (buf, filled + 1)
-    if filled + 1 == depth:
+                                                  abstract[target].dtype), set())
+    layer = int(block[5:])
+    if not 0 <= layer < depth or layer in filled:
+      raise ConfigError(f'{where} has {path}, which this config does not build (model.depth='
+                        f'{depth})')
+    buf[layer] = value
+    filled.add(layer)
+    stacks[target] = (buf, filled)
+    if len(filled) == depth:
       place(target, stacks.pop(target)[0])
   rest = {k: own[k] for k in abstract if k not in placed and k in own}
   missing = [k for k in abstract if k not in placed and k not in rest]
@@ -160,34 +169,42 @@ def load_params(s, source: str, fresh=None, fresh_wins: bool = False):
   return hf.unflatten({**placed, **rest})
 
 
-def identity(source: str) -> dict:
+def identity(source: str, step: int | None = None) -> dict:
   """What a LoRA run's checkpoints record of the base they refer to: its absolute path and
-  the SHA-256 of its weights and config (a Hugging Face folder), or its newest step and
-  that step's manifest, which holds the SHA-256 of every file (a jaxbig workdir)."""
+  the SHA-256 of its weights and config (a Hugging Face folder), or a workdir's checkpoint
+  `step` (default: its newest) and the SHA-256 of that step's manifest, which holds the
+  SHA-256 of every file. `same_base` compares two."""
   source = os.path.abspath(source)
   if is_hf_folder(source):
     files = sorted(set(hf.weight_files(source).values())) + [os.path.join(source, 'config.json')]
     return {'path': source, 'sha256': {os.path.basename(f): _sha256(f) for f in files}}
   from jaxbig import checkpoint  # pylint: disable=g-import-not-at-top
   ckpts = checkpoint.Checkpoints(os.path.join(source, 'checkpoints'), read_only=True)
-  step = (ckpts.steps() or [None])[-1]
+  if step is None:
+    step = (ckpts.steps() or [None])[-1]
   manifest = os.path.join(source, 'checkpoints', str(step), checkpoint.MANIFEST)
   return {'path': source, 'step': step,
           'manifest_sha256': _sha256(manifest) if os.path.isfile(manifest) else None}
+
+
+def same_base(recorded: dict, now: dict) -> bool:
+  """Whether two `identity` records name the same weights (wherever the folder is now; a
+  step without a manifest then, adopted since, is not a change)."""
+  if 'sha256' in recorded or 'sha256' in now:
+    return recorded.get('sha256') == now.get('sha256')
+  shas = (recorded.get('manifest_sha256'), now.get('manifest_sha256'))
+  return recorded.get('step') == now.get('step') and (None in shas or shas[0] == shas[1])
 
 
 _HASHES: dict = {}  # (path, size, mtime) -> SHA-256: a run hashes its base once.
 
 
 def _sha256(path: str) -> str:
+  from jaxbig.data import sources  # pylint: disable=g-import-not-at-top
   st = os.stat(path)
   key = (path, st.st_size, st.st_mtime_ns)
   if key not in _HASHES:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-      for chunk in iter(lambda: f.read(1 << 24), b''):
-        h.update(chunk)
-    _HASHES[key] = h.hexdigest()
+    _HASHES[key] = sources.file_sha256(path)[1]
   return _HASHES[key]
 
 
@@ -243,19 +260,24 @@ def import_hf(folder: str, workdir: str, extra: list[str] = ()) -> dict:
   if os.path.exists(partial):
     raise ConfigError(f'{partial}: exists (an interrupted import?); remove it first')
   os.makedirs(partial)
-  shutil.copyfile(tokenizer, os.path.join(partial, os.path.basename(tokenizer)))
-  with open(os.path.join(partial, HF_CONFIG), 'w', encoding='utf-8') as f:
-    json.dump(hf_cfg, f, indent=2)
-  workdir_lib.write_config(partial, config)
-  # The fingerprint of the config as saved (its tokenizer in the workdir; the same file).
-  # A synchronous, uncompressed save that copies 1 GB to the host at a time: the host never
-  # holds a second copy of the model.
-  ckpts = checkpoint.Checkpoints(os.path.join(partial, 'checkpoints'), 1, async_save=False,
-                                 fingerprint=train.run_fingerprint(dataclasses.replace(
-                                     s, config=config)), concurrent_gb=1, compress=False)
-  ckpts.open_for_writing()
-  ckpts.save(0, state, {}, s.data.meta.to_json())
-  ckpts.close()
+  try:
+    shutil.copyfile(tokenizer, os.path.join(partial, os.path.basename(tokenizer)))
+    with open(os.path.join(partial, HF_CONFIG), 'w', encoding='utf-8') as f:
+      json.dump(hf_cfg, f, indent=2)
+    workdir_lib.write_config(partial, config)
+    # The fingerprint of the config as saved (its tokenizer in the workdir; the same file).
+    # A synchronous, uncompressed save that copies about 1 GB to the host at a time: the
+    # host never holds a second copy of the model.
+    ckpts = checkpoint.Checkpoints(
+        os.path.join(partial, 'checkpoints'), 1, async_save=False,
+        fingerprint=train.run_fingerprint(dataclasses.replace(s, config=config)),
+        concurrent_gb=checkpoint.bound_gb(state.params), compress=False)
+    ckpts.open_for_writing()
+    ckpts.save(0, state, {}, s.data.meta.to_json())
+    ckpts.close()
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)  # Ours: made above.
+    raise
   os.rename(partial, workdir)
   return {'workdir': workdir, 'family': arch.family, 'num_params': train.num_params(s),
           'tokenizer': tok_path}
@@ -266,9 +288,9 @@ def merge_lora(flat: dict[str, np.ndarray], alpha: float) -> dict[str, np.ndarra
   out = {k: v for k, v in flat.items() if LORA not in k}
   for path in [k for k in flat if k.endswith(LORA + 'a')]:
     base = path[:-len(LORA + 'a')]
-    a, b = flat[path], flat[base + LORA + 'b']
+    a, b = np.asarray(flat[path]), np.asarray(flat[base + LORA + 'b'])
     rank = a.shape[-1]
-    kernel = out[base + '/kernel']
+    kernel = np.asarray(out[base + '/kernel'])
     delta = (a.reshape(-1, rank).astype(np.float64) @ b.reshape(rank, -1)) * (alpha / rank)
     out[base + '/kernel'] = (kernel + delta.reshape(kernel.shape)).astype(kernel.dtype)
   return out
@@ -294,9 +316,11 @@ def export_hf(workdir: str, out: str, merge: bool = False) -> dict:
   vocab = cfg.get('vocab_size', 0) or meta.vocab_size
   dtype = (base or {}).get('dtype') or (base or {}).get('torch_dtype') or 'float32'
   arch = hf.Architecture(family, vocab, fields, str(dtype))
-  # Host views of the parameters (a copy off an accelerator), converted shard by shard.
-  flat = _relayout({k: np.asarray(v) for k, v in hf.flatten(state.params).items()}, False,
-                   cfg.depth)
+  # Converted to host arrays one parameter at a time as each shard is written (stacked
+  # blocks all at once: their rows are views).
+  flat = {k: np.asarray(v) if k.startswith('blocks/') else v
+          for k, v in hf.flatten(state.params).items()}
+  flat = _relayout(flat, False, cfg.depth)
   if any(LORA in k for k in flat):
     if not merge:
       raise ConfigError(f'export-hf: {workdir} trained LoRA adapters; --merge-lora writes the '

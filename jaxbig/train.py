@@ -175,10 +175,16 @@ def restore(s: Setup, ckpts: checkpoint.Checkpoints, step: int, reader: bool = F
   fresh = {'skips': jax.device_put(faults.init_skips(), s.shardings.skips)}
   abstract = abstract_state(s)
   base = base_source(s)
+  if base and any(pretrained.LORA not in p for p in ckpts.saved_params(step)):
+    base = ''  # Saved with its base (by a jaxbig before adapter-only checkpoints).
+  base_step = None
   if base:
+    pretrained.check_source(s, base)  # One line where it is gone or another model.
     abstract = abstract.replace(params=pretrained.adapters(abstract.params))
     recorded = ckpts.saved_fingerprint(step).get('base')
-    if recorded is not None and recorded != pretrained.identity(base):
+    base_step = (recorded or {}).get('step')
+    if recorded is not None and not pretrained.same_base(
+        recorded, pretrained.identity(base, base_step)):
       raise ConfigError(f'train.init_from: {base} is not the base that LoRA checkpoint step '
                         f'{step} was trained on (its weights or steps changed since); the '
                         'checkpoint holds the adapters only: restore that base')
@@ -187,7 +193,7 @@ def restore(s: Setup, ckpts: checkpoint.Checkpoints, step: int, reader: bool = F
                                           skip=() if with_opt else ('opt_state',))
   if base:
     state = state.replace(params=pretrained.load_params(s, base, state.params,
-                                                        fresh_wins=True))
+                                                        fresh_wins=True, step=base_step))
   if not reader and not with_opt:
     state = state.replace(opt_state=init_opt_state(s, state.params))
   return state, data_state, meta
@@ -504,7 +510,10 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None,
           metrics_lib.note(f'initialised a fresh state from seed {config.seed}')
           source = config.train.get('init_from', '')
           if source:
-            state = state.replace(params=pretrained.load_params(s, source, state.params))
+            # A LoRA run's base: the step its checkpoints record (ckpts' fingerprint).
+            base_step = (ckpts.fingerprint.get('base') or {}).get('step')
+            state = state.replace(params=pretrained.load_params(s, source, state.params,
+                                                                step=base_step))
             metrics_lib.note(f'parameters from {source} (train.init_from)')
         else:
           state, iter_state, _ = restore(s, ckpts, start)

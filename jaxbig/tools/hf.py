@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -228,13 +229,23 @@ def _read(path: str, name: str) -> np.ndarray:
     return np.asarray(f.get_tensor(name))
 
 
-def tensors(folder: str, arch: Architecture) -> Iterator[tuple[str, np.ndarray]]:
-  """(jaxbig path, float32 array) for every parameter, reading one rule's tensors at a time;
-  ConfigError naming a missing tensor or one of the wrong shape, and any tensor left over."""
+def tensors(folder: str, arch: Architecture, by_parameter: bool = False
+            ) -> Iterator[tuple[str, np.ndarray]]:
+  """(jaxbig path, float32 array) for every parameter, reading one rule's tensors at a time,
+  block by block (or, `by_parameter`, each parameter of every block before the next: what
+  stacking for `model.scan_layers` wants); ConfigError naming a missing tensor or one of the
+  wrong shape or dtype, and any tensor left over."""
   files = weight_files(folder)
   stored = _stored_names(files, arch.family)
   expected = set()
-  for rule in rules(arch):
+  ordered = rules(arch)
+  if by_parameter:
+    kind = lambda rule: re.sub(r'^block\d+/', 'block/', rule.jax[0])
+    first = {}
+    for i, rule in enumerate(ordered):
+      first.setdefault(kind(rule), i)
+    ordered = sorted(ordered, key=lambda rule: first[kind(rule)])  # Stable: blocks in order.
+  for rule in ordered:
     missing = [n for n in rule.hf if stored(n) not in files]
     if missing:
       raise ConfigError(f'{folder}: tensor {missing[0]} is missing (a {arch.family} '

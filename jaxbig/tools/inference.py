@@ -39,9 +39,9 @@ def load(workdir: str, step: int | None = None
   except (AttributeError, KeyError) as e:  # A field the code needs is not in the file.
     raise ConfigError(f'{path}: lacks a field this jaxbig needs ({e}); it was written by '
                       'another version or edited') from None
-  # Read 1 GB at a time: the host holds no second copy of the parameters.
+  # Read about 1 GB at a time: the host holds no second copy of the parameters.
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'), read_only=True,
-                                 concurrent_gb=1)
+                                 concurrent_gb=checkpoint.bound_gb(train.abstract_state(s)))
   with ckpts.pinned(step) as (view, picked):
     state, _, meta = train.restore(s, view, picked, reader=True)
   return s, state, picked, data_lib.DataMeta.from_json(meta)

@@ -162,11 +162,11 @@ def load_params(s, source: str, fresh=None, fresh_wins: bool = False,
     stacks[target] = (buf, filled)
     if len(filled) == depth:
       place(target, stacks.pop(target)[0])
-  rest = {k: own[k] for k in abstract if k not in placed and k in own}
-  missing = [k for k in abstract if k not in placed and k not in rest]
+  kept = {k: own[k] for k in abstract if k not in placed and k in own}
+  missing = [k for k in abstract if k not in placed and k not in kept]
   if missing:
     raise ConfigError(f'{where}: no tensor maps onto {missing[0]} ({why})')
-  return hf.unflatten({**placed, **rest})
+  return hf.unflatten({**placed, **kept})
 
 
 def identity(source: str, step: int | None = None) -> dict:

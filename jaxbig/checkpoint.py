@@ -502,10 +502,13 @@ class Checkpoints:
     state = abstract_state.replace(**out['state'], **filled, **{k: None for k in skip})
     return state, out['data'], out['meta']
 
+  def _saved_state(self, step: int) -> dict:
+    """Orbax's metadata tree of step `step`'s state item (field -> subtree)."""
+    saved = self.manager.item_metadata(step)['state']
+    return dict(getattr(saved, 'tree', saved) or {})
+
   def saved_params(self, step: int) -> list[str]:
     """The paths ('a/b/c') of the parameters that step `step` holds."""
-    saved = self.manager.item_metadata(step)['state']
-    params = (getattr(saved, 'tree', saved) or {}).get('params') or {}
     out = []
     def walk(node, prefix):
       for k, v in node.items():
@@ -513,15 +516,13 @@ class Checkpoints:
           walk(v, f'{prefix}{k}/')
         else:
           out.append(prefix + k)
-    walk(dict(params), '')
+    walk(dict(self._saved_state(step).get('params') or {}), '')
     return out
 
   def saved_fields(self, step: int) -> set[str]:
     """The fields of the state that step `step` holds (a None field, as import-hf saves the
     optimizer state, is not held)."""
-    saved = self.manager.item_metadata(step)['state']
-    saved = getattr(saved, 'tree', saved) or {}
-    return {k for k, v in saved.items() if v is not None}
+    return {k for k, v in self._saved_state(step).items() if v is not None}
 
   def check_fingerprint(self, step: int, describe_data: Callable | None = None) -> None:
     """Raises a ConfigError naming what differs between `step`'s fingerprint and this run's:
